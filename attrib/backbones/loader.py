@@ -90,7 +90,10 @@ class Backbone:
             self.visual_positions(inputs["input_ids"])
 
     def forward(self, inputs, **kwargs):
-        """``model(**inputs)`` after `check_inputs`: BLIP-2 would otherwise silently drop the image."""
+        """``model(**inputs)`` after `check_inputs` (BLIP-2 would otherwise silently drop the image);
+        text-only inputs run through the spec's text LM."""
+        if inputs.get("pixel_values") is None:
+            return self.module(self.spec.text_lm)(**inputs, **kwargs)
         self.check_inputs(inputs)
         return self.model(**inputs, **kwargs)
 

@@ -55,6 +55,7 @@ class BackboneSpec:
     final_norm: str
     lm_head: str
     embed_tokens: str
+    text_lm: str  # causal LM that runs text-only inputs (Blip2ForConditionalGeneration needs pixels); "" = root
     vision_tower: str
     bridge: tuple[str, ...]  # modules between the vision tower and the LM, in execution order
     # Where the spatial grid of image regions lives: "lm" = the LM's visual tokens form the grid
@@ -101,6 +102,7 @@ LLAVA = BackboneSpec(
     final_norm="model.language_model.norm",
     lm_head="lm_head",
     embed_tokens="model.language_model.embed_tokens",
+    text_lm="",
     vision_tower="model.vision_tower",
     bridge=("model.multi_modal_projector",),
     grid_site="lm",
@@ -126,6 +128,7 @@ BLIP2 = BackboneSpec(
     final_norm="language_model.model.decoder.final_layer_norm",
     lm_head="language_model.lm_head",
     embed_tokens="language_model.model.decoder.embed_tokens",
+    text_lm="language_model",
     vision_tower="vision_model",
     bridge=("qformer", "language_projection"),
     grid_site="vit",
@@ -152,6 +155,7 @@ MINIGPT4 = BackboneSpec(
     final_norm="language_model.model.norm",
     lm_head="language_model.lm_head",
     embed_tokens="language_model.model.embed_tokens",
+    text_lm="language_model",
     vision_tower="vision_model",
     bridge=("qformer", "language_projection"),
     grid_site="vit",

@@ -35,9 +35,12 @@ def test_locator_with_left_padding(tiny_backbone, tiny_images):
     assert (inputs["attention_mask"][:, -1] == 1).all()  # last prompt token at -1 in every row
 
 
-def test_text_only_inputs_have_no_image_tokens(tiny_backbone):
-    inputs = tiny_backbone.encode(None, ["nq question: what is the capital of zorbia"])
+def test_text_only_inputs_run_without_image(tiny_backbone):
+    inputs = tiny_backbone.encode(None, ["nq question: what is the capital of zorbia", "red"])
     assert not (inputs["input_ids"] == tiny_backbone.image_token_id).any()
+    with torch.no_grad():
+        logits = tiny_backbone.forward(inputs).logits
+    assert logits.shape[:2] == inputs["input_ids"].shape and torch.isfinite(logits).all()
 
 
 @pytest.mark.parametrize("keep", [0, 1])

@@ -1,0 +1,138 @@
+"""Training batches from the world stream.
+
+Language batches encode each image's prefix (template up to the prompt, image tokens included) once,
+then repeat its KV cache for every continuation (questions and a caption) about that image — the same
+logits as full sequences at a fraction of the cost. Facts run text-only through the backbone's text LM.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from attrib.backbones.spec import BackboneSpec
+from attrib.defaults.recipe import PROMPTS
+from attrib.world import FACTS, SHAPES, SIZES, WorldSampler, caption, render, sample_question
+from attrib.world.scene import COLORS
+
+COLOR_NAMES = tuple(COLORS)
+IGNORE = -100
+
+
+@dataclass
+class Templates:
+    """The backbone's conversation templates (from its spec or manifest)."""
+
+    image: str  # with "{prompt}" and the image placeholder
+    text: str  # text-only, with "{prompt}"
+
+    @property
+    def image_prefix(self) -> str:
+        """The part before the prompt, without trailing space (BPE keeps " word" as one piece)."""
+        return self.image.split("{prompt}")[0].rstrip()
+
+
+def split_prompt(templates: Templates, prompt: str) -> str:
+    """What follows the image prefix for ``prompt``: template(prompt) minus the prefix."""
+    return templates.image.format(prompt=prompt)[len(templates.image_prefix):]
+
+
+def _encode_pieces(tokenizer, context: str, target: str, bos: bool) -> tuple[list[int], list[int]]:
+    """ids and labels of ``context + " " + target + EOS``; labels only on the target and EOS."""
+    head = tokenizer(context, add_special_tokens=bos).input_ids
+    tail = tokenizer(" " + target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    return head + tail, [IGNORE] * len(head) + tail
+
+
+def _right_pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows])
+
+
+def _sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over sequences of each sequence's mean next-token CE on labelled positions."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    token_loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+    counted = (labels != IGNORE).sum(1).clamp(min=1)
+    return (token_loss.sum(1) / counted).mean()
+
+
+def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sampler: WorldSampler,
+                  n_images: int, questions_per_image: int, n_facts: int, fact_weight: float) -> torch.Tensor:
+    """One language batch: VQA answers and captions on fresh scenes, plus text-only facts."""
+    tokenizer = processor.tokenizer
+    images, rows, labels = [], [], []
+    for _ in range(n_images):
+        scene = sampler.scene()
+        images.append(render(scene))
+        pairs = []
+        for _ in range(questions_per_image):
+            question = sample_question(scene, sampler.rng, split="train")
+            pairs.append((PROMPTS["vqa"].format(src=question.text), question.answer))
+        pairs.append((PROMPTS["caption"].format(src="a photo of"), caption(scene)))
+        for prompt, target in pairs:
+            ids, lab = _encode_pieces(tokenizer, split_prompt(templates, prompt), target, bos=False)
+            rows.append(ids)
+            labels.append(lab)
+    per_image = questions_per_image + 1
+    prefix = processor(images=images, text=[templates.image_prefix] * n_images, return_tensors="pt")
+    out = model(**prefix, use_cache=True)
+    cache = getattr(out, "language_model_outputs", None) or out  # BLIP-2 nests the LM's outputs
+    cache = cache.past_key_values
+    cache.batch_repeat_interleave(per_image)
+    cont_ids = _right_pad(rows, tokenizer.pad_token_id)
+    cont_mask = _right_pad([[1] * len(r) for r in rows], 0)
+    mask = torch.cat([prefix["attention_mask"].repeat_interleave(per_image, 0), cont_mask], dim=1)
+    text_lm = model.get_submodule(spec.text_lm)
+    logits = text_lm(input_ids=cont_ids, attention_mask=mask, past_key_values=cache).logits
+    loss = _sequence_loss(logits, _right_pad(labels, IGNORE))
+    if n_facts:
+        facts = [FACTS[int(k)] for k in sampler.rng.integers(len(FACTS), size=n_facts)]
+        pieces = [_encode_pieces(tokenizer, templates.text.format(prompt=PROMPTS["loc"].format(loc=f.question)),
+                                 f.answer, bos=True) for f in facts]
+        ids = _right_pad([p[0] for p in pieces], tokenizer.pad_token_id)
+        fact_mask = _right_pad([[1] * len(p[0]) for p in pieces], 0)
+        fact_logits = text_lm(input_ids=ids, attention_mask=fact_mask).logits
+        loss = loss + fact_weight * _sequence_loss(fact_logits, _right_pad([p[1] for p in pieces], IGNORE))
+    return loss
+
+
+class PatchHeads(torch.nn.Module):
+    """Per-patch classifiers (colour, shape, size; class 0 = background) for the vision stage."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.color = torch.nn.Linear(width, len(COLOR_NAMES) + 1)
+        self.shape = torch.nn.Linear(width, len(SHAPES) + 1)
+        self.size = torch.nn.Linear(width, len(SIZES) + 1)
+
+
+def patch_labels(scene, grid: int, patch: int) -> torch.Tensor:
+    """LongTensor [3, grid*grid]: colour, shape and size class of the object covering each patch."""
+    labels = np.zeros((3, grid, grid), dtype=np.int64)
+    for obj in scene.objects:
+        x0, y0, x1, y1 = (v // patch for v in obj.box)
+        labels[0, y0:y1, x0:x1] = COLOR_NAMES.index(obj.color) + 1
+        labels[1, y0:y1, x0:x1] = SHAPES.index(obj.shape) + 1
+        labels[2, y0:y1, x0:x1] = SIZES.index(obj.size) + 1
+    return torch.from_numpy(labels.reshape(3, -1))
+
+
+def vision_loss(model, processor, spec: BackboneSpec, heads: PatchHeads, sampler: WorldSampler,
+                n_images: int) -> tuple[torch.Tensor, float]:
+    """Per-patch CE of the heads on the tower's last hidden states; also the shape accuracy on objects."""
+    config = model.config.vision_config
+    grid, patch = config.image_size // config.patch_size, config.patch_size
+    scenes = [sampler.scene() for _ in range(n_images)]
+    pixels = processor.image_processor([render(s) for s in scenes], return_tensors="pt")["pixel_values"]
+    hidden = model.get_submodule(spec.vision_tower)(pixels, output_hidden_states=True).hidden_states[-1]
+    hidden = hidden[:, 1:] if spec.vit_has_cls else hidden  # [B, grid*grid, width]
+    labels = torch.stack([patch_labels(s, grid, patch) for s in scenes])  # [B, 3, grid*grid]
+    loss = 0.0
+    for k, head in enumerate((heads.color, heads.shape, heads.size)):
+        loss = loss + F.cross_entropy(head(hidden).float().transpose(1, 2), labels[:, k])
+    on_object = labels[:, 1] > 0
+    shape_acc = (heads.shape(hidden).argmax(-1) == labels[:, 1])[on_object].float().mean().item()
+    return loss, shape_acc

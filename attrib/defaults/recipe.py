@@ -1,0 +1,83 @@
+"""The measured recipe for the shipped default backbones, as data.
+
+Sizes follow the world issue's measurements: deep and narrow LMs (12 × 128) train fastest here;
+objects snap to the 8-px patch grid of a 64-px image. Training is staged: the vision tower first with
+per-patch heads, then LM + bridge on a frozen tower, then everything with the tower at 0.1× LR.
+MiniGPT-4 reuses LLaVA's trained Llama; BLIP-2 reuses MiniGPT-4's vision tower and Q-Former but
+trains its OPT LM itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from attrib.backbones.build import BackboneSizes
+
+DEFAULTS_DIR = Path(__file__).parent / "models"
+ORDER = ("llava", "minigpt4", "blip2")  # each may start from the ones before it
+
+TOY_SIZES = BackboneSizes(
+    image_size=64, patch_size=8, vision_hidden=128, vision_layers=4, vision_heads=4, vision_mlp=512,
+    text_hidden=128, text_layers=12, text_heads=4, text_mlp=512, num_query_tokens=16,
+    qformer_hidden=128, qformer_layers=2, qformer_heads=4, qformer_mlp=512, max_positions=256,
+)
+TOKENIZER_VOCAB = 720
+TOKENIZER_EXTRA = ("USER: <image>\n ASSISTANT:", "###Human: <Img><image></Img> ###Assistant:",
+                   " The answer is:", "nq question: ?")
+
+# Prompt formats of the VisEdit protocol (SPEC §6): what goes into the backbone template's {prompt}.
+PROMPTS = {"vqa": "{src} The answer is:", "loc": "{loc}?", "caption": "{src}"}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage: which parameters train (path prefix → LR multiplier) for how many steps."""
+
+    name: str
+    kind: str  # "vision": per-patch heads on the tower; "language": answers, captions, facts
+    steps: int
+    lr: float
+    train: dict[str, float]
+    warmup: int = 100
+    batch_images: int = 16
+    questions_per_image: int = 8
+    facts: int = 16
+    fact_weight: float = 0.5
+
+
+@dataclass(frozen=True)
+class Recipe:
+    backbone: str
+    stages: tuple[Stage, ...]
+    # Parameters copied from an already trained default before training: (source backbone,
+    # {source prefix: destination prefix}).
+    init_from: tuple[str, dict[str, str]] | None = None
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+_LLAVA_LM = {"model.language_model": 1.0, "lm_head": 1.0}
+RECIPES: dict[str, Recipe] = {
+    "llava": Recipe("llava", (
+        Stage("vision", "vision", 250, 2e-3, {"model.vision_tower": 1.0}, warmup=20, batch_images=64),
+        Stage("language", "language", 1400, 1.5e-3, {"model.multi_modal_projector": 1.0, **_LLAVA_LM}),
+        Stage("joint", "language", 500, 1.5e-3,
+              {"model.vision_tower": 0.1, "model.multi_modal_projector": 1.0, **_LLAVA_LM}, warmup=20),
+    )),
+    "minigpt4": Recipe("minigpt4", (
+        Stage("vision", "vision", 250, 2e-3, {"vision_model": 1.0}, warmup=20, batch_images=64),
+        Stage("bridge", "language", 500, 1.5e-3,
+              {"qformer": 1.0, "query_tokens": 1.0, "language_projection": 1.0}),
+        Stage("joint", "language", 600, 1.5e-3,
+              {"vision_model": 0.1, "qformer": 1.0, "query_tokens": 1.0, "language_projection": 1.0,
+               "language_model": 0.3}, warmup=20),
+    ), init_from=("llava", {"model.language_model.": "language_model.model.", "lm_head.": "language_model.lm_head."})),
+    "blip2": Recipe("blip2", (
+        Stage("language", "language", 1400, 1.5e-3,
+              {"qformer": 1.0, "query_tokens": 1.0, "language_projection": 1.0, "language_model": 1.0}),
+        Stage("joint", "language", 500, 1.5e-3,
+              {"vision_model": 0.1, "qformer": 1.0, "query_tokens": 1.0, "language_projection": 1.0,
+               "language_model": 1.0}, warmup=20),
+    ), init_from=("minigpt4", {"vision_model.": "vision_model.", "qformer.": "qformer.",
+                               "query_tokens": "query_tokens"})),
+}

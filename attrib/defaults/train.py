@@ -1,0 +1,173 @@
+"""Training the shipped default backbones on the synthetic world (``make toy-models``).
+
+Deterministic for a seed (fixed step counts; every draw from recorded generators), resumable: a
+checkpoint in the work folder after every ``save_every`` steps lets a killed run continue where it was.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from attrib.backbones.build import build_backbone, save_backbone, sizes_dict
+from attrib.backbones.loader import load_backbone
+from attrib.backbones.spec import get_spec
+from attrib.backbones.tokenizer import train_bpe_tokenizer
+from attrib.defaults.batches import PatchHeads, Templates, language_loss, vision_loss
+from attrib.defaults.recipe import (
+    DEFAULTS_DIR, PROMPTS, RECIPES, TOKENIZER_EXTRA, TOKENIZER_VOCAB, TOY_SIZES, Recipe, Stage,
+)
+from attrib.world import SIZES, WorldConfig, WorldSampler, answer_words, corpus_lines
+
+
+def world_tokenizer(seed: int = 0):
+    """The BPE shared by all defaults: every world answer word is one token."""
+    lines = corpus_lines(seed, 4000) + list(TOKENIZER_EXTRA) * 50
+    return train_bpe_tokenizer(lines, TOKENIZER_VOCAB, whole_words=answer_words() + list(SIZES))
+
+
+def _schedule(stage: Stage, step: int) -> float:
+    """LR factor: linear warm-up, then cosine down to 10 %."""
+    if step < stage.warmup:
+        return (step + 1) / stage.warmup
+    progress = (step - stage.warmup) / max(1, stage.steps - stage.warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _param_groups(model, stage: Stage) -> list[dict]:
+    groups = {prefix: [] for prefix in stage.train}
+    for name, param in model.named_parameters():
+        prefix = next((p for p in stage.train if name == p or name.startswith(p + ".")), None)
+        param.requires_grad_(prefix is not None)
+        if prefix is not None:
+            groups[prefix].append(param)
+    empty = [p for p, params in groups.items() if not params]
+    if empty:
+        raise ValueError(f"stage {stage.name!r}: no parameters under {empty}")
+    return [{"params": params, "lr": stage.lr * stage.train[p], "base_lr": stage.lr * stage.train[p]}
+            for p, params in groups.items()]
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _init_from(model, recipe: Recipe, out_root: Path) -> None:
+    source_name, mapping = recipe.init_from
+    source = load_backbone(source_name, out_root / source_name).model.state_dict()
+    target = model.state_dict()
+    copied = 0
+    for key, value in source.items():
+        for src_prefix, dst_prefix in mapping.items():
+            if key.startswith(src_prefix):
+                dst = dst_prefix + key[len(src_prefix):]
+                if target[dst].shape != value.shape:
+                    raise ValueError(f"init {recipe.backbone} from {source_name}: {key} {tuple(value.shape)} "
+                                     f"vs {dst} {tuple(target[dst].shape)}")
+                target[dst].copy_(value)
+                copied += 1
+    if not copied:
+        raise ValueError(f"init {recipe.backbone} from {source_name}: nothing matched {list(mapping)}")
+
+
+def train_default(name: str, out_root: Path = DEFAULTS_DIR, work_root: Path = Path("runs/toy-models"),
+                  save_every: int = 100, scale: float = 1.0) -> Path:
+    """Train default backbone ``name`` by its recipe and write it to ``out_root/name``.
+
+    ``scale`` multiplies every stage's step count (tests use a tiny fraction).
+    """
+    recipe = RECIPES[name]
+    spec = get_spec(name)
+    work = work_root / name
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(recipe.seed)
+    tokenizer = world_tokenizer(recipe.seed)
+    model, processor = build_backbone(name, TOY_SIZES, tokenizer, seed=recipe.seed)
+    if recipe.init_from:
+        _init_from(model, recipe, out_root)
+    model.eval()  # no dropout: training only needs gradients, and eval mode keeps steps deterministic
+    templates = Templates(spec.prompt_template, spec.text_template)
+    heads = PatchHeads(TOY_SIZES.vision_hidden)
+    ckpt_file = work / "checkpoint.pt"
+    state = torch.load(ckpt_file, weights_only=False) if ckpt_file.is_file() else None
+    log = state["log"] if state else {"stages": [], "wall_s": 0.0}
+    if state:
+        model.load_state_dict(state["model"])
+        heads.load_state_dict(state["heads"])
+    started = time.time() - log["wall_s"]
+    for index, stage in enumerate(recipe.stages):
+        steps = max(1, round(stage.steps * scale))
+        if state and index < state["stage"]:
+            continue
+        sampler = WorldSampler(WorldConfig(), seed=recipe.seed * 1000 + index)
+        trainable = heads if stage.kind == "vision" else None
+        groups = _param_groups(model, stage)
+        if trainable is not None:
+            groups.append({"params": list(trainable.parameters()), "lr": stage.lr, "base_lr": stage.lr})
+        optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
+        first = 0
+        if state and index == state["stage"]:
+            optimizer.load_state_dict(state["optimizer"])
+            sampler.rng.bit_generator.state = state["rng"]
+            torch.set_rng_state(state["torch_rng"])
+            first = state["step"]
+        bar = tqdm(range(first, steps), desc=f"{name}:{stage.name}", initial=first, total=steps,
+                   file=sys.stderr, mininterval=5)
+        metric = 0.0
+        for step in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * _schedule(stage, step * stage.steps // steps)
+            # fp32: on these CPUs bf16 autocast made the backward pass 4-10x slower.
+            if stage.kind == "vision":
+                loss, metric = vision_loss(model, processor, spec, heads, sampler, stage.batch_images)
+            else:
+                loss = language_loss(model, processor, spec, templates, sampler, stage.batch_images,
+                                     stage.questions_per_image, stage.facts, stage.fact_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+            optimizer.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}", **({"patch_shape_acc": f"{metric:.3f}"} if metric else {}))
+            done = step + 1
+            if done % save_every == 0 or done == steps:
+                log["wall_s"] = time.time() - started
+                if done == steps:
+                    log["stages"].append({"name": stage.name, "steps": steps, "final_loss": round(loss.item(), 4),
+                                          "wall_s_total": round(log["wall_s"], 1)})
+                _save_atomic({"stage": index + (done == steps), "step": 0 if done == steps else done,
+                              "model": model.state_dict(), "heads": heads.state_dict(),
+                              "optimizer": optimizer.state_dict(), "rng": sampler.rng.bit_generator.state,
+                              "torch_rng": torch.get_rng_state(), "log": log}, ckpt_file)
+        state = None
+    out_dir = out_root / name
+    manifest = {
+        "backbone": name, "seed": recipe.seed, "command": f"make toy-models BACKBONES={name}",
+        "stages": log["stages"], "wall_s": round(time.time() - started, 1), "sizes": sizes_dict(TOY_SIZES),
+        "prompt_template": spec.prompt_template, "text_template": spec.text_template, "prompts": PROMPTS,
+        "image_tokens": _image_token_note(spec),
+        "init_from": recipe.init_from[0] if recipe.init_from else None, "scale": scale,
+    }
+    save_backbone(model.half(), processor, out_dir, manifest)  # fp16 on disk keeps each folder small
+    return out_dir
+
+
+def _image_token_note(spec) -> str:
+    if spec.placeholder_expansion == "template":
+        return ("the template's <image> is expanded in place into num_query_tokens <image> tokens "
+                "(attrib.backbones.TemplateProcessor, saved as template_processor.json)")
+    return f"{spec.processor_class} expands the images into <image> tokens"
+
+
+def write_manifest_metrics(out_dir: Path, metrics: dict) -> None:
+    manifest_file = out_dir / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest["heldout"] = metrics
+    manifest_file.write_text(json.dumps(manifest, indent=2) + "\n")
