@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from attrib.backbones.build import BackboneSizes
+from attrib.prompts import load_prompts
 
 DEFAULTS_DIR = Path(__file__).parent / "models"
 ORDER = ("llava", "minigpt4", "blip2")  # each may start from the ones before it
@@ -25,8 +26,8 @@ TOKENIZER_VOCAB = 720
 TOKENIZER_EXTRA = ("USER: <image>\n ASSISTANT:", "###Human: <Img><image></Img> ###Assistant:",
                    " The answer is:", "nq question: ?")
 
-# Prompt formats of the VisEdit protocol (SPEC §6): what goes into the backbone template's {prompt}.
-PROMPTS = {"vqa": "{src} The answer is:", "loc": "{loc}?", "caption": "{src}"}
+# Prompt formats of the VisEdit protocol (SPEC §6), from the versioned configuration.
+PROMPTS = load_prompts()
 
 
 @dataclass(frozen=True)

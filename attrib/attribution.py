@@ -1,0 +1,169 @@
+"""The attribution pipeline: records → contribution + region maps → artifact → figures → placement.
+
+    backbone = load_backbone("llava", path)
+    records = load_records("vqa_eval.json", image_root, n=24)
+    attribution = run_attribution(backbone, records, AttributionConfig())
+    attribution.save("figures/llava")          # attribution.safetensors + attribution.json
+    attribution.plot_all("figures/llava")      # bars, heatmaps, overlays (PNG)
+
+Methods by where the backbone keeps space (spec.grid_site): LLaVA ("lm") gets VisEdit's attention-input
+noise, attention knockout and the causal effect on its visual-token grid; Q-Former backbones ("vit") get
+the ViT-patch noise read at every LM layer, the causal effect from the ViT patches, and the per-query
+attention-input noise view.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+from safetensors.torch import save_file
+
+from attrib.backbones.loader import Backbone
+from attrib.contribution import ContributionResult, contribution
+from attrib.data import EditRecord
+from attrib.placement import Placement, place_from_contribution
+from attrib.prompts import load_prompts
+from attrib.regions.methods import AttentionKnockout, AttentionNoise
+from attrib.regions.propagated import CausalNoise, VitNoise
+from attrib.regions.result import RegionResult
+from attrib.regions.sweep import lm_regions, region_sweep, vit_regions
+
+ARTIFACT_JSON = "attribution.json"
+ARTIFACT_TENSORS = "attribution.safetensors"
+
+
+@dataclass(frozen=True)
+class AttributionConfig:
+    sigma: float = 0.7  # VisEdit's absolute σ
+    rule: str = "abs"
+    draws: int = 10
+    seed: int = 0
+    window: int | None = None  # radius in cells; None = VisEdit's r = 3 scaled to the grid
+    causal_samples: int = 8  # the causal effect runs full forwards: fewer samples
+    causal_draws: int = 3
+    batch_size: int = 8
+    threshold: float = 0.5  # placement rule's τ
+
+
+@dataclass
+class Attribution:
+    backbone: str
+    model_path: str
+    fingerprint: str
+    dataset: str
+    records: list[EditRecord]
+    contribution: ContributionResult
+    regions: dict[str, RegionResult]
+    primary: str
+    placement: Placement
+    config: AttributionConfig
+    images: list = field(default_factory=list, repr=False)
+
+    def to_json(self) -> dict:
+        primary = self.regions[self.primary]
+        method = primary.meta["method"]
+        return {
+            "backbone": self.backbone,
+            "model": {"path": self.model_path, "fingerprint": self.fingerprint},
+            "dataset": self.dataset,
+            "n_samples": len(self.records),
+            "key_token": "the model's own top-1 next token at the last prompt position",
+            "contribution": self.contribution.mean(),
+            "regions": {"grid": list(primary.regions.shape), "method": primary.method,
+                        "sigma": method.get("sigma"), "draws": method.get("draws"), "window": primary.regions.window,
+                        "seed": method.get("seed"), "layers": primary.layers},
+            "placement": self.placement.to_json(),
+            "details": {"methods": {name: r.meta for name, r in self.regions.items()},
+                        "placement_rule": self.placement.describe(), "config": asdict(self.config)},
+        }
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write the tensors, then the JSON last (its presence marks a complete artifact)."""
+        out_dir = _writable(out_dir)
+        tensors = {f"contribution.{k}": v for k, v in self.contribution.to_tensors().items()}
+        tensors.update({f"regions.{name}": r.maps.contiguous() for name, r in self.regions.items()})
+        _atomic(out_dir / ARTIFACT_TENSORS, lambda p: save_file(tensors, p))
+        _atomic(out_dir / ARTIFACT_JSON, lambda p: Path(p).write_text(json.dumps(self.to_json(), indent=2) + "\n"))
+        return out_dir
+
+    def plot_all(self, out_dir: str | Path, n_overlays: int = 4) -> list[Path]:
+        """Contribution bars, layer × region heatmaps per method, and overlays with truth boxes."""
+        out_dir = _writable(out_dir)
+        written = []
+
+        def keep(fig, name):
+            path = out_dir / name
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path)
+
+        keep(self.contribution.plot_bars(kind="visedit"), "contribution_bars.png")
+        keep(self.contribution.plot_bars(kind="dla"), "contribution_dla.png")
+        for name, result in self.regions.items():
+            keep(result.plot_heatmaps(), f"heatmaps_{name}.png")
+            keep(result.plot_layer_by_region(), f"layer_by_region_{name}.png")
+        primary = self.regions[self.primary]
+        show = self.placement.it_layers[:1] + [max(0, self.placement.edit_layer)]
+        show = sorted(set(show + [primary.layers[len(primary.layers) // 2], primary.layers[-1]]))
+        if primary.regions.shape[0] > 1:
+            for n in range(min(n_overlays, len(self.records))):
+                keep(primary.plot_overlay(n, self.images[n], show, box=self.records[n].box("image")),
+                     f"overlay_{n}.png")
+        return written
+
+
+def _writable(out_dir: str | Path) -> Path:
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise OSError(f"{out_dir}: output folder cannot be written ({error.strerror})") from None
+    return out_dir
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(str(tmp))
+    os.replace(tmp, path)
+
+
+def region_methods(backbone: Backbone, config: AttributionConfig) -> list[tuple[str, object, object, bool]]:
+    """(name, method, region set, causal?) to run for this backbone, the primary method first."""
+    noise = AttentionNoise(config.sigma, config.rule, config.draws, config.seed)
+    causal = CausalNoise(draws=config.causal_draws, seed=config.seed)
+    if backbone.spec.grid_site == "lm":
+        grid = lm_regions(backbone, config.window)
+        return [("attention_noise", noise, grid, False), ("attention_knockout", AttentionKnockout(), grid, False),
+                ("causal_noise", causal, grid, True)]
+    patches = vit_regions(backbone, config.window)
+    return [("vit_noise", VitNoise(config.sigma, config.rule, max(2, config.draws // 2), config.seed), patches, False),
+            ("query_noise", noise, lm_regions(backbone), False), ("causal_noise", causal, patches, True)]
+
+
+def run_attribution(backbone: Backbone, records: list[EditRecord], config: AttributionConfig = AttributionConfig(),
+                    dataset: str = "") -> Attribution:
+    """Contribution and every region method of this backbone on ``records`` (VQA prompt format)."""
+    prompts = [load_prompts()["vqa"].format(src=r.src) for r in records]
+    images = [r.load_image("image") for r in records]
+    contrib = contribution(backbone, images, prompts, batch_size=config.batch_size)
+    layers = list(range(backbone.n_layers))
+    regions = {}
+    for name, method, region_set, causal in region_methods(backbone, config):
+        n = min(len(records), config.causal_samples) if causal else len(records)
+        regions[name] = region_sweep(backbone, images[:n], prompts[:n], method, region_set, layers,
+                                     batch_size=config.batch_size)
+    mean = contrib.mean()
+    placement = place_from_contribution(mean["attn"], mean["mlp"], config.threshold)
+    primary = next(iter(regions))
+    return Attribution(backbone.spec.name, str(backbone.path), backbone.fingerprint(), dataset, records, contrib,
+                       regions, primary, placement, config, images)
