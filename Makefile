@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+PY := $(BIN)/python
 STAMP := $(VENV)/.setup-stamp
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
@@ -9,28 +10,58 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+export PYTHONWARNINGS := ignore::FutureWarning
 
 BACKBONE ?= llava
 SEED ?= 0
+N ?= 24
+MODEL ?=
+DATA ?=
+IMAGES ?=
 OUT ?=
+BACKBONES ?= llava,minigpt4,blip2
+WORLD := runs/world
+WORLD_EVAL := $(WORLD)/vqa_eval.json
 
-.PHONY: setup test heatmaps world toy-models clean
+model_arg = $(if $(MODEL),--model $(MODEL),)
+data_arg = --data $(if $(DATA),$(DATA),$(WORLD_EVAL)) $(if $(IMAGES),--images $(IMAGES),)
+out_arg = $(if $(OUT),--out $(OUT),)
+
+.PHONY: setup test heatmaps validate bench world toy-models clean
 
 setup: $(STAMP)
 
 # torch first, pinned: an unpinned torch pulled in by a dependency would be a multi-GB CUDA build.
 $(STAMP): setup.cfg pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q $(FIND_LINKS) torch==2.13.0
-	$(BIN)/python -m pip install -q $(FIND_LINKS) -e '.[dev]'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(FIND_LINKS) torch==2.13.0
+	$(PY) -m pip install -q $(FIND_LINKS) -e '.[dev]'
 	touch $@
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(PY) -m pytest -q
 
-heatmaps: setup
-	@echo "make heatmaps: the attribution engine is not built yet (see the attribution issue)." >&2
-	@exit 2
+# The world's eval set the attribution targets default to (seed 1: never a training seed).
+$(WORLD_EVAL): | setup
+	$(PY) -m attrib.world --seed 1 --out $(WORLD) --n-train 300 --n-eval 300 --overwrite
+
+heatmaps: setup $(if $(DATA),,$(WORLD_EVAL))
+	$(PY) -m attrib heatmaps --backbone $(BACKBONE) $(model_arg) $(data_arg) --n $(N) --seed $(SEED) $(out_arg)
+
+validate: setup $(if $(DATA),,$(WORLD_EVAL))
+	$(PY) -m attrib validate --backbone $(BACKBONE) $(model_arg) $(data_arg) --n $(N) --seed $(SEED) \
+		--out $(if $(OUT),$(OUT),runs/validate/$(BACKBONE))
+
+bench: setup
+	$(PY) -m benchmarks --threads 1 --out $(if $(OUT),$(OUT),runs/bench)
+
+world: setup
+	$(PY) -m attrib.world --seed $(SEED) --out $(if $(OUT),$(OUT),runs/world-$(SEED)) \
+		$(if $(N_TRAIN),--n-train $(N_TRAIN),) $(if $(N_EVAL),--n-eval $(N_EVAL),)
+
+# Retrains the shipped defaults (resumable: checkpoints in runs/toy-models) and re-measures them.
+toy-models: setup
+	$(PY) -m attrib.defaults --backbones $(BACKBONES)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

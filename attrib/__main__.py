@@ -61,10 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m attrib", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     _common(commands.add_parser("heatmaps", help="contribution bars, region heatmaps, artifact, placement"))
+    from attrib.validation import add_validate_command, validate_command
+
+    add_validate_command(commands)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*past_key_values.*")
     try:
-        return {"heatmaps": heatmaps}[args.command](args)
+        return {"heatmaps": heatmaps, "validate": validate_command}[args.command](args)
     except (DataError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -59,36 +59,55 @@ def _sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (token_loss.sum(1) / counted).mean()
 
 
-def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sampler: WorldSampler,
-                  n_images: int, questions_per_image: int, n_facts: int, fact_weight: float) -> torch.Tensor:
-    """One language batch: VQA answers and captions on fresh scenes, plus text-only facts."""
+def continuation_logits(model, processor, spec: BackboneSpec, templates: Templates, images: list,
+                        pairs: list[list[tuple[str, str]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of every (prompt, target) continuation of each image, sharing its prefix.
+
+    ``pairs[i]`` lists the same number of (prompt, target) pairs for ``images[i]``. The prefix (template up
+    to the prompt, image tokens included) runs once per image; its KV cache is repeated per pair.
+    Returns logits [sum pairs, L, V] and labels [sum pairs, L] (IGNORE off the target + EOS).
+    """
     tokenizer = processor.tokenizer
-    images, rows, labels = [], [], []
-    for _ in range(n_images):
-        scene = sampler.scene()
-        images.append(render(scene))
-        pairs = []
-        for _ in range(questions_per_image):
-            question = sample_question(scene, sampler.rng, split="train")
-            pairs.append((PROMPTS["vqa"].format(src=question.text), question.answer))
-        pairs.append((PROMPTS["caption"].format(src="a photo of"), caption(scene)))
-        for prompt, target in pairs:
+    per_image = len(pairs[0])
+    rows, labels = [], []
+    for image_pairs in pairs:
+        if len(image_pairs) != per_image:
+            raise ValueError("every image needs the same number of continuations")
+        for prompt, target in image_pairs:
             ids, lab = _encode_pieces(tokenizer, split_prompt(templates, prompt), target, bos=False)
             rows.append(ids)
             labels.append(lab)
-    per_image = questions_per_image + 1
-    prefix = processor(images=images, text=[templates.image_prefix] * n_images, return_tensors="pt")
+    prefix = processor(images=images, text=[templates.image_prefix] * len(images), return_tensors="pt")
     out = model(**prefix, use_cache=True)
     cache = getattr(out, "language_model_outputs", None) or out  # BLIP-2 nests the LM's outputs
     cache = cache.past_key_values
     cache.batch_repeat_interleave(per_image)
-    cont_ids = _right_pad(rows, tokenizer.pad_token_id)
     cont_mask = _right_pad([[1] * len(r) for r in rows], 0)
     mask = torch.cat([prefix["attention_mask"].repeat_interleave(per_image, 0), cont_mask], dim=1)
     text_lm = model.get_submodule(spec.text_lm)
-    logits = text_lm(input_ids=cont_ids, attention_mask=mask, past_key_values=cache).logits
-    loss = _sequence_loss(logits, _right_pad(labels, IGNORE))
+    logits = text_lm(input_ids=_right_pad(rows, tokenizer.pad_token_id), attention_mask=mask,
+                     cache=cache).logits
+    return logits, _right_pad(labels, IGNORE)
+
+
+def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sampler: WorldSampler,
+                  n_images: int, questions_per_image: int, n_facts: int, fact_weight: float) -> torch.Tensor:
+    """One language batch: VQA answers and captions on fresh scenes, plus text-only facts."""
+    tokenizer = processor.tokenizer
+    images, pairs = [], []
+    for _ in range(n_images):
+        scene = sampler.scene()
+        images.append(render(scene))
+        image_pairs = []
+        for _ in range(questions_per_image):
+            question = sample_question(scene, sampler.rng, split="train")
+            image_pairs.append((PROMPTS["vqa"].format(src=question.text), question.answer))
+        image_pairs.append((PROMPTS["caption"].format(src="a photo of"), caption(scene)))
+        pairs.append(image_pairs)
+    logits, labels = continuation_logits(model, processor, spec, templates, images, pairs)
+    loss = _sequence_loss(logits, labels)
     if n_facts:
+        text_lm = model.get_submodule(spec.text_lm)
         facts = [FACTS[int(k)] for k in sampler.rng.integers(len(FACTS), size=n_facts)]
         pieces = [_encode_pieces(tokenizer, templates.text.format(prompt=PROMPTS["loc"].format(loc=f.question)),
                                  f.answer, bos=True) for f in facts]

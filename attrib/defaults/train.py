@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from transformers import AutoTokenizer
 
 from attrib.backbones.build import build_backbone, save_backbone, sizes_dict
 from attrib.backbones.loader import load_backbone
@@ -30,6 +31,17 @@ def world_tokenizer(seed: int = 0):
     """The BPE shared by all defaults: every world answer word is one token."""
     lines = corpus_lines(seed, 4000) + list(TOKENIZER_EXTRA) * 50
     return train_bpe_tokenizer(lines, TOKENIZER_VOCAB, whole_words=answer_words() + list(SIZES))
+
+
+def _run_tokenizer(work: Path, seed: int):
+    """The run's tokenizer, saved in its work folder at the start so a resumed run uses the very same
+    vocabulary even if the world's text changed in between."""
+    folder = work / "tokenizer"
+    if (folder / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    tokenizer = world_tokenizer(seed)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
 
 
 def _schedule(stage: Stage, step: int) -> float:
@@ -89,7 +101,7 @@ def train_default(name: str, out_root: Path = DEFAULTS_DIR, work_root: Path = Pa
     work = work_root / name
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
-    tokenizer = world_tokenizer(recipe.seed)
+    tokenizer = _run_tokenizer(work, recipe.seed)
     model, processor = build_backbone(name, TOY_SIZES, tokenizer, seed=recipe.seed)
     if recipe.init_from:
         _init_from(model, recipe, out_root)

@@ -8,6 +8,8 @@ matplotlib.use("Agg")  # no display on test machines
 
 import matplotlib.pyplot as plt
 import pytest
+
+from attrib.backbones.loader import load_backbone
 import torch
 
 from attrib.contribution import ContributionResult, check_decomposable, contribution
@@ -137,15 +139,16 @@ class _OnePlusWeightNorm(torch.nn.Module):
         return (1 + self.weight) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
 
 
-def test_refuses_lookalike_norm(tiny_backbone, monkeypatch):
+def test_refuses_lookalike_norm(tiny_backbone, tiny_dirs):
     spec = tiny_backbone.spec
     if spec.text_model_type != "llama":
         pytest.skip("Llama-only norm check")
+    own = load_backbone(spec.name, tiny_dirs[spec.name])  # a private copy: the shared one stays intact
     parent, _, attr = spec.final_norm.rpartition(".")
-    width = tiny_backbone.config.text_config.hidden_size
-    monkeypatch.setattr(tiny_backbone.module(parent), attr, _OnePlusWeightNorm(width))
+    width = own.config.text_config.hidden_size
+    setattr(own.module(parent), attr, _OnePlusWeightNorm(width))
     with pytest.raises(ValueError, match="exact decomposition would not hold"):
-        check_decomposable(tiny_backbone)
+        check_decomposable(own)
 
 
 def test_refuses_non_decomposable_opt(tiny_backbone, monkeypatch):

@@ -1,0 +1,7 @@
+"""Speed benchmarks of the toolkit (``python -m benchmarks``): ratios measured in one process.
+
+Register new benchmarks with `benchmarks.bench.register`; `run_benchmarks` runs them all.
+"""
+from benchmarks.bench import BENCHMARKS, BenchContext, BenchOutput, Goal, register, run_benchmarks
+
+__all__ = ["BENCHMARKS", "BenchContext", "BenchOutput", "Goal", "register", "run_benchmarks"]

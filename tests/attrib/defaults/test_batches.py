@@ -1,0 +1,37 @@
+"""Training batches: the shared-prefix KV reuse gives the logits of full sequences."""
+from __future__ import annotations
+
+import torch
+
+from attrib.defaults.batches import IGNORE, Templates, continuation_logits, patch_labels
+from attrib.world import WorldConfig, generate_scene
+import numpy as np
+
+
+def test_prefix_reuse_equals_full_sequences(tiny_backbone, tiny_images):
+    spec = tiny_backbone.spec
+    templates = Templates(tiny_backbone.prompt_template, tiny_backbone.text_template)
+    pairs = [[("what color is the circle? The answer is:", "red"), ("a photo of", "a small red circle")],
+             [("how many objects are there? The answer is:", "two"), ("what shape?", "blue square")]]
+    with torch.no_grad():
+        logits, labels = continuation_logits(tiny_backbone.model, tiny_backbone.processor, spec, templates,
+                                             tiny_images, pairs)
+        row = 0
+        for image, image_pairs in zip(tiny_images, pairs):
+            for prompt, target in image_pairs:
+                full = tiny_backbone.encode([image], [prompt], [target])
+                full_logits = tiny_backbone.forward(full).logits[0]
+                n_target = (labels[row] != IGNORE).sum().item() - 1  # labels also cover EOS
+                target_at = (labels[row] != IGNORE).nonzero()[:n_target, 0]
+                # Same tokens: the continuation's target ids equal the full sequence's last ids.
+                assert labels[row, target_at].tolist() == full["input_ids"][0, -n_target:].tolist()
+                assert torch.allclose(logits[row, target_at - 1], full_logits[-n_target - 1:-1], atol=1e-4)
+                row += 1
+
+
+def test_patch_labels_cover_objects():
+    scene = generate_scene(np.random.default_rng(0), WorldConfig())
+    labels = patch_labels(scene, 8, 8)
+    covered = sum(((o.box[2] - o.box[0]) // 8) * ((o.box[3] - o.box[1]) // 8) for o in scene.objects)
+    assert (labels[0] > 0).sum().item() == covered
+    assert ((labels > 0).sum(0) % 3 == 0).all()  # colour, shape and size labelled together

@@ -1,0 +1,185 @@
+"""Ground-truth validation: scoring on hand-made maps, the captum and attention baselines on the tiny
+backbones, the validation artifact and the command line."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from captum.attr import IntegratedGradients
+from PIL import Image, ImageDraw
+
+from attrib.attribution import AttributionConfig
+from attrib.data import load_records
+from attrib.prompts import load_prompts
+from attrib.regions.regions import grid_windows
+from attrib.regions.result import RegionResult
+from attrib.validation import (
+    _inputs, _key_logits, best_band, cells_in_box, count_objects, integrated_gradients_maps,
+    layer_integrated_gradients_maps, random_baselines, raw_attention_maps, score_maps, select_records, validate,
+    validate_main, write_validation,
+)
+from attrib.world import WorldConfig, generate_scene, render, write_world
+
+FAST = AttributionConfig(draws=2, causal_samples=1, causal_draws=1, window=1)
+METHOD_KEYS = {"pointing_game", "mass_in_box", "best_layers", "per_layer"}
+
+
+@dataclass
+class Boxed:
+    """Stands in for an EditRecord: only the box is read."""
+
+    image_box: list | None
+
+    def box(self, field: str = "image"):
+        return self.image_box
+
+
+def _result(maps: torch.Tensor, layers: list[int]) -> RegionResult:
+    return RegionResult(maps, layers, grid_windows(4, 4, 0, "lm"), "hand_made")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return write_world(tmp_path_factory.mktemp("w") / "world", seed=3, n_train=2, n_eval=6, n_caption_train=1,
+                       n_caption_eval=1)
+
+
+@pytest.fixture(scope="module")
+def samples(world):
+    records = [r for r in load_records(world / "vqa_eval.json") if r.box("image") is not None][:2]
+    return records, [r.load_image() for r in records], [load_prompts()["vqa"].format(src=r.src) for r in records]
+
+
+def test_cells_in_box_use_cell_centres():
+    # 64 px on a 4 x 4 grid: 16-px cells, centres at 8, 24, 40, 56.
+    inside = cells_in_box((4, 4), (64, 64), [0, 0, 32, 32])
+    assert inside.nonzero().flatten().tolist() == [0, 1, 4, 5]
+    assert cells_in_box((4, 4), (64, 64), [8, 8, 24, 24]).nonzero().flatten().tolist() == [0]  # 24 is exclusive
+
+
+def test_pointing_game_and_mass_on_hand_made_maps():
+    box = [0, 0, 32, 32]  # cells 0, 1, 4, 5
+    inside_peak, outside_peak = torch.zeros(16), torch.zeros(16)
+    inside_peak[5], outside_peak[15] = 1.0, 1.0
+    known = torch.zeros(16)
+    known[0], known[15], known[5] = 3.0, 1.0, -2.0  # the negative cell is clipped: 3 of 4 units in the box
+    maps = torch.stack([torch.stack([inside_peak, outside_peak, known])])  # [N=1, L=3, C]
+    scores = score_maps(_result(maps, [0, 1, 2]), [Boxed(box)], 64)
+    assert scores["pointing_game"] == pytest.approx([100.0, 0.0, 100.0])
+    assert scores["mass_in_box"] == pytest.approx([100.0, 0.0, 75.0])
+
+
+def test_records_without_box_are_left_out_and_ties_share_credit():
+    maps = torch.zeros(2, 1, 16)  # flat maps: every cell ties
+    scores = score_maps(_result(maps, [-1]), [Boxed([0, 0, 32, 32]), Boxed(None)], (64, 64))
+    assert scores["n_samples"] == 1
+    assert scores["pointing_game"] == pytest.approx([25.0]) and scores["mass_in_box"] == pytest.approx([25.0])
+
+
+def test_best_band_is_the_best_contiguous_run():
+    assert best_band([0, 10, 50, 40, 45, 0]) == (2, 5)
+    assert best_band([5, 1]) == (0, 2)  # fewer layers than the band: all of them
+    assert best_band([7]) == (0, 1)
+
+
+def _scene_image(boxes, size: int = 64) -> Image.Image:
+    image = Image.new("RGB", (size, size), (120, 118, 125))
+    draw = ImageDraw.Draw(image)
+    for box in boxes:
+        draw.rectangle([box[0] + 1, box[1] + 1, box[2] - 2, box[3] - 2], fill=(215, 40, 40))
+    return image
+
+
+def test_random_baselines_are_box_fraction_and_object_share():
+    boxes = [[0, 0, 32, 32], [16, 0, 64, 16]]  # 4 of 16 cells; 3 of 16 cells
+    images = [_scene_image([boxes[0]]), _scene_image([boxes[1], [0, 40, 16, 56]])]  # 1 and 2 objects
+    baselines = random_baselines([Boxed(b) for b in boxes], images, (4, 4))
+    assert baselines["random_cell"] == pytest.approx(100 * (4 / 16 + 3 / 16) / 2)
+    assert baselines["random_object"] == pytest.approx(100 * (1 + 1 / 2) / 2)
+    flat = score_maps(_result(torch.zeros(2, 1, 16), [-1]), [Boxed(b) for b in boxes], 64)
+    assert flat["pointing_game"][0] == pytest.approx(baselines["random_cell"])  # a flat map scores chance
+
+
+def test_count_objects_matches_world_scenes():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        scene = generate_scene(rng, WorldConfig())
+        assert count_objects(render(scene)) == len(scene.objects)
+
+
+def test_baseline_maps_have_the_grid_shape_and_see_the_image(tiny_backbone, samples):
+    records, images, prompts = samples
+    rows, cols = tiny_backbone.spec.grid_shape(tiny_backbone.config)
+    for result in (integrated_gradients_maps(tiny_backbone, images, prompts, steps=4),
+                   layer_integrated_gradients_maps(tiny_backbone, images, prompts, steps=4)):
+        assert result.maps.shape == (2, 1, rows * cols) and result.regions.shape == (rows, cols)
+        assert torch.isfinite(result.maps).all() and result.maps.abs().sum() > 0
+    attention = raw_attention_maps(tiny_backbone, images, prompts)
+    assert attention.maps.shape == (2, tiny_backbone.n_layers, rows * cols)
+    assert (attention.maps >= 0).all() and (attention.maps.sum(-1) <= 1 + 1e-5).all()
+
+
+def test_integrated_gradients_completeness(tiny_dirs, samples):
+    from attrib.backbones.loader import load_backbone
+
+    backbone = load_backbone("llava", tiny_dirs["llava"])
+    _, images, prompts = samples
+    inputs, keys = _inputs(backbone, images, prompts)
+    forward = _key_logits(backbone.model)
+    pixels, text = inputs["pixel_values"], (inputs["input_ids"], inputs["attention_mask"])
+    attr, delta = IntegratedGradients(forward).attribute(pixels, baselines=torch.zeros_like(pixels), target=keys,
+                                                         additional_forward_args=text, n_steps=64,
+                                                         return_convergence_delta=True)
+    with torch.no_grad():
+        rows = torch.arange(len(keys))
+        gap = forward(pixels, *text)[rows, keys] - forward(torch.zeros_like(pixels), *text)[rows, keys]
+    assert gap.abs().min() > 1e-4  # the wrapper really feeds the image (SPEC §3 pitfall)
+    assert attr.flatten(1).sum(1).detach() == pytest.approx(gap.detach(), rel=0.05, abs=1e-4)
+    assert delta.abs().max() <= 0.05 * gap.abs().max() + 1e-4
+
+
+def test_validation_json_has_the_required_keys(tiny_backbone, world, tmp_path):
+    records = load_records(world / "vqa_eval.json", n=3)
+    result = validate(tiny_backbone, records, FAST, ig_steps=2, correct_only=False)
+    assert result.n_samples == sum(r.box("image") is not None for r in records)
+    write_validation(result, tmp_path)
+    data = json.loads((tmp_path / "validation.json").read_text())
+    assert set(data) == {"backbone", "n_samples", "methods", "baselines", "meta"}
+    assert set(data["baselines"]) == {"random_cell", "random_object"}
+    baselines = {"integrated_gradients", "layer_integrated_gradients", "raw_attention", "causal_noise"}
+    assert baselines <= set(data["methods"])
+    for name, entry in data["methods"].items():
+        assert set(entry) == METHOD_KEYS, name
+        assert 0 <= entry["pointing_game"] <= 100 and 0 <= entry["mass_in_box"] <= 100
+        if entry["per_layer"] is not None:
+            assert len(entry["best_layers"]) == min(3, tiny_backbone.n_layers)
+            assert len(entry["per_layer"]["pointing_game"]) == tiny_backbone.n_layers
+    assert (tmp_path / "validation.png").stat().st_size > 0
+    assert "| raw_attention |" in (tmp_path / "validation.md").read_text()
+
+
+def test_selection_filters(tiny_dirs, world):
+    from attrib.backbones.loader import load_backbone
+
+    backbone = load_backbone("blip2", tiny_dirs["blip2"])
+    records = load_records(world / "vqa_eval.json")
+    every, _, _, _ = select_records(backbone, records, correct_only=False)
+    right, _, _, counts = select_records(backbone, records, correct_only=True)
+    crowded, images, _, _ = select_records(backbone, records, correct_only=False, min_objects=3)
+    assert every == [r for r in records if r.box("image") is not None]
+    assert set(r.index for r in right) <= set(r.index for r in every) and counts["answered_right"] == len(right)
+    assert all(count_objects(im) >= 3 for im in images) and len(crowded) <= len(every)
+
+
+def test_cli_writes_the_files(tiny_dirs, world, tmp_path, capsys):
+    argv = ["--backbone", "llava", "--model", str(tiny_dirs["llava"]), "--data", str(world / "vqa_eval.json"),
+            "--n", "2", "--out", str(tmp_path), "--all-answers", "--ig-steps", "2"]
+    assert validate_main(argv) == 0
+    assert {p.name for p in tmp_path.iterdir()} >= {"validation.json", "validation.png", "validation.md"}
+    assert "validation.json" in capsys.readouterr().out
+    assert validate_main(argv + ["--min-objects", "9"]) == 2  # nothing left: a one-line error
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # earlier lines: loading progress bars
+    assert err.startswith("error: no record left") and "with 9+ objects: 0" in err
