@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from attrib.backbones.loader import Backbone
 from attrib.contribution import ContributionResult, contribution
-from attrib.data import EditRecord
+from attrib.data import DataError, EditRecord
 from attrib.placement import Placement, place_from_contribution
 from attrib.prompts import load_prompts
 from attrib.regions.methods import AttentionKnockout, AttentionNoise
@@ -150,11 +150,22 @@ def region_methods(backbone: Backbone, config: AttributionConfig) -> list[tuple[
             ("query_noise", noise, lm_regions(backbone), False), ("causal_noise", causal, patches, True)]
 
 
+def check_inputs(backbone: Backbone, records: list[EditRecord], images: list, prompts: list[str]) -> None:
+    """Encode each record alone first, so a prompt whose visual tokens cannot be found is reported with
+    its file, record index and field instead of failing somewhere inside a batch."""
+    for record, image, prompt in zip(records, images, prompts):
+        try:
+            backbone.encode([image], [prompt])
+        except ValueError as error:
+            raise DataError(f"{record.source}: record {record.index}, field 'src': {error}") from None
+
+
 def run_attribution(backbone: Backbone, records: list[EditRecord], config: AttributionConfig = AttributionConfig(),
                     dataset: str = "") -> Attribution:
     """Contribution and every region method of this backbone on ``records`` (VQA prompt format)."""
     prompts = [load_prompts()["vqa"].format(src=r.src) for r in records]
     images = [r.load_image("image") for r in records]
+    check_inputs(backbone, records, images, prompts)
     contrib = contribution(backbone, images, prompts, batch_size=config.batch_size)
     layers = list(range(backbone.n_layers))
     regions = {}

@@ -8,7 +8,7 @@ trains its OPT LM itself.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from attrib.backbones.build import BackboneSizes
@@ -54,7 +54,7 @@ class Recipe:
     # {source prefix: destination prefix}).
     init_from: tuple[str, dict[str, str]] | None = None
     seed: int = 0
-    extra: dict = field(default_factory=dict)
+    sizes: BackboneSizes = TOY_SIZES
 
 
 _LLAVA_LM = {"model.language_model": 1.0, "lm_head": 1.0}
@@ -66,19 +66,20 @@ RECIPES: dict[str, Recipe] = {
               {"model.vision_tower": 0.1, "model.multi_modal_projector": 1.0, **_LLAVA_LM}, warmup=20),
     )),
     "minigpt4": Recipe("minigpt4", (
-        Stage("vision", "vision", 250, 2e-3, {"vision_model": 1.0}, warmup=20, batch_images=64),
-        Stage("bridge", "language", 500, 1.5e-3,
+        Stage("vision", "vision", 200, 2e-3, {"vision_model": 1.0}, warmup=20, batch_images=64),
+        Stage("bridge", "language", 400, 1.5e-3,
               {"qformer": 1.0, "query_tokens": 1.0, "language_projection": 1.0}),
-        Stage("joint", "language", 600, 1.5e-3,
+        Stage("joint", "language", 500, 1.5e-3,
               {"vision_model": 0.1, "qformer": 1.0, "query_tokens": 1.0, "language_projection": 1.0,
                "language_model": 0.3}, warmup=20),
     ), init_from=("llava", {"model.language_model.": "language_model.model.", "lm_head.": "language_model.lm_head."})),
+    # OPT at 8 layers (the minimum that leaves attribution room): its LM trains from scratch here.
     "blip2": Recipe("blip2", (
-        Stage("language", "language", 1400, 1.5e-3,
+        Stage("language", "language", 1000, 1.5e-3,
               {"qformer": 1.0, "query_tokens": 1.0, "language_projection": 1.0, "language_model": 1.0}),
-        Stage("joint", "language", 500, 1.5e-3,
+        Stage("joint", "language", 400, 1.5e-3,
               {"vision_model": 0.1, "qformer": 1.0, "query_tokens": 1.0, "language_projection": 1.0,
                "language_model": 1.0}, warmup=20),
     ), init_from=("minigpt4", {"vision_model.": "vision_model.", "qformer.": "qformer.",
-                               "query_tokens": "query_tokens"})),
+                               "query_tokens": "query_tokens"}), sizes=replace(TOY_SIZES, text_layers=8)),
 }

@@ -22,7 +22,7 @@ from attrib.backbones.spec import get_spec
 from attrib.backbones.tokenizer import train_bpe_tokenizer
 from attrib.defaults.batches import PatchHeads, Templates, language_loss, vision_loss
 from attrib.defaults.recipe import (
-    DEFAULTS_DIR, PROMPTS, RECIPES, TOKENIZER_EXTRA, TOKENIZER_VOCAB, TOY_SIZES, Recipe, Stage,
+    DEFAULTS_DIR, PROMPTS, RECIPES, TOKENIZER_EXTRA, TOKENIZER_VOCAB, Recipe, Stage,
 )
 from attrib.world import SIZES, WorldConfig, WorldSampler, answer_words, corpus_lines
 
@@ -101,13 +101,15 @@ def train_default(name: str, out_root: Path = DEFAULTS_DIR, work_root: Path = Pa
     work = work_root / name
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
-    tokenizer = _run_tokenizer(work, recipe.seed)
-    model, processor = build_backbone(name, TOY_SIZES, tokenizer, seed=recipe.seed)
+    # A default that starts from another one's weights must share its vocabulary exactly.
+    tokenizer = (AutoTokenizer.from_pretrained(out_root / recipe.init_from[0], local_files_only=True)
+                 if recipe.init_from else _run_tokenizer(work, recipe.seed))
+    model, processor = build_backbone(name, recipe.sizes, tokenizer, seed=recipe.seed)
     if recipe.init_from:
         _init_from(model, recipe, out_root)
     model.eval()  # no dropout: training only needs gradients, and eval mode keeps steps deterministic
     templates = Templates(spec.prompt_template, spec.text_template)
-    heads = PatchHeads(TOY_SIZES.vision_hidden)
+    heads = PatchHeads(recipe.sizes.vision_hidden)
     ckpt_file = work / "checkpoint.pt"
     state = torch.load(ckpt_file, weights_only=False) if ckpt_file.is_file() else None
     log = state["log"] if state else {"stages": [], "wall_s": 0.0}
@@ -162,7 +164,7 @@ def train_default(name: str, out_root: Path = DEFAULTS_DIR, work_root: Path = Pa
     out_dir = out_root / name
     manifest = {
         "backbone": name, "seed": recipe.seed, "command": f"make toy-models BACKBONES={name}",
-        "stages": log["stages"], "wall_s": round(time.time() - started, 1), "sizes": sizes_dict(TOY_SIZES),
+        "stages": log["stages"], "wall_s": round(time.time() - started, 1), "sizes": sizes_dict(recipe.sizes),
         "prompt_template": spec.prompt_template, "text_template": spec.text_template, "prompts": PROMPTS,
         "image_tokens": _image_token_note(spec),
         "init_from": recipe.init_from[0] if recipe.init_from else None, "scale": scale,

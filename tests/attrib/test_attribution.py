@@ -57,3 +57,17 @@ def test_cli_errors_are_one_line(world, tmp_path, capsys):
     code = main(["heatmaps", "--model", str(tmp_path / "nope"), "--data", str(world / "vqa_eval.json")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error:") and "\n" not in err
+
+
+def test_prompt_without_visual_tokens_is_named(tiny_dirs, world, tmp_path):
+    import shutil
+
+    from attrib.backbones.loader import load_backbone
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_dirs["minigpt4"], folder)
+    (folder / "manifest.json").write_text(json.dumps({"prompt_template": "###Human: {prompt} ###Assistant:"}))
+    backbone = load_backbone("minigpt4", folder)  # a template that lost its image placeholder
+    records = load_records(world / "vqa_eval.json", n=2)
+    with pytest.raises(DataError, match=r"vqa_eval.json: record 0, field 'src': .*placeholder"):
+        run_attribution(backbone, records, AttributionConfig(draws=1, causal_samples=1, causal_draws=1))
