@@ -1,0 +1,84 @@
+"""VEAD + IM: the paper's parameter counts at full size (meta device), shapes, masking, broadcasting."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attrib.backbones.reference import build_on_meta
+from attrib.backbones.spec import get_spec
+from editing.adapter import AdapterHook
+from editing.vead import EditAdapter, EditSignal, VeadConfig, count_parameters, lm_width
+
+# The paper: 34.65 M per adapter on the 7B backbones, 22.05 M on BLIP2-OPT-2.7B. Exact values pin the
+# composition (biased Linears, LayerNorms with bias, IM hidden 1024); see editing/vead.py.
+PAPER = {"llava": (34.65e6, 34_654_208), "minigpt4": (34.65e6, 34_654_208), "blip2": (22.05e6, 22_054_400)}
+OFFICIAL_EDIT_LAYER = {"llava": 18, "minigpt4": 17, "blip2": 19}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_parameter_count_matches_paper_on_full_size_architecture(name):
+    model = build_on_meta(name)
+    with torch.device("meta"):
+        adapter = EditAdapter(lm_width(model.config))
+    paper, exact = PAPER[name]
+    n = count_parameters(adapter)
+    assert abs(n - paper) <= 0.005 * paper
+    assert n == exact
+    # It installs at the official edit layer of the real architecture (module paths of the real size).
+    hook = AdapterHook(model, get_spec(name), adapter, OFFICIAL_EDIT_LAYER[name])
+    assert hook.site == f"{get_spec(name).layer_path(OFFICIAL_EDIT_LAYER[name])} (output)"
+    assert hook.n_visual == (576 if name == "llava" else 32)
+    hook.remove()
+
+
+def _signal(batch: int, length: int, width: int, pad: int = 0, seed: int = 0) -> EditSignal:
+    g = torch.Generator().manual_seed(seed)
+    states = torch.randn(batch, length, width, generator=g)
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    mask[:, :pad] = False
+    return EditSignal(states, mask, torch.randn(batch, width, generator=g), torch.full((batch,), length - 2))
+
+
+def test_shapes_and_gate():
+    adapter = EditAdapter(32, VeadConfig(mid_dim=16, n_heads=4, im_hidden=8, im_heads=4))
+    visual = torch.randn(3, 5, 32)  # [B, P, d]
+    out = adapter(visual, _signal(3, 7, 32))
+    assert out.visual.shape == (3, 5, 32) and out.gate_logits.shape == (3, 5)
+    # The gate scales VEAD's change token by token: a closed gate leaves the states unchanged.
+    adapter.im.forward = lambda v, q: torch.full(v.shape[:2], -1e4)
+    assert torch.equal(adapter(visual, _signal(3, 7, 32)).visual, visual)
+
+
+def test_padding_of_the_edit_sample_is_masked():
+    torch.manual_seed(0)
+    adapter = EditAdapter(32, VeadConfig(mid_dim=16, n_heads=2, im_hidden=16, im_heads=2))
+    visual = torch.randn(1, 4, 32)
+    clean = _signal(1, 6, 32)
+    padded = EditSignal(torch.cat([torch.randn(1, 3, 32) * 100, clean.states], 1),
+                        torch.cat([torch.zeros(1, 3, dtype=torch.bool), clean.mask], 1), clean.query,
+                        clean.prompt_end + 3)
+    torch.testing.assert_close(adapter(visual, padded).visual, adapter(visual, clean).visual)
+
+
+def test_single_edit_broadcasts_over_the_batch():
+    adapter = EditAdapter(32, VeadConfig(mid_dim=16, n_heads=2, im_hidden=16, im_heads=2))
+    visual = torch.randn(3, 4, 32)
+    signal = _signal(1, 6, 32)
+    batched = adapter(visual, signal).visual
+    for row in range(3):
+        torch.testing.assert_close(batched[row:row + 1], adapter(visual[row:row + 1], signal).visual)
+    with pytest.raises(ValueError, match="2 edits but the input batch has 3 rows"):
+        adapter(visual, _signal(2, 6, 32))
+
+
+def test_fp32_adapter_on_fp16_states_keeps_the_input_dtype():
+    adapter = EditAdapter(32, VeadConfig(mid_dim=16, n_heads=2, im_hidden=16, im_heads=2))
+    out = adapter(torch.randn(2, 4, 32).half(), _signal(1, 6, 32))
+    assert out.visual.dtype == torch.float16 and adapter.vead.begin.weight.dtype == torch.float32
+
+
+def test_bad_head_split_is_refused():
+    with pytest.raises(ValueError, match="mid_dim 10 is not divisible by n_heads 4"):
+        EditAdapter(32, VeadConfig(mid_dim=10, n_heads=4))
+    with pytest.raises(ValueError, match="LM width 30 is not divisible"):
+        EditAdapter(30, VeadConfig(mid_dim=16, n_heads=2))
