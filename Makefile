@@ -20,6 +20,13 @@ DATA ?=
 IMAGES ?=
 OUT ?=
 BACKBONES ?= llava,minigpt4,blip2
+TRAIN ?=
+EVAL ?=
+ATTRIBUTION ?=
+CHECKPOINT ?=
+STEPS ?=
+RESUME ?=
+SKIP_BAD ?=
 WORLD := runs/world
 WORLD_EVAL := $(WORLD)/vqa_eval.json
 
@@ -27,7 +34,7 @@ model_arg = $(if $(MODEL),--model $(MODEL),)
 data_arg = --data $(if $(DATA),$(DATA),$(WORLD_EVAL)) $(if $(IMAGES),--images $(IMAGES),)
 out_arg = $(if $(OUT),--out $(OUT),)
 
-.PHONY: setup test heatmaps validate bench world toy-models clean
+.PHONY: setup test heatmaps validate bench world toy-models edit clean
 
 setup: $(STAMP)
 
@@ -51,6 +58,14 @@ heatmaps: setup $(if $(DATA),,$(WORLD_EVAL))
 validate: setup $(if $(DATA),,$(WORLD_EVAL))
 	$(PY) -m attrib validate --backbone $(BACKBONE) $(model_arg) $(data_arg) --n $(N) --seed $(SEED) \
 		--out $(if $(OUT),$(OUT),runs/validate/$(BACKBONE))
+
+# DATA here is vqa|caption (for heatmaps it is a file); the world rule runs when TRAIN/EVAL are unset.
+edit: setup $(if $(or $(TRAIN),$(EVAL)),,$(WORLD_EVAL))
+	$(PY) -m editing edit --backbone $(BACKBONE) $(model_arg) --data $(if $(DATA),$(DATA),vqa) \
+		$(if $(TRAIN),--train $(TRAIN),) $(if $(EVAL),--eval $(EVAL),) $(if $(IMAGES),--images $(IMAGES),) \
+		$(if $(ATTRIBUTION),--attribution $(ATTRIBUTION),) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),) \
+		$(if $(STEPS),--steps $(STEPS),) --out $(if $(OUT),$(OUT),runs/$(BACKBONE)) \
+		$(if $(filter 1 yes true,$(RESUME)),--resume,) $(if $(filter 1 yes true,$(SKIP_BAD)),--skip-bad,)
 
 bench: setup
 	$(PY) -m benchmarks --threads 1 --out $(if $(OUT),$(OUT),runs/bench)

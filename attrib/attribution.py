@@ -9,7 +9,9 @@
 Methods by where the backbone keeps space (spec.grid_site): LLaVA ("lm") gets VisEdit's attention-input
 noise, attention knockout and the causal effect on its visual-token grid; Q-Former backbones ("vit") get
 the ViT-patch noise read at every LM layer, the causal effect from the ViT patches, and the per-query
-attention-input noise view.
+attention-input noise view. On world data the visual patching ceiling (`attrib.ceiling`) is measured
+too; the placement uses both curves (`attrib.placement.place_edit`) and the artifact stores the ceiling
+as ``placement.ceiling`` ([L + 1] values, index 0 = the LM input).
 """
 from __future__ import annotations
 
@@ -26,9 +28,10 @@ import torch
 from safetensors.torch import save_file
 
 from attrib.backbones.loader import Backbone
+from attrib.ceiling import CeilingResult, visual_patching_ceiling, world_ceiling_cases
 from attrib.contribution import ContributionResult, contribution
 from attrib.data import DataError, EditRecord
-from attrib.placement import Placement, place_from_contribution
+from attrib.placement import Placement, place_edit
 from attrib.prompts import load_prompts
 from attrib.regions.methods import AttentionKnockout, AttentionNoise
 from attrib.regions.propagated import CausalNoise, VitNoise
@@ -50,6 +53,8 @@ class AttributionConfig:
     causal_draws: int = 3
     batch_size: int = 8
     threshold: float = 0.5  # placement rule's τ
+    ceiling_samples: int = 32  # world records for the visual patching ceiling; 0 = skip it
+    ceiling_threshold: float = 0.9  # placement rule's κ
 
 
 @dataclass
@@ -65,6 +70,7 @@ class Attribution:
     placement: Placement
     config: AttributionConfig
     images: list = field(default_factory=list, repr=False)
+    ceiling: CeilingResult | None = None
 
     def to_json(self) -> dict:
         primary = self.regions[self.primary]
@@ -81,7 +87,8 @@ class Attribution:
                         "seed": method.get("seed"), "layers": primary.layers},
             "placement": self.placement.to_json(),
             "details": {"methods": {name: r.meta for name, r in self.regions.items()},
-                        "placement_rule": self.placement.describe(), "config": asdict(self.config)},
+                        "placement_rule": self.placement.describe(), "config": asdict(self.config),
+                        "ceiling": None if self.ceiling is None else self.ceiling.to_json()},
         }
 
     def save(self, out_dir: str | Path) -> Path:
@@ -106,6 +113,8 @@ class Attribution:
 
         keep(self.contribution.plot_bars(kind="visedit"), "contribution_bars.png")
         keep(self.contribution.plot_bars(kind="dla"), "contribution_dla.png")
+        if self.ceiling is not None:
+            keep(self.plot_placement(), "placement.png")
         for name, result in self.regions.items():
             keep(result.plot_heatmaps(), f"heatmaps_{name}.png")
             keep(result.plot_layer_by_region(), f"layer_by_region_{name}.png")
@@ -117,6 +126,19 @@ class Attribution:
                 keep(primary.plot_overlay(n, self.images[n], show, box=self.records[n].box("image")),
                      f"overlay_{n}.png")
         return written
+
+
+    def plot_placement(self):
+        """Contribution bars and the visual patching ceiling side by side, the edit layer marked on both."""
+        fig, (left, right) = plt.subplots(1, 2, figsize=(max(10.0, 0.7 * self.contribution.n_layers), 3.6))
+        self.contribution.plot_bars(ax=left)
+        edit = self.placement.edit_layer
+        left.axvline(edit, ls=":", lw=1.5, color="#c44e52")
+        kappa = self.placement.ceiling_threshold
+        threshold = None if kappa is None else kappa * self.ceiling.curve()[0]  # the rule's bar κ · c[0]
+        self.ceiling.plot(right, threshold=threshold, edit_layer=edit)
+        fig.tight_layout()
+        return fig
 
 
 def _writable(out_dir: str | Path) -> Path:
@@ -161,8 +183,13 @@ def check_inputs(backbone: Backbone, records: list[EditRecord], images: list, pr
 
 
 def run_attribution(backbone: Backbone, records: list[EditRecord], config: AttributionConfig = AttributionConfig(),
-                    dataset: str = "") -> Attribution:
-    """Contribution and every region method of this backbone on ``records`` (VQA prompt format)."""
+                    dataset: str = "", ceiling_records: list[EditRecord] | None = None) -> Attribution:
+    """Contribution and every region method of this backbone on ``records`` (VQA prompt format).
+
+    The visual patching ceiling runs on the world records among ``ceiling_records`` (default:
+    ``records``), at most ``config.ceiling_samples`` usable ones; without any it is skipped and the
+    placement follows the contribution rule alone.
+    """
     prompts = [load_prompts()["vqa"].format(src=r.src) for r in records]
     images = [r.load_image("image") for r in records]
     check_inputs(backbone, records, images, prompts)
@@ -173,8 +200,15 @@ def run_attribution(backbone: Backbone, records: list[EditRecord], config: Attri
         n = min(len(records), config.causal_samples) if causal else len(records)
         regions[name] = region_sweep(backbone, images[:n], prompts[:n], method, region_set, layers,
                                      batch_size=config.batch_size)
+    ceiling = None
+    if config.ceiling_samples > 0:
+        cases = world_ceiling_cases(records if ceiling_records is None else ceiling_records,
+                                    limit=config.ceiling_samples)
+        ceiling = visual_patching_ceiling(backbone, cases) if cases else None
+        ceiling = ceiling if ceiling is not None and ceiling.indices else None
     mean = contrib.mean()
-    placement = place_from_contribution(mean["attn"], mean["mlp"], config.threshold)
+    placement = place_edit(mean["attn"], mean["mlp"], config.threshold,
+                           None if ceiling is None else ceiling.curve(), config.ceiling_threshold)
     primary = next(iter(regions))
     return Attribution(backbone.spec.name, str(backbone.path), backbone.fingerprint(), dataset, records, contrib,
-                       regions, primary, placement, config, images)
+                       regions, primary, placement, config, images, ceiling)

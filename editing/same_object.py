@@ -69,13 +69,17 @@ class WorldSameObject:
         self._train_layouts: dict[Path, frozenset] = {}
 
     def __call__(self, record: EditRecord) -> bool | None:
+        world_record = self.world_record(record)
+        return None if world_record is None else edited_object_in_m_loc(world_record)
+
+    def world_record(self, record: EditRecord) -> WorldRecord | None:
+        """The in-memory world record (scenes, question) behind ``record``, or None when ``record`` is
+        not an unchanged record of a world folder. Also used by `attrib.ceiling` for counterfactuals."""
         rebuilt = self._records(record.source.parent, record.source.stem)
         if rebuilt is None or record.index >= len(rebuilt):
             return None
         world_record = rebuilt[record.index]
-        if world_record.fields != record.fields:
-            return None
-        return edited_object_in_m_loc(world_record)
+        return world_record if world_record.fields == record.fields else None
 
     def _records(self, folder: Path, split: str) -> list[WorldRecord] | None:
         key = (folder, split)

@@ -1,0 +1,74 @@
+"""Command line of the editor.
+
+    python -m editing edit --backbone B [--model DIR] [--data vqa|caption] [--train FILE --eval FILE
+        --images DIR] [--attribution FILE] [--checkpoint FILE] [--steps N] [--out DIR] [--resume] [--skip-bad]
+
+Trains VEAD + IM at the attribution's placement (running the attribution first when no artifact is
+given), evaluates single edits and writes results.json / results.md / adapter.safetensors /
+im_maps.png to --out (default runs/<backbone>). With --checkpoint it evaluates that adapter without
+training. Errors print one line ("error: ...") and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+from attrib.data import DataError
+from editing.run import EditOptions, run_edit
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m editing", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("edit", help="train and evaluate VisEdit (VEAD + IM) on one backbone")
+    p.add_argument("--backbone", default="llava", help="llava | blip2 | minigpt4")
+    p.add_argument("--model", type=Path, default=None, help="local HF folder (default: the shipped model)")
+    p.add_argument("--data", default="vqa", choices=["vqa", "caption"], help="E-VQA or E-IC")
+    p.add_argument("--train", type=Path, default=None, help="MMEdit training JSON (default: the world's)")
+    p.add_argument("--eval", type=Path, default=None, help="MMEdit evaluation JSON (default: the world's)")
+    p.add_argument("--images", type=Path, default=None, help="image root (default: each file's folder)")
+    p.add_argument("--attribution", type=Path, default=None, help="attribution.json (or its folder) to place from")
+    p.add_argument("--checkpoint", type=Path, default=None, help="trained adapter: evaluate without training")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--out", type=Path, default=None, help="output folder (default runs/<backbone>)")
+    p.add_argument("--resume", action="store_true", help="continue the run checkpointed in OUT/checkpoint")
+    p.add_argument("--skip-bad", action="store_true", help="skip records with a missing image or field")
+    p.add_argument("--batch-size", type=int, default=4, help="edits per training step")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mid-dim", type=int, default=None, help="VEAD / IM width (default: sized from the LM)")
+    p.add_argument("--heads", type=int, default=None, help="VEAD attention heads")
+    p.add_argument("--n-eval", type=int, default=None, help="evaluate the first N records only")
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*past_key_values.*")
+    options = EditOptions(
+        backbone=args.backbone, model=args.model, data=args.data, train=args.train, eval=args.eval,
+        images=args.images, attribution=args.attribution, checkpoint=args.checkpoint, steps=args.steps,
+        out=args.out, resume=args.resume, skip_bad=args.skip_bad, batch_size=args.batch_size, lr=args.lr,
+        seed=args.seed, mid_dim=args.mid_dim, heads=args.heads, n_eval=args.n_eval,
+        checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
+    try:
+        results = run_edit(options)
+    except (DataError, OSError, ValueError) as error:
+        message = " ".join(str(error).split())  # one line, whatever the exception carried
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    v = results["methods"]["visedit"]
+    skipped = results["n_skipped"]
+    note = f"; skipped {skipped['train']} train / {skipped['eval']} eval records" if sum(skipped.values()) else ""
+    print(f"{results['backbone']} on {results['dataset']}: {results['n_eval']} edits, Rel {v['rel']} "
+          f"T-Gen {v['t_gen']} M-Gen {v['m_gen']} T-Loc {v['t_loc']} M-Loc {v['m_loc']}{note}; results in "
+          f"{options.out or Path('runs') / options.backbone}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,153 @@
+"""Per-example training inputs that depend only on the frozen model, computed once under no_grad.
+
+For every training record the trainer needs, besides its four teacher-forced rows (`example_rows`):
+- the edit signal of (``image``, ``src``, ``alt``) — one partial forward, adapter closed;
+- the unedited model's log-probabilities at the M-Loc answer positions (the locality KL's p_pre);
+- the IM alignment targets: for each sample an alignment target may come from (rel: ``image`` +
+  ``src``, t_gen: ``image`` + ``rephrase``, m_gen: ``image_rephrase`` + ``src``), the noise-perturbation
+  influence of every visual token *of that sample's own image* on the last prompt token (SPEC §5: σ 0.7
+  absolute, one token at a time, averaged over the influence-target layers; normalised later, over
+  the tokens a step samples).
+
+The official code computed the image-rephrase targets from the reliability image because of a slice
+bug (``hidden_states[:, a, b]`` — one element — where ``[:, a:b]`` was meant). Here every target is
+computed from a forward of its own (image, prompt) pair, so there is no slice to get wrong; the test
+suite pins that the m_gen targets equal the influence on ``image_rephrase`` and not on ``image``.
+
+Everything is computed with a batch of one and seeded per (seed, record, sample, layer), so a product
+does not depend on which other records share a step — which is what lets a resumed run, whose cache
+starts empty, reach bit-identical weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from attrib.backbones.loader import Backbone
+from attrib.data import EditRecord
+from attrib.regions.capture import capture_layers, last_query_attention
+from attrib.regions.methods import AttentionNoise, noise_generator
+from editing.editor import EditRequest, VisEditEditor
+from editing.inputs import teacher_forced_batch
+from editing.split import SplitForward
+from editing.vead import EditSignal
+
+ROLES = ("rel", "t_gen", "m_gen", "m_loc")  # the four training rows of a record, in batch order
+ALIGN_ROLES = ROLES[:3]  # the samples an IM alignment / up target can come from
+Row = tuple[Image.Image, str, str]  # (image, prompt in the dataset format, target)
+
+
+def example_rows(record: EditRecord, task: str, formats: dict[str, str]) -> dict[str, Row]:
+    """The teacher-forced rows of one record: rel, t_gen, m_gen (target ``alt``) and m_loc (``m_loc_a``)."""
+    edit_format = formats[task]
+    image, rephrased = record.load_image("image"), record.load_image("image_rephrase")
+    return {"rel": (image, edit_format.format(src=record.src), record.alt),
+            "t_gen": (image, edit_format.format(src=record.rephrase), record.alt),
+            "m_gen": (rephrased, edit_format.format(src=record.src), record.alt),
+            "m_loc": (record.load_image("m_loc"), formats["m_loc"].format(m_loc_q=record.m_loc_q), record.m_loc_a)}
+
+
+def answer_positions(target_lengths: Sequence[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(select [B, K], mask [B, K]): positions whose logits predict each row's target tokens (the last
+    n_b + 1 .. 2nd-last positions of a left-padded row of ``length``), K = max n_b; padding repeats the
+    row's last answer position and is masked out."""
+    k = max(target_lengths)
+    select = torch.zeros(len(target_lengths), k, dtype=torch.long)
+    mask = torch.zeros(len(target_lengths), k, dtype=torch.bool)
+    for row, n in enumerate(target_lengths):
+        start = length - n - 1
+        select[row, :n] = torch.arange(start, start + n)
+        select[row, n:] = start + n - 1
+        mask[row, :n] = True
+    return select, mask
+
+
+@torch.no_grad()
+def token_influence(backbone: Backbone, image: Image.Image, prompt: str, layers: Sequence[int],
+                    method: AttentionNoise, keys: tuple[int, ...]) -> torch.Tensor:
+    """[P] noise influence of each visual token alone on the last prompt token's attention output at
+    each of ``layers`` (mean of 1 − cos over ``method.draws``), averaged over the layers. Noise for
+    layer ℓ comes from the stream (method.seed, *keys, ℓ)."""
+    inputs = backbone.encode([image], [prompt])
+    site = backbone.visual_positions(inputs["input_ids"])[0]  # [P]
+    captures = capture_layers(backbone, inputs, list(layers))
+    index = site[:, None]  # one region per token (window 0)
+    valid = torch.ones_like(index, dtype=torch.bool)
+    total = torch.zeros(len(site))
+    for layer in layers:
+        attn = last_query_attention(backbone, layer, captures[layer], 0)
+        generator = noise_generator(method.seed, *keys, layer)
+        total += method.local(attn, index, valid, attn.hidden[site], generator).float().cpu()
+    return total / len(layers)
+
+
+@dataclass
+class ExampleProducts:
+    """signal: the record's edit (E = 1); pre_loc: [n, V] unedited log-probs at the M-Loc answer
+    positions; influence: [3, P] per-token influence for rel, t_gen, m_gen (unnormalised)."""
+
+    signal: EditSignal
+    pre_loc: torch.Tensor
+    influence: torch.Tensor
+
+    def nbytes(self) -> int:
+        tensors = (self.signal.states, self.signal.mask, self.signal.query, self.pre_loc, self.influence)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class ExampleStore:
+    """`ExampleProducts` per record index, computed on first use and kept in memory up to ``max_bytes``
+    (later ones are recomputed each time they are needed; results are identical either way)."""
+
+    def __init__(self, editor: VisEditEditor, split: SplitForward, records: Sequence[EditRecord], task: str,
+                 formats: dict[str, str], it_layers: Sequence[int], noise: AttentionNoise, max_bytes: int):
+        self.editor, self.split, self.records = editor, split, records
+        self.task, self.formats, self.it_layers, self.noise = task, formats, list(it_layers), noise
+        self.max_bytes, self.used = max_bytes, 0
+        self._kept: dict[int, ExampleProducts] = {}
+
+    def get(self, index: int) -> ExampleProducts:
+        if index in self._kept:
+            return self._kept[index]
+        products = self.compute(index)
+        size = products.nbytes()
+        if self.used + size <= self.max_bytes:
+            self._kept[index] = products
+            self.used += size
+        return products
+
+    @torch.no_grad()
+    def compute(self, index: int) -> ExampleProducts:
+        record = self.records[index]
+        rows = example_rows(record, self.task, self.formats)
+        backbone = self.editor.backbone
+        image, prompt, target = rows["rel"]
+        signal = self.editor.edit_signal(EditRequest(image, prompt, target))
+        m_image, m_prompt, m_answer = rows["m_loc"]
+        batch = teacher_forced_batch(backbone, [m_image], [m_prompt], [m_answer])
+        select, _ = answer_positions(batch.target_lengths, batch.inputs["input_ids"].shape[1])
+        site = self.split.prefix(batch.inputs)
+        pre_loc = torch.log_softmax(self.split.top(site, None, select)[0].float(), -1).cpu()
+        influence = torch.stack([
+            token_influence(backbone, rows[role][0], rows[role][1], self.it_layers, self.noise, (index, r))
+            for r, role in enumerate(ALIGN_ROLES)])
+        return ExampleProducts(signal.to("cpu"), pre_loc, influence)
+
+
+def stack_signals(signals: Sequence[EditSignal], rows: Sequence[int]) -> EditSignal:
+    """One signal per input row: ``rows[r]`` picks which of ``signals`` (each E = 1) row r gets.
+    States are right-padded with zeros and masked; cross-attention has no positions, so where the
+    padding goes does not matter."""
+    length = max(s.states.shape[1] for s in signals)
+    states = torch.zeros(len(signals), length, signals[0].states.shape[-1], dtype=signals[0].states.dtype)
+    mask = torch.zeros(len(signals), length, dtype=torch.bool)
+    for i, s in enumerate(signals):
+        states[i, :s.states.shape[1]] = s.states[0]
+        mask[i, :s.mask.shape[1]] = s.mask[0]
+    query = torch.cat([s.query for s in signals])
+    prompt_end = torch.cat([s.prompt_end for s in signals])
+    pick = torch.as_tensor(list(rows))
+    return EditSignal(states[pick], mask[pick], query[pick], prompt_end[pick])

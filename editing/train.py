@@ -1,0 +1,272 @@
+"""Training VEAD + IM on MMEdit records with the backbone frozen (SPEC §5).
+
+    editor = VisEditEditor(backbone, placement, VeadConfig(mid_dim=128, n_heads=4, im_hidden=128))
+    result = train(editor, load_records("vqa_train.json"), TrainConfig(steps=2000, seed=0), "runs/llava/checkpoint")
+    editor.save_weights("runs/llava/adapter.safetensors")
+    # killed? the same call with resume=True continues from the last checkpoint, to the same weights
+
+One step takes ``batch_size`` records; each contributes four teacher-forced rows (rel, t_gen, m_gen,
+m_loc; text-only T-Loc inputs bypass the adapter, so they carry no gradient) with the record's own
+edit signal. The rows run below the edit site once, under no_grad (`SplitForward.prefix`); only the
+layers above carry gradients. Edit signals, pre-edit M-Loc outputs and IM alignment targets are
+per-record products of the frozen model, computed once under no_grad (`editing.examples`).
+
+Loss = w_rel·NLL(rel) + w_gen·(NLL(t_gen) + NLL(m_gen)) + w_loc·KL(p_pre ‖ p_post)(m_loc)
+     + w_align·alignment + w_up·up + w_down·down                       (weights 1, 1, 1, 0.1, 0.1, 0.1)
+The IM terms use, per record, one of its rel / t_gen / m_gen rows (drawn at random) and ``im_tokens``
+visual tokens drawn at random: the IM logits of those tokens of that row (visual states at the edit
+site) against the row's edit query; the alignment target is the row's own token influence restricted
+to the drawn tokens and normalised to sum 1; the down term uses the same token indices of the m_loc row.
+
+Determinism: the adapter is re-initialised from ``seed``; record order (a fresh permutation per epoch)
+and the per-step draws come from generators seeded by (seed, stream, epoch / step), so any step can be
+recomputed from its number, and a resumed run reaches bit-identical weights (on the same machine and
+thread count). Checkpoints: `editing.checkpoint`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from tqdm import tqdm
+
+from attrib.data import EditRecord
+from attrib.prompts import load_prompts
+from attrib.regions.methods import AttentionNoise, noise_generator
+from editing import losses
+from editing.checkpoint import load_checkpoint, read_state, save_checkpoint
+from editing.editor import VisEditEditor
+from editing.examples import ALIGN_ROLES, ROLES, ExampleStore, answer_positions, example_rows, stack_signals
+from editing.inputs import teacher_forced_batch
+from editing.split import EditSite, SplitForward
+
+_ORDER_STREAM, _STEP_STREAM, _INIT_STREAM = 101, 102, 103  # keys of the seeded generators
+_RESUMABLE = {"steps", "checkpoint_every"}  # config fields a resumed run may change
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training settings. Weights and IM settings are SPEC §5's; ``influence_draws`` is the noise draws
+    per token for the alignment targets (official: 1; computed once per record here, so 4 is cheap);
+    ``cache_mb`` bounds the in-memory per-record products (a 7B edit signal is ~10 MB)."""
+
+    steps: int = 1000
+    batch_size: int = 4
+    lr: float = 1e-4
+    seed: int = 0
+    rel_weight: float = 1.0
+    gen_weight: float = 1.0
+    loc_weight: float = 1.0
+    align_weight: float = 0.1
+    up_weight: float = 0.1
+    down_weight: float = 0.1
+    im_tokens: int = 24
+    influence_sigma: float = 0.7
+    influence_draws: int = 4
+    checkpoint_every: int = 100
+    cache_mb: int = 2048
+    task: str = "vqa"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """steps: last step done; train_s: wall time over all sessions; history: per-step losses of this
+    session; resumed_from: the step a resumed run started after (None = fresh)."""
+
+    steps: int
+    train_s: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: int | None = None
+    checkpoint: Path | None = None
+
+
+def reset_adapter(editor: VisEditEditor, seed: int) -> None:
+    """Re-draw the adapter's parameters (PyTorch default init, as the official code) from ``seed``."""
+    generator_seed = noise_generator(seed, _INIT_STREAM).initial_seed()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(generator_seed)
+        for module in editor.adapter.modules():
+            if module is not editor.adapter and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
+
+class Trainer:
+    """One training run of ``editor``'s adapter on ``records`` (module docstring)."""
+
+    def __init__(self, editor: VisEditEditor, records: Sequence[EditRecord], config: TrainConfig,
+                 prompts: dict[str, str] | None = None):
+        if not records:
+            raise ValueError("no training records")
+        self.editor, self.records, self.config = editor, list(records), config
+        self.formats = prompts or load_prompts()
+        backbone = editor.backbone
+        placement = editor.placement
+        self.split = SplitForward(backbone, placement.edit_layer, editor.hook)
+        it_layers = placement.it_layers or tuple(range(max(placement.edit_layer + 1, 0), backbone.n_layers))
+        noise = AttentionNoise(config.influence_sigma, "abs", config.influence_draws, config.seed)
+        self.store = ExampleStore(editor, self.split, self.records, config.task, self.formats, it_layers, noise,
+                                  config.cache_mb << 20)
+        self.optimizer = torch.optim.Adam(editor.adapter.parameters(), lr=config.lr)
+        self._orders: dict[int, torch.Tensor] = {}
+
+    def batch_indices(self, step: int) -> list[int]:
+        """Record indices of ``step`` (1-based): consecutive slices of one seeded permutation per epoch."""
+        n, size = len(self.records), self.config.batch_size
+        out = []
+        for position in range((step - 1) * size, step * size):
+            epoch = position // n
+            if epoch not in self._orders:
+                generator = noise_generator(self.config.seed, _ORDER_STREAM, epoch)
+                self._orders = {epoch: torch.randperm(n, generator=generator)}  # steps only move forward
+            out.append(int(self._orders[epoch][position % n]))
+        return out
+
+    def step(self, step: int) -> dict[str, float]:
+        """One optimisation step; returns its losses (floats)."""
+        config, editor = self.config, self.editor
+        indices = self.batch_indices(step)
+        products = [self.store.get(i) for i in indices]  # before the signal is set: unedited model
+        rows = [example_rows(self.records[i], config.task, self.formats) for i in indices]
+        b = len(indices)
+        images, prompts, targets = zip(*[rows[j][role] for role in ROLES for j in range(b)])  # role-major
+        batch = teacher_forced_batch(editor.backbone, images, prompts, targets)
+        select, mask = answer_positions(batch.target_lengths, batch.inputs["input_ids"].shape[1])
+        labels = batch.inputs["input_ids"].gather(1, select + 1)  # the token each selected position predicts
+        site = self.split.prefix(batch.inputs)
+        editor.hook.signal = stack_signals([p.signal for p in products], [j for _ in ROLES for j in range(b)])
+        try:
+            logits = self.split.top(site, editor.hook.apply, select)
+        finally:
+            editor.restore()
+        logp = torch.log_softmax(logits.float(), -1)  # [4b, K, V]
+        device = logp.device
+        labels, mask = labels.to(device), mask.to(device)
+        part = {role: slice(r * b, (r + 1) * b) for r, role in enumerate(ROLES)}
+        terms = {role: losses.target_nll(logp[part[role]], labels[part[role]], mask[part[role]])
+                 for role in ALIGN_ROLES}  # rel, t_gen, m_gen: NLL of alt
+        loc = part["m_loc"]
+        k_loc = logp.shape[1]
+        pre = torch.stack([_pad_positions(p.pre_loc, k_loc) for p in products]).to(device)
+        terms["loc"] = losses.locality_kl(pre, logp[loc], mask[loc])
+        terms.update(self._im_terms(step, site, products))
+        total = (config.rel_weight * terms["rel"] + config.gen_weight * (terms["t_gen"] + terms["m_gen"])
+                 + config.loc_weight * terms["loc"] + config.align_weight * terms["align"]
+                 + config.up_weight * terms["up"] + config.down_weight * terms["down"])
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        return {"loss": total.item(), **{name: value.item() for name, value in terms.items()}}
+
+    def _im_terms(self, step: int, site: EditSite, products) -> dict[str, torch.Tensor]:
+        """IM alignment / up / down on one drawn rel-or-gen row per record and ``im_tokens`` drawn tokens."""
+        generator = noise_generator(self.config.seed, _STEP_STREAM, step)
+        adapter = self.editor.adapter
+        dtype = adapter.vead.begin.weight.dtype
+        b, n_visual = len(products), site.positions.shape[1]
+        roles = torch.randint(len(ALIGN_ROLES), (b,), generator=generator)
+        tokens = torch.stack([torch.randperm(n_visual, generator=generator)[:min(self.config.im_tokens, n_visual)]
+                              for _ in range(b)])
+        influence = torch.stack([p.influence for p in products])
+        shown, unrelated, targets = im_inputs(site, influence, roles, tokens)
+        query = torch.cat([p.signal.query for p in products]).to(shown.device, dtype)
+        rg_logits = adapter.im(shown.to(dtype), query).float()  # [b, k]
+        loc_logits = adapter.im(unrelated.to(dtype), query).float()
+        return {"align": losses.im_alignment(rg_logits, targets.to(rg_logits.device)), "up": losses.im_up(rg_logits),
+                "down": losses.im_down(loc_logits)}
+
+
+def im_inputs(site: EditSite, influence: torch.Tensor, roles: torch.Tensor, tokens: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the IM terms compare, for a role-major batch of b records (rows ``ROLES.index(role) * b + j``).
+
+    influence [b, 3, P]: each record's token influence per ALIGN_ROLES sample; roles [b]: the drawn
+    sample per record; tokens [b, k]: drawn visual-token indices. Returns the drawn tokens' edit-site
+    states of the drawn row [b, k, d] and of the m_loc row [b, k, d], and the alignment targets [b, k]:
+    the drawn row's OWN influence at those tokens, normalised to sum 1 (the official slice bug took
+    image-rephrase targets from the reliability image).
+    """
+    b = len(roles)
+    device = site.hidden.device
+    chosen = roles * b + torch.arange(b)
+    loc_rows = ROLES.index("m_loc") * b + torch.arange(b)
+
+    def states(rows: torch.Tensor) -> torch.Tensor:
+        positions = site.positions[rows[:, None].to(site.positions.device), tokens.to(site.positions.device)]
+        return site.hidden[rows[:, None].to(device), positions.to(device)]
+
+    picked = influence[torch.arange(b)[:, None], roles[:, None], tokens].clamp(min=0)  # [b, k]
+    targets = picked / picked.sum(-1, keepdim=True).clamp(min=1e-12)
+    return states(chosen), states(loc_rows), targets
+
+
+def _pad_positions(logp: torch.Tensor, k: int) -> torch.Tensor:
+    """[n, V] → [k, V], repeating the last row (masked out by the caller)."""
+    return logp if logp.shape[0] == k else torch.cat([logp, logp[-1:].expand(k - logp.shape[0], -1)])
+
+
+def _check_resumable(state: dict, config: TrainConfig, folder: Path) -> None:
+    theirs = state.get("config", {})
+    wrong = [f"{f.name}: checkpoint {theirs.get(f.name)!r}, now {getattr(config, f.name)!r}"
+             for f in fields(config) if f.name not in _RESUMABLE and theirs.get(f.name) != getattr(config, f.name)]
+    if wrong:
+        raise ValueError(f"{folder}: cannot resume with other settings ({'; '.join(wrong)})")
+    if state["step"] > config.steps:
+        raise ValueError(f"{folder}: checkpoint is at step {state['step']}, beyond the {config.steps} steps asked for")
+
+
+def train(editor: VisEditEditor, records: Sequence[EditRecord], config: TrainConfig = TrainConfig(),
+          checkpoint_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
+          on_step: Callable[[int, dict], None] | None = None, prompts: dict[str, str] | None = None) -> TrainResult:
+    """Train ``editor``'s adapter (module docstring); checkpoints every ``config.checkpoint_every`` steps
+    and at the end when ``checkpoint_dir`` is given. ``resume`` continues from its committed state (and
+    starts fresh when there is none); without it an existing state is refused rather than overwritten.
+    ``on_step(step, losses)`` is called after each step (tests use it to kill a run)."""
+    trainer = Trainer(editor, records, config, prompts)
+    folder = None if checkpoint_dir is None else Path(checkpoint_dir)
+    backbone = editor.backbone
+    backbone.model.eval()
+    backbone.model.requires_grad_(False)  # frozen: gradients reach only the adapter
+    editor.adapter.train()
+    start, before_s, resumed = 0, 0.0, None
+    state = read_state(folder) if folder is not None else None
+    if state is not None and not resume:
+        raise ValueError(f"{folder}: a training checkpoint is already there (step {state['step']}); "
+                         "resume it (--resume / RESUME=1) or remove the folder")
+    if state is not None:
+        _check_resumable(state, config, folder)
+        state = load_checkpoint(folder, editor, trainer.optimizer)
+        start, before_s, resumed = state["step"], state.get("train_s", 0.0), state["step"]
+    else:
+        reset_adapter(editor, config.seed)
+    began = time.perf_counter()
+    result = TrainResult(start, before_s, resumed_from=resumed)
+    running: dict[str, float] = {}
+
+    def info() -> dict:
+        return {"config": config.to_json(), "seed": config.seed, "n_records": len(trainer.records),
+                "placement": editor.placement.to_json(), "train_s": round(before_s + time.perf_counter() - began, 3),
+                "running_losses": {k: round(v, 5) for k, v in running.items()}}
+
+    bar = tqdm(range(start + 1, config.steps + 1), initial=start, total=config.steps, desc="train VEAD + IM",
+               disable=not progress, mininterval=1)
+    for step in bar:
+        step_losses = trainer.step(step)
+        result.history.append(step_losses)
+        for name, value in step_losses.items():  # exponential running means for the progress bar
+            running[name] = value if name not in running else 0.9 * running[name] + 0.1 * value
+        bar.set_postfix({k: f"{running[k]:.3f}" for k in ("loss", "rel", "t_gen", "m_gen", "loc", "align")})
+        result.steps = step
+        if on_step is not None:
+            on_step(step, step_losses)
+        if folder is not None and (step % config.checkpoint_every == 0 or step == config.steps):
+            result.checkpoint = save_checkpoint(folder, editor, trainer.optimizer, step, info())
+    bar.close()
+    editor.adapter.eval()
+    result.train_s = before_s + time.perf_counter() - began
+    return result

@@ -1,0 +1,74 @@
+"""Per-record products and the IM alignment inputs: targets from the right image (the official slice bug)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attrib.backbones.loader import load_backbone
+from attrib.data import load_records
+from attrib.prompts import load_prompts
+from editing.editor import EditPlacement
+from editing.examples import ROLES, answer_positions, example_rows, stack_signals, token_influence
+from editing.inputs import teacher_forced_batch
+from editing.train import Trainer, TrainConfig, im_inputs
+
+
+@pytest.fixture(scope="module")
+def llava(tiny_dirs):
+    return load_backbone("llava", tiny_dirs["llava"])
+
+
+def test_answer_positions():
+    select, mask = answer_positions([1, 3], 10)
+    assert select.tolist() == [[8, 8, 8], [6, 7, 8]] and mask.tolist() == [[True, False, False], [True] * 3]
+
+
+def test_products_and_signal_stacking(llava, tiny_world, make_editor):
+    records = load_records(tiny_world / "vqa_train.json")
+    editor = make_editor(llava, EditPlacement(0, (1,), 1))
+    trainer = Trainer(editor, records, TrainConfig(batch_size=2, influence_draws=1))
+    first, again = trainer.store.get(0), trainer.store.compute(0)
+    assert torch.equal(first.influence, again.influence) and torch.equal(first.pre_loc, again.pre_loc)
+    assert first.influence.shape == (3, llava.n_visual_tokens) and first.pre_loc.shape[-1] == len(llava.tokenizer)
+    second = trainer.store.get(1)
+    stacked = stack_signals([first.signal, second.signal], [1, 0, 1])
+    assert stacked.states.shape[0] == 3 and torch.equal(stacked.query[1], first.signal.query[0])
+    length = second.signal.states.shape[1]
+    assert torch.equal(stacked.states[0, :length], second.signal.states[0]) and stacked.mask[0].sum() == length
+
+
+def test_alignment_targets_come_from_the_right_image(llava, tiny_world, make_editor):
+    """A batch whose image-rephrase rows show another image than their reliability rows: the IM sees the
+    image-rephrase states and is aligned to the image-rephrase influence. The official bug
+    (``hidden_states[:, a, b]`` for ``[:, a:b]``) gave these rows the reliability image's influence."""
+    records = load_records(tiny_world / "vqa_train.json")
+    editor = make_editor(llava, EditPlacement(0, (1,), 1))
+    trainer = Trainer(editor, records, TrainConfig(batch_size=2, influence_draws=2))
+    rows = [example_rows(r, "vqa", load_prompts()) for r in records[:2]]
+    products = [trainer.store.get(j) for j in range(2)]
+    noise = trainer.store.noise
+    own, buggy = [], []
+    for j in range(2):
+        image_rephrase, prompt, _ = rows[j]["m_gen"]
+        own.append(token_influence(llava, image_rephrase, prompt, [1], noise, (j, 2)))
+        buggy.append(token_influence(llava, rows[j]["rel"][0], prompt, [1], noise, (j, 2)))
+        assert torch.equal(products[j].influence[2], own[j])
+        assert not torch.allclose(own[j], buggy[j], rtol=1e-3, atol=0)
+
+    images, prompts, targets = zip(*[rows[j][role] for role in ROLES for j in range(2)])
+    site = trainer.split.prefix(teacher_forced_batch(llava, images, prompts, targets).inputs)
+    tokens = torch.tensor([[0, 3, 5], [1, 2, 4]])
+    influence = torch.stack([p.influence for p in products])
+    shown, unrelated, aligned = im_inputs(site, influence, torch.tensor([2, 2]), tokens)
+    for j in range(2):
+        image_rephrase, prompt, target = rows[j]["m_gen"]
+        alone = trainer.split.prefix(teacher_forced_batch(llava, [image_rephrase], [prompt], [target]).inputs)
+        assert torch.allclose(shown[j], alone.hidden[0, alone.positions[0, tokens[j]]], atol=1e-5)
+        rel = site.hidden[j, site.positions[j, tokens[j]]]  # the same tokens of the reliability row
+        assert not torch.allclose(shown[j], rel, atol=1e-3)
+        expected = own[j][tokens[j]].clamp(min=0)
+        assert torch.allclose(aligned[j], expected / expected.sum())
+        wrong = buggy[j][tokens[j]].clamp(min=0)
+        assert not torch.allclose(aligned[j], wrong / wrong.sum(), atol=1e-4)
+        m_loc = site.hidden[3 * 2 + j, site.positions[3 * 2 + j, tokens[j]]]
+        assert torch.equal(unrelated[j], m_loc)
