@@ -62,22 +62,22 @@ RECIPES: dict[str, Recipe] = {
     "llava": Recipe("llava", (
         Stage("vision", "vision", 250, 2e-3, {"model.vision_tower": 1.0}, warmup=20, batch_images=64),
         Stage("language", "language", 1400, 1.5e-3, {"model.multi_modal_projector": 1.0, **_LLAVA_LM}),
-        Stage("joint", "language", 500, 1.5e-3,
+        Stage("joint", "language", 200, 1.5e-3,
               {"model.vision_tower": 0.1, "model.multi_modal_projector": 1.0, **_LLAVA_LM}, warmup=20),
     )),
     "minigpt4": Recipe("minigpt4", (
         Stage("vision", "vision", 200, 2e-3, {"vision_model": 1.0}, warmup=20, batch_images=64),
         Stage("bridge", "language", 400, 1.5e-3,
               {"qformer": 1.0, "query_tokens": 1.0, "language_projection": 1.0}),
-        Stage("joint", "language", 500, 1.5e-3,
+        Stage("joint", "language", 300, 1.5e-3,
               {"vision_model": 0.1, "qformer": 1.0, "query_tokens": 1.0, "language_projection": 1.0,
                "language_model": 0.3}, warmup=20),
     ), init_from=("llava", {"model.language_model.": "language_model.model.", "lm_head.": "language_model.lm_head."})),
     # OPT at 8 layers (the minimum that leaves attribution room): its LM trains from scratch here.
     "blip2": Recipe("blip2", (
-        Stage("language", "language", 1000, 1.5e-3,
+        Stage("language", "language", 900, 1.5e-3,
               {"qformer": 1.0, "query_tokens": 1.0, "language_projection": 1.0, "language_model": 1.0}),
-        Stage("joint", "language", 400, 1.5e-3,
+        Stage("joint", "language", 250, 1.5e-3,
               {"vision_model": 0.1, "qformer": 1.0, "query_tokens": 1.0, "language_projection": 1.0,
                "language_model": 1.0}, warmup=20),
     ), init_from=("minigpt4", {"vision_model.": "vision_model.", "qformer.": "qformer.",

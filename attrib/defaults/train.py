@@ -128,7 +128,7 @@ def train_default(name: str, out_root: Path = DEFAULTS_DIR, work_root: Path = Pa
             groups.append({"params": list(trainable.parameters()), "lr": stage.lr, "base_lr": stage.lr})
         optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
         first = 0
-        if state and index == state["stage"]:
+        if state and index == state["stage"] and state["step"] > 0:  # mid-stage; at a boundary start fresh
             optimizer.load_state_dict(state["optimizer"])
             sampler.rng.bit_generator.state = state["rng"]
             torch.set_rng_state(state["torch_rng"])
