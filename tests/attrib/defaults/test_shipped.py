@@ -1,0 +1,48 @@
+"""The shipped default backbones: plain HF folders that load through load_backbone, small, and whose
+manifest accuracies are real measurements (re-measured here on a fresh held-out sample)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from attrib.backbones.loader import load_backbone
+from attrib.defaults.evaluate import _family_batch, teacher_forced_hits
+from attrib.defaults.recipe import DEFAULTS_DIR, ORDER
+from attrib.world import VQA_FAMILIES, WorldConfig, WorldSampler
+
+SHIPPED = [name for name in ORDER if (DEFAULTS_DIR / name / "config.json").is_file()]
+MAX_MB = 12
+
+
+@pytest.fixture(scope="module", params=SHIPPED)
+def shipped(request):
+    return load_backbone(request.param, DEFAULTS_DIR / request.param)
+
+
+def test_llava_default_is_shipped():
+    assert "llava" in SHIPPED, "run make toy-models"
+
+
+def test_folder_is_small_and_has_manifest(shipped):
+    folder = DEFAULTS_DIR / shipped.spec.name
+    size_mb = sum(p.stat().st_size for p in folder.iterdir()) / 2**20
+    assert size_mb <= MAX_MB
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert {"seed", "command", "stages", "wall_s", "prompt_template", "heldout"} <= set(manifest)
+    assert "{prompt}" in manifest["prompt_template"] and "<image>" in manifest["prompt_template"]
+    assert shipped.prompt_template == manifest["prompt_template"]
+    assert set(manifest["heldout"]["vqa"]) == set(VQA_FAMILIES)
+
+
+def test_manifest_accuracy_is_reproduced(shipped):
+    """A fresh held-out sample (another seed) gives the manifest's mean first-token accuracy ± 10 points."""
+    manifest = json.loads((DEFAULTS_DIR / shipped.spec.name / "manifest.json").read_text())
+    recorded = np.mean([manifest["heldout"]["vqa"][f]["first_token"] for f in VQA_FAMILIES])
+    sampler = WorldSampler(WorldConfig(), seed=424_242)
+    hits = []
+    for family in VQA_FAMILIES:
+        images, prompts, answers = _family_batch(sampler, family, 40, "train")
+        hits += [row[0] for row in teacher_forced_hits(shipped, images, prompts, answers)]
+    assert abs(np.mean(hits) - recorded) <= 0.10
