@@ -51,6 +51,7 @@ class AttributionConfig:
     window: int | None = None  # radius in cells; None = VisEdit's r = 3 scaled to the grid
     causal_samples: int = 8  # the causal effect runs full forwards: fewer samples
     causal_draws: int = 3
+    causal_layer_stride: int = 3  # the causal effect at every k-th layer: each layer is a batch of full forwards
     batch_size: int = 8
     threshold: float = 0.5  # placement rule's τ
     ceiling_samples: int = 32  # world records for the visual patching ceiling; 0 = skip it
@@ -172,6 +173,14 @@ def region_methods(backbone: Backbone, config: AttributionConfig) -> list[tuple[
             ("query_noise", noise, lm_regions(backbone), False), ("causal_noise", causal, patches, True)]
 
 
+def sweep_plan(backbone: Backbone, config: AttributionConfig, n_records: int, causal: bool) -> tuple[int, list[int]]:
+    """(samples, layers) a method runs on: all of them, or fewer of both for the costly causal effect."""
+    layers = list(range(backbone.n_layers))
+    if not causal:
+        return n_records, layers
+    return min(n_records, config.causal_samples), layers[::config.causal_layer_stride]
+
+
 def check_inputs(backbone: Backbone, records: list[EditRecord], images: list, prompts: list[str]) -> None:
     """Encode each record alone first, so a prompt whose visual tokens cannot be found is reported with
     its file, record index and field instead of failing somewhere inside a batch."""
@@ -197,8 +206,8 @@ def run_attribution(backbone: Backbone, records: list[EditRecord], config: Attri
     layers = list(range(backbone.n_layers))
     regions = {}
     for name, method, region_set, causal in region_methods(backbone, config):
-        n = min(len(records), config.causal_samples) if causal else len(records)
-        regions[name] = region_sweep(backbone, images[:n], prompts[:n], method, region_set, layers,
+        n, method_layers = sweep_plan(backbone, config, len(records), causal)
+        regions[name] = region_sweep(backbone, images[:n], prompts[:n], method, region_set, method_layers,
                                      batch_size=config.batch_size)
     ceiling = None
     if config.ceiling_samples > 0:

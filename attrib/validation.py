@@ -52,7 +52,7 @@ import torch
 from captum.attr import IntegratedGradients, LayerIntegratedGradients
 from PIL import Image
 
-from attrib.attribution import AttributionConfig, _atomic, _writable, region_methods
+from attrib.attribution import AttributionConfig, _atomic, _writable, region_methods, sweep_plan
 from attrib.backbones.loader import Backbone
 from attrib.prompts import load_prompts
 from attrib.regions.capture import capture_layers, last_query_attention
@@ -409,8 +409,8 @@ def validate(backbone: Backbone, records: Sequence, config: AttributionConfig = 
     for name, method, region_set, causal in region_methods(backbone, config):
         if region_set.shape[0] < 2:  # the per-query-token view of Q-Former backbones has no geometry
             continue
-        n = min(len(prompts), config.causal_samples) if causal else len(prompts)
-        results[name] = region_sweep(backbone, images[:n], prompts[:n], method, region_set, layers,
+        n, method_layers = sweep_plan(backbone, config, len(prompts), causal)
+        results[name] = region_sweep(backbone, images[:n], prompts[:n], method, region_set, method_layers,
                                      batch_size=config.batch_size, progress=progress)
     results["integrated_gradients"] = integrated_gradients_maps(backbone, images, prompts, ig_steps, config.batch_size)
     results["layer_integrated_gradients"] = layer_integrated_gradients_maps(backbone, images, prompts, ig_steps,

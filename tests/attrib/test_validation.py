@@ -155,8 +155,10 @@ def test_validation_json_has_the_required_keys(tiny_backbone, world, tmp_path):
         assert set(entry) == METHOD_KEYS, name
         assert 0 <= entry["pointing_game"] <= 100 and 0 <= entry["mass_in_box"] <= 100
         if entry["per_layer"] is not None:
-            assert len(entry["best_layers"]) == min(3, tiny_backbone.n_layers)
-            assert len(entry["per_layer"]["pointing_game"]) == tiny_backbone.n_layers
+            layers = entry["per_layer"]["layers"]  # the causal effect runs on every k-th layer only
+            assert set(layers) <= set(range(tiny_backbone.n_layers))
+            assert len(entry["best_layers"]) == min(3, len(layers))
+            assert len(entry["per_layer"]["pointing_game"]) == len(layers)
     assert (tmp_path / "validation.png").stat().st_size > 0
     assert "| raw_attention |" in (tmp_path / "validation.md").read_text()
 
