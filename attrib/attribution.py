@@ -203,7 +203,6 @@ def run_attribution(backbone: Backbone, records: list[EditRecord], config: Attri
     images = [r.load_image("image") for r in records]
     check_inputs(backbone, records, images, prompts)
     contrib = contribution(backbone, images, prompts, batch_size=config.batch_size)
-    layers = list(range(backbone.n_layers))
     regions = {}
     for name, method, region_set, causal in region_methods(backbone, config):
         n, method_layers = sweep_plan(backbone, config, len(records), causal)

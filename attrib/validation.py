@@ -404,7 +404,6 @@ def validate(backbone: Backbone, records: Sequence, config: AttributionConfig = 
         left = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in counts.items())
         raise ValueError(f"no record left to validate on ({left})" + (" — try --all-answers" if correct_only else ""))
     sizes = [im.size for im in images]
-    layers = list(range(backbone.n_layers))
     results = {}
     for name, method, region_set, causal in region_methods(backbone, config):
         if region_set.shape[0] < 2:  # the per-query-token view of Q-Former backbones has no geometry

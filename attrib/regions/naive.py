@@ -43,6 +43,17 @@ class _Stop(Exception):
     """Ends the forward pass once the attention module's inputs are seen."""
 
 
+def _batched_call(call: dict, hidden: torch.Tensor) -> dict:
+    """The one-row attention call with ``hidden`` [n, T, D] and its mask and rotary tables expanded to n."""
+    rows = hidden.shape[0]
+    batch = dict(call, hidden_states=hidden)
+    if call["attention_mask"] is not None:
+        batch["attention_mask"] = call["attention_mask"].expand(rows, -1, -1, -1)
+    if "position_embeddings" in call:
+        batch["position_embeddings"] = tuple(t.expand(rows, -1, -1) for t in call["position_embeddings"])
+    return batch
+
+
 def _full_mask(call: dict) -> torch.Tensor:
     """Additive float mask [1, 1, T, T]: the module's own mask, or the causal one when it had none."""
     mask = call["attention_mask"]
@@ -71,14 +82,9 @@ def naive_attention_outputs(backbone: Backbone, layer: int, inputs, row: int, in
             mask[..., -1, positions] = float("-inf")
             batch = dict(call, attention_mask=mask)
         else:
-            draws = noise.shape[1]
-            hidden = call["hidden_states"].repeat(draws, 1, 1)
+            hidden = call["hidden_states"].repeat(noise.shape[1], 1, 1)
             hidden[:, positions] += noise[c][:, valid[c]].to(hidden.dtype)
-            batch = dict(call, hidden_states=hidden)
-            if call["attention_mask"] is not None:
-                batch["attention_mask"] = call["attention_mask"].expand(draws, -1, -1, -1)
-            if "position_embeddings" in call:
-                batch["position_embeddings"] = tuple(t.expand(draws, -1, -1) for t in call["position_embeddings"])
+            batch = _batched_call(call, hidden)
         outputs.append(module(**batch)[0][:, -1])
     return torch.stack(outputs)
 
@@ -99,11 +105,6 @@ def naive_noise_map(backbone: Backbone, inputs, row: int, layer: int, regions: R
         members = regions.members[c][regions.valid[c]]
         hidden = call["hidden_states"].repeat(1 + method.draws, 1, 1)
         hidden[1:, site[members]] += noise[:, : len(members)] * scale
-        batch = dict(call, hidden_states=hidden)
-        if call["attention_mask"] is not None:
-            batch["attention_mask"] = call["attention_mask"].expand(1 + method.draws, -1, -1, -1)
-        if "position_embeddings" in call:
-            batch["position_embeddings"] = tuple(t.expand(1 + method.draws, -1, -1) for t in call["position_embeddings"])
-        out = module(**batch)[0][:, -1]
+        out = module(**_batched_call(call, hidden))[0][:, -1]
         influence[c] = one_minus_cos(out[1:], out[0]).mean()
     return influence
