@@ -60,41 +60,63 @@ def _sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def continuation_logits(model, processor, spec: BackboneSpec, templates: Templates, images: list,
-                        pairs: list[list[tuple[str, str]]]) -> tuple[torch.Tensor, torch.Tensor]:
+                        pairs: list[list[tuple[str, str]]], lead: list[tuple[str, str]] | None = None,
+                        ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Logits and labels of every (prompt, target) continuation of each image, sharing its prefix.
 
     ``pairs[i]`` lists the same number of (prompt, target) pairs for ``images[i]``. The prefix (template up
     to the prompt, image tokens included) runs once per image; its KV cache is repeated per pair.
-    Returns logits [sum pairs, L, V] and labels [sum pairs, L] (IGNORE off the target + EOS).
+    ``lead[i]``, when given, is one more (prompt, target) for image i that runs in the same call as the
+    prefix, so a long target (a caption) does not pad every short row to its length.
+    Returns [(logits [rows, T, V], labels [rows, T])]: the pairs first (image-major), then the lead rows;
+    labels are IGNORE off the target + EOS; ``logits[:, t]`` predicts ``labels[:, t + 1]``.
     """
     tokenizer = processor.tokenizer
     per_image = len(pairs[0])
-    rows, labels = [], []
-    for image_pairs in pairs:
-        if len(image_pairs) != per_image:
-            raise ValueError("every image needs the same number of continuations")
-        for prompt, target in image_pairs:
-            ids, lab = _encode_pieces(tokenizer, split_prompt(templates, prompt), target, bos=False)
-            rows.append(ids)
-            labels.append(lab)
     prefix = processor(images=images, text=[templates.image_prefix] * len(images), return_tensors="pt")
-    out = model(**prefix, use_cache=True)
+    prefix_len = prefix["input_ids"].shape[1]
+    out_sets = []
+    inputs = dict(prefix)
+    if lead is not None:
+        pieces = [_encode_pieces(tokenizer, split_prompt(templates, p), t, bos=False) for p, t in lead]
+        ids = _right_pad([ids for ids, _ in pieces], tokenizer.pad_token_id)
+        inputs["input_ids"] = torch.cat([prefix["input_ids"], ids], dim=1)
+        inputs["attention_mask"] = torch.cat([prefix["attention_mask"],
+                                              _right_pad([[1] * len(i) for i, _ in pieces], 0)], dim=1)
+    out = model(**inputs, use_cache=True)
+    if lead is not None:
+        lead_labels = _right_pad([lab for _, lab in pieces], IGNORE)
+        # Row layout is prefix + lead; the prefix carries no labels.
+        out_sets.append((out.logits[:, prefix_len - 1:], torch.cat(
+            [torch.full((len(lead), 1), IGNORE), lead_labels], dim=1)))
     cache = getattr(out, "language_model_outputs", None) or out  # BLIP-2 nests the LM's outputs
     cache = cache.past_key_values
-    cache.batch_repeat_interleave(per_image)
-    cont_mask = _right_pad([[1] * len(r) for r in rows], 0)
-    mask = torch.cat([prefix["attention_mask"].repeat_interleave(per_image, 0), cont_mask], dim=1)
-    text_lm = model.get_submodule(spec.text_lm)
-    logits = text_lm(input_ids=_right_pad(rows, tokenizer.pad_token_id), attention_mask=mask,
-                     cache=cache).logits
-    return logits, _right_pad(labels, IGNORE)
+    if lead is not None:
+        cache.crop(-(inputs["input_ids"].shape[1] - prefix_len))
+    if per_image:
+        rows, labels = [], []
+        for image_pairs in pairs:
+            if len(image_pairs) != per_image:
+                raise ValueError("every image needs the same number of continuations")
+            for prompt, target in image_pairs:
+                ids, lab = _encode_pieces(tokenizer, split_prompt(templates, prompt), target, bos=False)
+                rows.append(ids)
+                labels.append(lab)
+        cache.batch_repeat_interleave(per_image)
+        cont_mask = _right_pad([[1] * len(r) for r in rows], 0)
+        mask = torch.cat([prefix["attention_mask"].repeat_interleave(per_image, 0), cont_mask], dim=1)
+        text_lm = model.get_submodule(spec.text_lm)
+        logits = text_lm(input_ids=_right_pad(rows, tokenizer.pad_token_id), attention_mask=mask,
+                         cache=cache).logits
+        out_sets.insert(0, (logits, _right_pad(labels, IGNORE)))
+    return out_sets
 
 
 def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sampler: WorldSampler,
                   n_images: int, questions_per_image: int, n_facts: int, fact_weight: float) -> torch.Tensor:
     """One language batch: VQA answers and captions on fresh scenes, plus text-only facts."""
     tokenizer = processor.tokenizer
-    images, pairs = [], []
+    images, pairs, captions = [], [], []
     for _ in range(n_images):
         scene = sampler.scene()
         images.append(render(scene))
@@ -102,10 +124,12 @@ def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sa
         for _ in range(questions_per_image):
             question = sample_question(scene, sampler.rng, split="train")
             image_pairs.append((PROMPTS["vqa"].format(src=question.text), question.answer))
-        image_pairs.append((PROMPTS["caption"].format(src="a photo of"), caption(scene)))
         pairs.append(image_pairs)
-    logits, labels = continuation_logits(model, processor, spec, templates, images, pairs)
-    loss = _sequence_loss(logits, labels)
+        captions.append((PROMPTS["caption"].format(src="a photo of"), caption(scene)))
+    sets = continuation_logits(model, processor, spec, templates, images, pairs, lead=captions)
+    # Every sequence (question or caption) weighs the same, as one batch of full sequences would.
+    rows = sum(len(labels) for _, labels in sets)
+    loss = sum(_sequence_loss(logits, labels) * len(labels) for logits, labels in sets) / rows
     if n_facts:
         text_lm = model.get_submodule(spec.text_lm)
         facts = [FACTS[int(k)] for k in sampler.rng.integers(len(FACTS), size=n_facts)]
@@ -119,13 +143,25 @@ def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sa
 
 
 class PatchHeads(torch.nn.Module):
-    """Per-patch classifiers (colour, shape, size; class 0 = background) for the vision stage."""
+    """Per-patch cosine classifiers (colour, shape, size; class 0 = background) for the vision stage.
 
-    def __init__(self, width: int):
+    Logits are ``scale · cos(h, w_class)``: a linear head could read an attribute from a faint direction
+    of the tower's features by growing its weights, and the LM that reads the same features later would
+    have to find that faint direction too (colour, easy from pixels, ended up 3x weaker than the feature
+    spread). With a fixed scale every attribute has to take a real share of each patch's feature norm.
+    """
+
+    def __init__(self, width: int, scale: float = 16.0):
         super().__init__()
-        self.color = torch.nn.Linear(width, len(COLOR_NAMES) + 1)
-        self.shape = torch.nn.Linear(width, len(SHAPES) + 1)
-        self.size = torch.nn.Linear(width, len(SIZES) + 1)
+        self.scale = scale
+        self.color = torch.nn.Parameter(torch.randn(len(COLOR_NAMES) + 1, width) * width ** -0.5)
+        self.shape = torch.nn.Parameter(torch.randn(len(SHAPES) + 1, width) * width ** -0.5)
+        self.size = torch.nn.Parameter(torch.randn(len(SIZES) + 1, width) * width ** -0.5)
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Colour, shape and size logits [..., classes] of features ``hidden`` [..., width]."""
+        unit = F.normalize(hidden.float() - hidden.float().mean(-1, keepdim=True), dim=-1)
+        return tuple(self.scale * unit @ F.normalize(w, dim=-1).T for w in (self.color, self.shape, self.size))
 
 
 def patch_labels(scene, grid: int, patch: int) -> torch.Tensor:
@@ -149,9 +185,8 @@ def vision_loss(model, processor, spec: BackboneSpec, heads: PatchHeads, sampler
     hidden = model.get_submodule(spec.vision_tower)(pixels, output_hidden_states=True).hidden_states[-1]
     hidden = hidden[:, 1:] if spec.vit_has_cls else hidden  # [B, grid*grid, width]
     labels = torch.stack([patch_labels(s, grid, patch) for s in scenes])  # [B, 3, grid*grid]
-    loss = 0.0
-    for k, head in enumerate((heads.color, heads.shape, heads.size)):
-        loss = loss + F.cross_entropy(head(hidden).float().transpose(1, 2), labels[:, k])
+    logits = heads(hidden)
+    loss = sum(F.cross_entropy(logit.transpose(1, 2), labels[:, k]) for k, logit in enumerate(logits))
     on_object = labels[:, 1] > 0
-    shape_acc = (heads.shape(hidden).argmax(-1) == labels[:, 1])[on_object].float().mean().item()
+    shape_acc = (logits[1].argmax(-1) == labels[:, 1])[on_object].float().mean().item()
     return loss, shape_acc

@@ -1,6 +1,7 @@
 """Training batches: the shared-prefix KV reuse gives the logits of full sequences."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from attrib.defaults.batches import IGNORE, Templates, continuation_logits, patch_labels
@@ -8,25 +9,36 @@ from attrib.world import WorldConfig, generate_scene
 import numpy as np
 
 
-def test_prefix_reuse_equals_full_sequences(tiny_backbone, tiny_images):
+def _assert_rows_match(backbone, images, pairs, logits, labels):
+    row = 0
+    for image, (prompt, target) in pairs:
+        full = backbone.encode([image], [prompt], [target])
+        full_logits = backbone.forward(full).logits[0]
+        n_target = (labels[row] != IGNORE).sum().item() - 1  # labels also cover EOS
+        target_at = (labels[row] != IGNORE).nonzero()[:n_target, 0]
+        # Same tokens: the continuation's target ids equal the full sequence's last ids.
+        assert labels[row, target_at].tolist() == full["input_ids"][0, -n_target:].tolist()
+        assert torch.allclose(logits[row, target_at - 1], full_logits[-n_target - 1:-1], atol=1e-4)
+        row += 1
+    assert row == len(labels)
+
+
+@pytest.mark.parametrize("with_lead", [False, True])
+def test_prefix_reuse_equals_full_sequences(tiny_backbone, tiny_images, with_lead):
     spec = tiny_backbone.spec
     templates = Templates(tiny_backbone.prompt_template, tiny_backbone.text_template)
     pairs = [[("what color is the circle? The answer is:", "red"), ("a photo of", "a small red circle")],
              [("how many objects are there? The answer is:", "two"), ("what shape?", "blue square")]]
+    lead = [("a photo of", "a small red circle and a large blue square and a small green cross"),
+            ("a photo of", "a large yellow diamond")] if with_lead else None
     with torch.no_grad():
-        logits, labels = continuation_logits(tiny_backbone.model, tiny_backbone.processor, spec, templates,
-                                             tiny_images, pairs)
-        row = 0
-        for image, image_pairs in zip(tiny_images, pairs):
-            for prompt, target in image_pairs:
-                full = tiny_backbone.encode([image], [prompt], [target])
-                full_logits = tiny_backbone.forward(full).logits[0]
-                n_target = (labels[row] != IGNORE).sum().item() - 1  # labels also cover EOS
-                target_at = (labels[row] != IGNORE).nonzero()[:n_target, 0]
-                # Same tokens: the continuation's target ids equal the full sequence's last ids.
-                assert labels[row, target_at].tolist() == full["input_ids"][0, -n_target:].tolist()
-                assert torch.allclose(logits[row, target_at - 1], full_logits[-n_target - 1:-1], atol=1e-4)
-                row += 1
+        sets = continuation_logits(tiny_backbone.model, tiny_backbone.processor, spec, templates,
+                                   tiny_images, pairs, lead=lead)
+        assert len(sets) == (2 if with_lead else 1)
+        flat = [(image, pair) for image, image_pairs in zip(tiny_images, pairs) for pair in image_pairs]
+        _assert_rows_match(tiny_backbone, tiny_images, flat, *sets[0])
+        if with_lead:
+            _assert_rows_match(tiny_backbone, tiny_images, list(zip(tiny_images, lead)), *sets[1])
 
 
 def test_patch_labels_cover_objects():
