@@ -10,6 +10,10 @@ Canonical pattern::
     python -m benchmarks                     # full settings, OUT=runs/bench
     python -m benchmarks --quick --out /tmp  # tiny shapes, one repeat (tests)
 
+Editing: ``vead_inference_overhead`` (edited / unedited forward) and ``vead_prefix_speedup`` (a training
+step with the whole model under autograd / with the no-grad prefix), on a random LLaVA with the 7B layer
+count and on the default (``default_`` keys).
+
 Adding a benchmark: write ``fn(ctx: BenchContext) -> BenchOutput`` and decorate it with
 ``@register("name", goals={"key": Goal(...)})``; its ``values`` land at the top level of bench.json,
 its ``details`` under ``details[name]``, and its goals in the printed table.
@@ -24,7 +28,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,6 +36,7 @@ import torch
 
 from attrib.defaults.recipe import DEFAULTS_DIR
 from benchmarks.cases import explain_trace_overhead, region_sweep_case, trace_overhead_case
+from benchmarks.editing_cases import scaled_vead_config, vead_case
 from benchmarks.setups import FULL_SHAPES, QUICK_SHAPES, BenchModel, BenchShapes, default_llava, random_llava
 
 
@@ -129,6 +134,47 @@ def default_llava_bench(ctx: BenchContext) -> BenchOutput:
     return _measure(ctx, bench, None, "default_")
 
 
+VEAD_OVERHEAD_GOAL = Goal("≤", 1.10)
+
+
+@register("vead_random_llava", goals={"vead_inference_overhead": VEAD_OVERHEAD_GOAL})
+def vead_random_llava_bench(ctx: BenchContext) -> BenchOutput:
+    """VEAD + IM on a random LLaVA with the 7B layer count and 576 visual tokens, adapter scaled with width."""
+    shapes = replace(ctx.shapes, text_layers=ctx.shapes.vead_layers)
+    bench = random_llava(shapes, n_prompts=1)
+    config = scaled_vead_config(shapes.text_hidden)
+    figures = vead_case(bench, shapes.vead_edit_layer, config, ctx.repeats)
+    return BenchOutput({"vead_inference_overhead": figures["vead_inference_overhead"],
+                        "vead_prefix_speedup": figures["vead_prefix_speedup"]},
+                       {"model": f"random LLaVA, {shapes.vead_layers} layers", "vead": figures})
+
+
+@register("vead_default_llava", goals={"default_vead_inference_overhead": VEAD_OVERHEAD_GOAL})
+def vead_default_llava_bench(ctx: BenchContext) -> BenchOutput:
+    """VEAD + IM on the shipped default LLaVA, sized and placed as `make edit` does by default."""
+    if not (ctx.default_model / "config.json").is_file():
+        return BenchOutput(notes=[f"default VEAD benchmark skipped: no trained model at {ctx.default_model}"])
+    from editing.run import sized_vead_config
+    from editing.vead import lm_width
+
+    bench = default_llava(ctx.default_model, n_prompts=1)
+    edit_layer = _shipped_edit_layer(bench.backbone.n_layers)
+    figures = vead_case(bench, edit_layer, sized_vead_config(lm_width(bench.backbone.config)), ctx.repeats)
+    return BenchOutput({"default_vead_inference_overhead": figures["vead_inference_overhead"],
+                        "default_vead_prefix_speedup": figures["vead_prefix_speedup"]},
+                       {"model": "default LLaVA", "source": bench.note, "vead": figures})
+
+
+def _shipped_edit_layer(n_layers: int) -> int:
+    """The edit layer of the committed LLaVA figures' attribution artifact, else the middle layer."""
+    artifact = Path(__file__).resolve().parents[1] / "figures" / "llava" / "attribution.json"
+    if artifact.is_file():
+        layer = json.loads(artifact.read_text())["placement"]["edit_layer"]
+        if -1 <= layer < n_layers:
+            return layer
+    return n_layers // 2
+
+
 def machine_note() -> dict[str, Any]:
     """What the numbers ran on and beside: CPU, threads, load (a busy machine slows every contender)."""
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
@@ -179,6 +225,12 @@ def format_table(report: dict[str, Any]) -> str:
         shown = f"{value:.2e}" if "diff" in key else f"{value:.3f}"
         lines.append(f"{key:<36} {shown:>12}  {goal['goal']:>10}  {'yes' if goal['met'] else 'NO'}")
     for detail in report["details"].values():
+        vead = detail.get("vead")
+        if vead:
+            lines.append(f"  {detail['model']}: VEAD at layer {vead['edit_layer']} of {vead['n_layers']} "
+                         f"({vead['adapter_parameters']:,} parameters), forward {vead['unedited_forward_s'] * 1e3:.1f} → "
+                         f"{vead['edited_forward_s'] * 1e3:.1f} ms; training step {vead['step_full_s'] * 1e3:.1f} ms "
+                         f"whole-model autograd vs {vead['step_split_s'] * 1e3:.1f} ms split")
         sweep = detail.get("region_sweep")
         if sweep:
             subset = sweep["region_subset"]

@@ -56,6 +56,8 @@ class BenchShapes:
     region_subset: int = 48  # regions the naive sweep is timed on (evenly spread); the engine runs all
     trace_batch: int = 4
     inner: int = 1  # calls averaged per timing sample of the fast forward / trace comparisons
+    vead_layers: int = 32  # the editing benchmark keeps LLaVA-1.5-7B's layer count (the adapter's share)
+    vead_edit_layer: int = 18  # the paper's LLaVA edit layer (of 32)
 
     @property
     def grid_side(self) -> int:
@@ -76,7 +78,7 @@ class BenchShapes:
 FULL_SHAPES = BenchShapes()
 QUICK_SHAPES = BenchShapes(image_size=32, patch_size=8, vision_hidden=32, text_hidden=32, text_layers=2,
                            text_heads=2, text_mlp=64, vocab_size=400, radius=1, draws=3, region_subset=16,
-                           trace_batch=2, inner=2)
+                           trace_batch=2, inner=2, vead_layers=3, vead_edit_layer=1)
 
 
 @dataclass

@@ -9,7 +9,8 @@ from attrib.regions.regions import grid_windows
 from benchmarks.bench import BENCHMARKS, BenchOutput, Goal, format_table, main, register, run_benchmarks
 from benchmarks.cases import spread_subset
 
-REQUIRED = ("region_sweep_speedup", "region_sweep_max_abs_diff", "trace_overhead", "region_subset")
+REQUIRED = ("region_sweep_speedup", "region_sweep_max_abs_diff", "trace_overhead", "region_subset",
+            "vead_inference_overhead", "vead_prefix_speedup")
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,16 @@ def test_engine_and_naive_maps_agree(quick_report):
     assert report["region_sweep_max_abs_diff"] <= 1e-4
     # A meaningful comparison: the maps themselves are far from zero.
     assert report["details"]["random_llava"]["region_sweep"]["map_mean"] > 1e-4
+
+
+def test_vead_figures_compare_like_with_like(quick_report):
+    _, report = quick_report
+    vead = report["details"]["vead_random_llava"]["vead"]
+    assert report["vead_inference_overhead"] > 0 and report["vead_prefix_speedup"] > 0
+    assert vead["n_layers"] == 3 and vead["edit_layer"] == 1
+    assert vead["step_loss_abs_diff"] < 1e-4  # both training steps compute the same loss
+    assert vead["edited_logit_max_change"] > 0  # the edited forward really went through the adapter
+    assert "vead_inference_overhead" in report["goals"]
 
 
 def test_missing_default_model_is_skipped_with_a_note(quick_report):

@@ -1,0 +1,110 @@
+"""What the editing plugin costs: an edited forward against the unedited one, and a training step with the
+no-grad prefix (`editing.split.SplitForward`) against the same step with the whole model under autograd.
+
+Both run one `VisEditEditor` on a `BenchModel`, with the edit signal of the model's first sample, and
+time interleaved medians (`benchmarks.timing.interleaved`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from benchmarks.setups import BenchModel
+from benchmarks.timing import interleaved
+from editing.editor import EditRequest, VisEditEditor
+from editing.examples import answer_positions
+from editing.inputs import teacher_forced_batch
+from editing.losses import target_nll
+from editing.split import SplitForward
+from editing.vead import VeadConfig, count_parameters, lm_width
+
+
+def scaled_vead_config(width: int) -> VeadConfig:
+    """The paper's adapter (mid 1024, IM hidden 1024, 8 heads on a 4096-wide LM) scaled with the width."""
+    mid = max(8, width // 4)
+    return VeadConfig(mid_dim=mid, n_heads=8, im_hidden=mid, im_heads=8)
+
+
+def vead_case(bench: BenchModel, edit_layer: int, config: VeadConfig, repeats: int,
+              batch_size: int = 1, target: str = "red") -> dict[str, Any]:
+    """Edited / unedited forward latency and full-autograd / split training-step time on ``bench``.
+
+    The forward pair runs the same ``batch_size`` inputs with and without the edit signal set. The
+    training pair computes the edit-target NLL on the same batch and back-propagates into the adapter:
+    once as one forward of the whole model (the hook rewrites the edit layer, autograd records
+    everything from there), once as the no-grad prefix plus the differentiable top that the trainer
+    uses (which also reads logits only at the answer positions).
+    """
+    backbone = bench.backbone
+    editor = VisEditEditor(backbone, {"edit_layer": edit_layer}, config)
+    try:
+        images, prompts = bench.images[:batch_size], bench.prompts[:batch_size]
+        editor.edit(EditRequest(bench.images[0], bench.prompts[0], target))
+        signal = editor.hook.signal.for_batch(batch_size)
+        editor.restore()
+        inputs = backbone.encode(images, prompts)
+
+        def forward(edited: bool):
+            def run() -> torch.Tensor:
+                editor.hook.signal = signal if edited else None
+                try:
+                    with torch.no_grad():
+                        return backbone.forward(inputs).logits[:, -1]
+                finally:
+                    editor.restore()
+            return run
+
+        batch = teacher_forced_batch(backbone, images, prompts, [target] * batch_size)
+        select, mask = answer_positions(batch.target_lengths, batch.inputs["input_ids"].shape[1])
+        labels = batch.inputs["input_ids"].gather(1, select + 1)
+        split = SplitForward(backbone, edit_layer, editor.hook)
+        params = list(editor.adapter.parameters())
+
+        @torch.enable_grad()  # `interleaved` times under no_grad
+        def step_full() -> float:
+            editor.hook.signal = signal
+            try:
+                logits = backbone.forward(batch.inputs).logits
+            finally:
+                editor.restore()
+            picked = logits.gather(1, select[..., None].expand(-1, -1, logits.shape[-1]))
+            loss = target_nll(torch.log_softmax(picked.float(), -1), labels, mask)
+            loss.backward()
+            for p in params:
+                p.grad = None
+            return loss.item()
+
+        @torch.enable_grad()  # `interleaved` times under no_grad
+        def step_split() -> float:
+            site = split.prefix(batch.inputs)
+            editor.hook.signal = signal
+            try:
+                logits = split.top(site, editor.hook.apply, select)
+            finally:
+                editor.restore()
+            loss = target_nll(torch.log_softmax(logits.float(), -1), labels, mask)
+            loss.backward()
+            for p in params:
+                p.grad = None
+            return loss.item()
+
+        timings = interleaved({"unedited": forward(False), "edited": forward(True),
+                               "step_full": step_full, "step_split": step_split}, repeats)
+        same_loss = abs(timings.results["step_full"] - timings.results["step_split"])
+        changed = (timings.results["edited"] - timings.results["unedited"]).abs().max().item()
+        return {
+            "vead_inference_overhead": timings.ratio("edited", "unedited"),
+            "vead_prefix_speedup": timings.ratio("step_full", "step_split"),
+            "edited_forward_s": timings.median("edited"), "unedited_forward_s": timings.median("unedited"),
+            "step_full_s": timings.median("step_full"), "step_split_s": timings.median("step_split"),
+            # The two training steps must compute the same loss; the edited forward must differ from the
+            # unedited one (else the adapter was bypassed and the overhead means nothing).
+            "step_loss_abs_diff": same_loss, "edited_logit_max_change": changed,
+            "edit_layer": edit_layer, "n_layers": backbone.n_layers, "width": lm_width(backbone.config),
+            "adapter": config.to_json(), "adapter_parameters": count_parameters(editor.adapter),
+            "batch": batch_size, "seq_len": inputs["input_ids"].shape[1],
+            "timings": timings.summary(),
+        }
+    finally:
+        editor.remove()
