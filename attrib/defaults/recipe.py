@@ -44,6 +44,7 @@ class Stage:
     questions_per_image: int = 8
     facts: int = 16
     fact_weight: float = 0.5
+    max_objects: int = 4  # fewer objects per scene make an easier curriculum stage
 
 
 @dataclass(frozen=True)
