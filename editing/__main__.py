@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run checkpointed in OUT/checkpoint")
     p.add_argument("--skip-bad", action="store_true", help="skip records with a missing image or field")
     p.add_argument("--batch-size", type=int, default=4, help="edits per training step")
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=None, help="adapter LR (default: 1e-4 for 7B-wide LMs, 1e-3 below)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mid-dim", type=int, default=None, help="VEAD / IM width (default: sized from the LM)")
     p.add_argument("--heads", type=int, default=None, help="VEAD attention heads")

@@ -51,7 +51,7 @@ class EditOptions:
     resume: bool = False
     skip_bad: bool = False
     batch_size: int = 4
-    lr: float = 1e-4
+    lr: float | None = None  # None: `default_lr` of the LM width
     seed: int = 0
     mid_dim: int | None = None
     heads: int | None = None
@@ -61,6 +61,13 @@ class EditOptions:
     maps_n: int = 200
     checkpoint_every: int = 100
     progress: bool = True
+
+
+def default_lr(width: int) -> float:
+    """Adam LR of the adapter: the paper's 1e-4 for 7B-scale LMs (width ≥ 2048); 1e-3 below. Measured on
+    the default LLaVA (128 wide, 1,000 steps, world E-VQA): Rel / T-Gen / M-Gen 17.3 / 14.7 / 21.7 at 1e-4
+    against 40.7 / 33.7 / 39.0 at 1e-3, T-Loc 100 and M-Loc ~60 in both."""
+    return 1e-4 if width >= 2048 else 1e-3
 
 
 def sized_vead_config(width: int, mid_dim: int | None = None, heads: int | None = None) -> VeadConfig:
@@ -200,7 +207,8 @@ def run_edit(options: EditOptions) -> dict:
     editor = VisEditEditor(backbone, placement, config, weights=options.checkpoint)
     train_s, train_info = None, None
     if options.checkpoint is None:
-        train_config = TrainConfig(steps=options.steps, batch_size=options.batch_size, lr=options.lr,
+        lr = options.lr or default_lr(lm_width(backbone.config))
+        train_config = TrainConfig(steps=options.steps, batch_size=options.batch_size, lr=lr,
                                    seed=options.seed, checkpoint_every=options.checkpoint_every, task=task)
         trained = train(editor, train_records, train_config, out / "checkpoint", resume=options.resume,
                         progress=options.progress)

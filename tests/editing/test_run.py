@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from editing.__main__ import main
-from editing.run import sized_vead_config
+from editing.run import default_lr, sized_vead_config
 
 VISEDIT_KEYS = {"rel", "t_gen", "m_gen", "t_loc", "m_loc", "exact_match", "secondary", "m_loc_same_object",
                 "m_loc_other", "im_pointing_game"}
@@ -33,6 +33,7 @@ def test_results_have_the_required_keys(trained, tiny_dirs):
     assert VISEDIT_KEYS <= set(results["methods"]["visedit"])
     assert set(results["timing"]) == {"train_s", "edit_ms", "inference_overhead"}
     assert results["timing"]["train_s"] > 0 and results["train"]["steps"] == 2
+    assert results["train"]["config"]["lr"] == 1e-3  # no --lr: the small-LM default
     for name in ("results.md", "adapter.safetensors", "im_maps.png", "attribution/attribution.json",
                  "attribution/placement.png", "checkpoint/train_state.json"):
         assert (trained / name).is_file(), name
@@ -80,6 +81,10 @@ def test_missing_model_is_one_line(tmp_path, capsys):
     assert main(["edit", "--backbone", "llava", "--model", str(tmp_path / "none"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err
+
+
+def test_default_lr_follows_the_width():
+    assert default_lr(4096) == 1e-4 and default_lr(2560) == 1e-4 and default_lr(128) == 1e-3
 
 
 def test_adapter_is_sized_from_the_width():
