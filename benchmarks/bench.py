@@ -37,6 +37,8 @@ import torch
 from attrib.defaults.recipe import DEFAULTS_DIR
 from benchmarks.cases import explain_trace_overhead, region_sweep_case, trace_overhead_case
 from benchmarks.editing_cases import scaled_vead_config, vead_case
+from editing.run import sized_vead_config
+from editing.vead import lm_width
 from benchmarks.setups import FULL_SHAPES, QUICK_SHAPES, BenchModel, BenchShapes, default_llava, random_llava
 
 
@@ -154,9 +156,6 @@ def vead_default_llava_bench(ctx: BenchContext) -> BenchOutput:
     """VEAD + IM on the shipped default LLaVA, sized and placed as `make edit` does by default."""
     if not (ctx.default_model / "config.json").is_file():
         return BenchOutput(notes=[f"default VEAD benchmark skipped: no trained model at {ctx.default_model}"])
-    from editing.run import sized_vead_config
-    from editing.vead import lm_width
-
     bench = default_llava(ctx.default_model, n_prompts=1)
     edit_layer = _shipped_edit_layer(bench.backbone.n_layers)
     figures = vead_case(bench, edit_layer, sized_vead_config(lm_width(bench.backbone.config)), ctx.repeats)

@@ -15,15 +15,15 @@ from benchmarks.timing import interleaved
 from editing.editor import EditRequest, VisEditEditor
 from editing.examples import answer_positions
 from editing.inputs import teacher_forced_batch
+from editing.run import sized_vead_config
 from editing.losses import target_nll
 from editing.split import SplitForward
 from editing.vead import VeadConfig, count_parameters, lm_width
 
 
 def scaled_vead_config(width: int) -> VeadConfig:
-    """The paper's adapter (mid 1024, IM hidden 1024, 8 heads on a 4096-wide LM) scaled with the width."""
-    mid = max(8, width // 4)
-    return VeadConfig(mid_dim=mid, n_heads=8, im_hidden=mid, im_heads=8)
+    """The paper's adapter (mid 1024 on a 4096-wide LM) scaled with the width: mid = width / 4."""
+    return sized_vead_config(width, mid_dim=max(8, width // 4))
 
 
 def vead_case(bench: BenchModel, edit_layer: int, config: VeadConfig, repeats: int,
@@ -61,6 +61,13 @@ def vead_case(bench: BenchModel, edit_layer: int, config: VeadConfig, repeats: i
         split = SplitForward(backbone, edit_layer, editor.hook)
         params = list(editor.adapter.parameters())
 
+        def backprop(answer_logits: torch.Tensor) -> float:
+            loss = target_nll(torch.log_softmax(answer_logits.float(), -1), labels, mask)
+            loss.backward()
+            for p in params:
+                p.grad = None
+            return loss.item()
+
         @torch.enable_grad()  # `interleaved` times under no_grad
         def step_full() -> float:
             editor.hook.signal = signal
@@ -68,14 +75,9 @@ def vead_case(bench: BenchModel, edit_layer: int, config: VeadConfig, repeats: i
                 logits = backbone.forward(batch.inputs).logits
             finally:
                 editor.restore()
-            picked = logits.gather(1, select[..., None].expand(-1, -1, logits.shape[-1]))
-            loss = target_nll(torch.log_softmax(picked.float(), -1), labels, mask)
-            loss.backward()
-            for p in params:
-                p.grad = None
-            return loss.item()
+            return backprop(logits.gather(1, select[..., None].expand(-1, -1, logits.shape[-1])))
 
-        @torch.enable_grad()  # `interleaved` times under no_grad
+        @torch.enable_grad()
         def step_split() -> float:
             site = split.prefix(batch.inputs)
             editor.hook.signal = signal
@@ -83,11 +85,7 @@ def vead_case(bench: BenchModel, edit_layer: int, config: VeadConfig, repeats: i
                 logits = split.top(site, editor.hook.apply, select)
             finally:
                 editor.restore()
-            loss = target_nll(torch.log_softmax(logits.float(), -1), labels, mask)
-            loss.backward()
-            for p in params:
-                p.grad = None
-            return loss.item()
+            return backprop(logits)
 
         timings = interleaved({"unedited": forward(False), "edited": forward(True),
                                "step_full": step_full, "step_split": step_split}, repeats)

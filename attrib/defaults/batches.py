@@ -51,6 +51,16 @@ def _right_pad(rows: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([r + [value] * (width - len(r)) for r in rows])
 
 
+def _continuation_rows(tokenizer, templates: Templates, pairs: list[tuple[str, str]]
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, attention mask and labels of the text after the image prefix for each pair."""
+    pieces = [_encode_pieces(tokenizer, split_prompt(templates, prompt), target, bos=False)
+              for prompt, target in pairs]
+    ids = _right_pad([row for row, _ in pieces], tokenizer.pad_token_id)
+    mask = _right_pad([[1] * len(row) for row, _ in pieces], 0)
+    return ids, mask, _right_pad([labels for _, labels in pieces], IGNORE)
+
+
 def _sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean over sequences of each sequence's mean next-token CE on labelled positions."""
     logits, labels = logits[:, :-1].float(), labels[:, 1:]
@@ -73,43 +83,33 @@ def continuation_logits(model, processor, spec: BackboneSpec, templates: Templat
     """
     tokenizer = processor.tokenizer
     per_image = len(pairs[0])
+    if any(len(image_pairs) != per_image for image_pairs in pairs):
+        raise ValueError("every image needs the same number of continuations")
     prefix = processor(images=images, text=[templates.image_prefix] * len(images), return_tensors="pt")
     prefix_len = prefix["input_ids"].shape[1]
-    out_sets = []
     inputs = dict(prefix)
     if lead is not None:
-        pieces = [_encode_pieces(tokenizer, split_prompt(templates, p), t, bos=False) for p, t in lead]
-        ids = _right_pad([ids for ids, _ in pieces], tokenizer.pad_token_id)
-        inputs["input_ids"] = torch.cat([prefix["input_ids"], ids], dim=1)
-        inputs["attention_mask"] = torch.cat([prefix["attention_mask"],
-                                              _right_pad([[1] * len(i) for i, _ in pieces], 0)], dim=1)
+        lead_ids, lead_mask, lead_labels = _continuation_rows(tokenizer, templates, lead)
+        inputs["input_ids"] = torch.cat([prefix["input_ids"], lead_ids], dim=1)
+        inputs["attention_mask"] = torch.cat([prefix["attention_mask"], lead_mask], dim=1)
     out = model(**inputs, use_cache=True)
-    if lead is not None:
-        lead_labels = _right_pad([lab for _, lab in pieces], IGNORE)
-        # Row layout is prefix + lead; the prefix carries no labels.
-        out_sets.append((out.logits[:, prefix_len - 1:], torch.cat(
-            [torch.full((len(lead), 1), IGNORE), lead_labels], dim=1)))
     cache = getattr(out, "language_model_outputs", None) or out  # BLIP-2 nests the LM's outputs
     cache = cache.past_key_values
+    sets = []
     if lead is not None:
-        cache.crop(-(inputs["input_ids"].shape[1] - prefix_len))
+        cache.crop(-lead_ids.shape[1])  # back to the prefix for the pairs
+        # Rows are prefix + lead: from the prefix's last position on, with no label on that position.
+        lead_set = (out.logits[:, prefix_len - 1:],
+                    torch.cat([torch.full((len(lead), 1), IGNORE), lead_labels], dim=1))
     if per_image:
-        rows, labels = [], []
-        for image_pairs in pairs:
-            if len(image_pairs) != per_image:
-                raise ValueError("every image needs the same number of continuations")
-            for prompt, target in image_pairs:
-                ids, lab = _encode_pieces(tokenizer, split_prompt(templates, prompt), target, bos=False)
-                rows.append(ids)
-                labels.append(lab)
+        ids, cont_mask, labels = _continuation_rows(tokenizer, templates, [p for ps in pairs for p in ps])
         cache.batch_repeat_interleave(per_image)
-        cont_mask = _right_pad([[1] * len(r) for r in rows], 0)
         mask = torch.cat([prefix["attention_mask"].repeat_interleave(per_image, 0), cont_mask], dim=1)
         text_lm = model.get_submodule(spec.text_lm)
-        logits = text_lm(input_ids=_right_pad(rows, tokenizer.pad_token_id), attention_mask=mask,
-                         cache=cache).logits
-        out_sets.insert(0, (logits, _right_pad(labels, IGNORE)))
-    return out_sets
+        sets.append((text_lm(input_ids=ids, attention_mask=mask, cache=cache).logits, labels))
+    if lead is not None:
+        sets.append(lead_set)
+    return sets
 
 
 def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sampler: WorldSampler,
@@ -160,7 +160,8 @@ class PatchHeads(torch.nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Colour, shape and size logits [..., classes] of features ``hidden`` [..., width]."""
-        unit = F.normalize(hidden.float() - hidden.float().mean(-1, keepdim=True), dim=-1)
+        hidden = hidden.float()
+        unit = F.normalize(hidden - hidden.mean(-1, keepdim=True), dim=-1)
         return tuple(self.scale * unit @ F.normalize(w, dim=-1).T for w in (self.color, self.shape, self.size))
 
 

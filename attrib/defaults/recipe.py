@@ -8,7 +8,7 @@ trains its OPT LM itself.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from attrib.backbones.build import BackboneSizes
@@ -37,14 +37,13 @@ class Stage:
     name: str
     kind: str  # "vision": per-patch heads on the tower; "language": answers, captions, facts
     steps: int
-    lr: float = 5e-4
-    train: dict[str, float] = field(default_factory=dict)
+    lr: float
+    train: dict[str, float]
     warmup: int = 100
     batch_images: int = 16
     questions_per_image: int = 8
     facts: int = 16
     fact_weight: float = 0.5
-    max_objects: int = 4  # fewer objects per scene make an easier curriculum stage
 
 
 @dataclass(frozen=True)
@@ -63,13 +62,14 @@ _LLAVA_LM = {"model.language_model": 1.0, "lm_head": 1.0}
 # fresh 12 x 128 LM at 1.5e-3 still answered colour questions at chance after 300 steps (it read the
 # shape only), at 5e-4 it answered all of them; 4e-3 learned nothing.
 _LANGUAGE = {"lr": 5e-4, "batch_images": 8, "facts": 8}
+_JOINT = {**_LANGUAGE, "lr": 3e-4, "warmup": 20}
 RECIPES: dict[str, Recipe] = {
     "llava": Recipe("llava", (
         Stage("vision", "vision", 400, 2e-3, {"model.vision_tower": 1.0}, warmup=20, batch_images=64),
         Stage("language", "language", 2400, train={"model.multi_modal_projector": 1.0, **_LLAVA_LM},
               **_LANGUAGE),
         Stage("joint", "language", 400, train={"model.vision_tower": 0.1, "model.multi_modal_projector": 1.0,
-                                               **_LLAVA_LM}, warmup=20, **{**_LANGUAGE, "lr": 3e-4}),
+                                               **_LLAVA_LM}, **_JOINT),
     )),
     "minigpt4": Recipe("minigpt4", (
         Stage("vision", "vision", 300, 2e-3, {"vision_model": 1.0}, warmup=20, batch_images=64),
@@ -77,7 +77,7 @@ RECIPES: dict[str, Recipe] = {
               **_LANGUAGE),
         Stage("joint", "language", 400, train={"vision_model": 0.1, "qformer": 1.0, "query_tokens": 1.0,
                                                "language_projection": 1.0, "language_model": 0.3},
-              warmup=20, **{**_LANGUAGE, "lr": 3e-4}),
+              **_JOINT),
     ), init_from=("llava", {"model.language_model.": "language_model.model.", "lm_head.": "language_model.lm_head."})),
     # OPT at 8 layers (the minimum that leaves attribution room): its LM trains from scratch here.
     "blip2": Recipe("blip2", (
@@ -85,7 +85,7 @@ RECIPES: dict[str, Recipe] = {
                                                    "language_model": 1.0}, **_LANGUAGE),
         Stage("joint", "language", 300, train={"vision_model": 0.1, "qformer": 1.0, "query_tokens": 1.0,
                                                "language_projection": 1.0, "language_model": 1.0},
-              warmup=20, **{**_LANGUAGE, "lr": 3e-4}),
+              **_JOINT),
     ), init_from=("minigpt4", {"vision_model.": "vision_model.", "qformer.": "qformer.",
                                "query_tokens": "query_tokens"}), sizes=replace(TOY_SIZES, text_layers=8)),
 }

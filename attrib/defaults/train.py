@@ -121,7 +121,7 @@ def train_default(name: str, out_root: Path = DEFAULTS_DIR, work_root: Path = Pa
         steps = max(1, round(stage.steps * scale))
         if state and index < state["stage"]:
             continue
-        sampler = WorldSampler(WorldConfig(), seed=recipe.seed * 1000 + index, max_objects=stage.max_objects)
+        sampler = WorldSampler(WorldConfig(), seed=recipe.seed * 1000 + index)
         trainable = heads if stage.kind == "vision" else None
         groups = _param_groups(model, stage)
         if trainable is not None:
