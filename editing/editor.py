@@ -145,8 +145,9 @@ class VisEditEditor:
         return self.hook.signal is not None
 
     def edit(self, request: EditRequest | Sequence[EditRequest]) -> EditSignal:
-        """Store the edit signal of ``request`` (or one per input row, for batched training)."""
-        signal = self.edit_signal(request)
+        """Store the edit signal of ``request`` (or one per input row, for batched training), with the
+        adapter's edit-side projections cached for the forwards that follow."""
+        signal = self.adapter.prepare(self.edit_signal(request))
         self.hook.signal = signal
         return signal
 

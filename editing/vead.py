@@ -72,6 +72,30 @@ class VeadConfig:
 
 
 @dataclass
+class EditCache:
+    """The adapter's projections of a stored edit, computed once by `EditAdapter.prepare`.
+
+    keys, values: [E, L, heads, head]  VEAD's K and V of the edit states
+    query:        [E, im_heads, d / im_heads]  the IM's mapped edit query
+    versions:     the adapter parameters' in-place version counters when this was computed; a cache
+                  whose versions no longer match (an optimizer step, a loaded checkpoint) is ignored.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    query: torch.Tensor
+    versions: tuple[int, ...]
+
+    def expand(self, batch: int) -> "EditCache":
+        return EditCache(self.keys.expand(batch, -1, -1, -1), self.values.expand(batch, -1, -1, -1),
+                         self.query.expand(batch, -1, -1), self.versions)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "EditCache":
+        return EditCache(self.keys.to(device, dtype), self.values.to(device, dtype), self.query.to(device, dtype),
+                         self.versions)
+
+
+@dataclass
 class EditSignal:
     """What ``edit(request)`` stores: the edit sample(s) as seen by the frozen model.
 
@@ -79,6 +103,7 @@ class EditSignal:
     mask:       [E, L]     True at real tokens, False at padding
     query:      [E, d]     state of the last prompt token at the IM read layer
     prompt_end: [E]        index of that last prompt token in ``states``
+    cache:      the adapter's projections of this edit (`EditAdapter.prepare`), or None
     E is 1 for a single edit (broadcast over any input batch) or the input batch size (training).
     """
 
@@ -86,6 +111,7 @@ class EditSignal:
     mask: torch.Tensor
     query: torch.Tensor
     prompt_end: torch.Tensor
+    cache: EditCache | None = None
 
     def __len__(self) -> int:
         return self.states.shape[0]
@@ -98,11 +124,13 @@ class EditSignal:
             raise ValueError(f"edit signal holds {len(self)} edits but the input batch has {batch} rows; "
                              "use one edit (broadcast) or one edit per row")
         return EditSignal(self.states.expand(batch, -1, -1), self.mask.expand(batch, -1),
-                          self.query.expand(batch, -1), self.prompt_end.expand(batch))
+                          self.query.expand(batch, -1), self.prompt_end.expand(batch),
+                          self.cache.expand(batch) if self.cache is not None else None)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "EditSignal":
         return EditSignal(self.states.to(device, dtype), self.mask.to(device), self.query.to(device, dtype),
-                          self.prompt_end.to(device))
+                          self.prompt_end.to(device),
+                          self.cache.to(device, dtype) if self.cache is not None else None)
 
 
 class ResidualMLP(nn.Module):
@@ -133,11 +161,16 @@ class InfluenceMapper(nn.Module):
         self.map_edit = ResidualMLP(width, hidden)
         self.scale = math.sqrt(width // heads)
 
-    def forward(self, visual: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        """visual [B, P, d], query [B, d] → logits [B, P]."""
+    def map_query(self, query: torch.Tensor) -> torch.Tensor:
+        """The edit side: query [B, d] → [B, heads, d / heads]."""
+        return self.map_edit(self.norm_edit(query)).view(query.shape[0], self.heads, -1)
+
+    def forward(self, visual: torch.Tensor, query: torch.Tensor, mapped: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """visual [B, P, d], query [B, d] → logits [B, P]. ``mapped``: `map_query(query)`, if already known."""
         b, p, d = visual.shape
         v = self.map_visual(self.norm_visual(visual)).view(b, p, self.heads, d // self.heads)
-        q = self.map_edit(self.norm_edit(query)).view(b, self.heads, d // self.heads)
+        q = self.map_query(query) if mapped is None else mapped
         return torch.einsum("bphk,bhk->bph", v, q).mean(-1) / self.scale
 
 
@@ -156,15 +189,22 @@ class VisualEditAdapter(nn.Module):
         self.v = nn.Linear(width, mid)
         self.end = nn.Linear(mid, width)
 
-    def forward(self, visual: torch.Tensor, edit: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """visual [B, P, d], edit [B, L, d], mask [B, L] (True = real token) → change [B, P, d]."""
+    def keys_values(self, edit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The edit side: edit [B, L, d] → K, V [B, L, heads, mid / heads]."""
+        b, length, _ = edit.shape
+        edit = self.norm_edit(edit)
+        return (self.k(edit).view(b, length, self.heads, -1), self.v(edit).view(b, length, self.heads, -1))
+
+    def forward(self, visual: torch.Tensor, edit: torch.Tensor, mask: torch.Tensor,
+                keys_values: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """visual [B, P, d], edit [B, L, d], mask [B, L] (True = real token) → change [B, P, d].
+
+        ``keys_values``: `keys_values(edit)`, if already known (a stored edit at inference).
+        """
         b, p, _ = visual.shape
-        length = edit.shape[1]
         head = self.mid // self.heads
         q = self.q(self.begin(self.norm_visual(visual))).view(b, p, self.heads, head)
-        edit = self.norm_edit(edit)
-        k = self.k(edit).view(b, length, self.heads, head)
-        v = self.v(edit).view(b, length, self.heads, head)
+        k, v = self.keys_values(edit) if keys_values is None else keys_values
         scores = torch.einsum("bphk,blhk->bhpl", q, k) / math.sqrt(head)  # [B, H, P, L]
         scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
         mixed = torch.einsum("bhpl,blhk->bphk", scores.softmax(-1), v).reshape(b, p, self.mid)
@@ -190,13 +230,35 @@ class EditAdapter(nn.Module):
         self.im = InfluenceMapper(width, config.im_hidden, config.im_heads)
         self.to(config.torch_dtype)
 
+    def _versions(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self.parameters())
+
+    @torch.no_grad()
+    def prepare(self, signal: EditSignal) -> EditSignal:
+        """``signal`` with its edit-side projections cached, for inference with a stored edit.
+
+        The edit sample's K/V (all its tokens) and the IM's mapped query depend only on the edit and
+        the adapter's weights, so they are computed once here instead of in every forward. Forwards with
+        gradients enabled, and forwards after the adapter's weights changed in place, recompute them.
+        """
+        dtype = self.vead.begin.weight.dtype
+        device = self.vead.begin.weight.device
+        states, query = signal.states.to(device, dtype), signal.query.to(device, dtype)
+        keys, values = self.vead.keys_values(states)
+        cache = EditCache(keys, values, self.im.map_query(query), self._versions())
+        return EditSignal(signal.states, signal.mask, signal.query, signal.prompt_end, cache)
+
     def forward(self, visual: torch.Tensor, signal: EditSignal) -> AdapterOutput:
         """visual [B, P, d] → AdapterOutput; ``signal`` holds 1 or B edits."""
         dtype = self.vead.begin.weight.dtype
         signal = signal.for_batch(visual.shape[0]).to(visual.device, dtype)
+        cache = signal.cache
+        if cache is not None and (torch.is_grad_enabled() or cache.versions != self._versions()):
+            cache = None
         x = visual.to(dtype)
-        logits = self.im(x, signal.query)  # [B, P]
-        change = self.vead(x, signal.states, signal.mask) * torch.sigmoid(logits)[..., None]
+        logits = self.im(x, signal.query, None if cache is None else cache.query)  # [B, P]
+        change = self.vead(x, signal.states, signal.mask, None if cache is None else (cache.keys, cache.values))
+        change = change * torch.sigmoid(logits)[..., None]
         return AdapterOutput(visual + change.to(visual.dtype), logits)
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from attrib.backbones.spec import BackboneSpec
 from attrib.defaults.recipe import PROMPTS
 from attrib.world import FACTS, SHAPES, SIZES, WorldSampler, caption, render, sample_question
+from attrib.world.questions import feasible_families
 from attrib.world.scene import COLORS
 
 COLOR_NAMES = tuple(COLORS)
@@ -112,9 +113,26 @@ def continuation_logits(model, processor, spec: BackboneSpec, templates: Templat
     return sets
 
 
+def pick_family(scene, rng: np.random.Generator, weights: dict[str, float] | None) -> str | None:
+    """A question family for ``scene``: None (uniform over the feasible ones, sample_question's own
+    choice) without weights, else drawn among the feasible families in proportion to ``weights``."""
+    if weights is None:
+        return None
+    feasible = feasible_families(scene)
+    p = np.array([weights.get(family, 0.0) for family in feasible])
+    if p.sum() <= 0:
+        raise ValueError(f"family weights {weights} leave none of {feasible} to ask")
+    return feasible[int(rng.choice(len(feasible), p=p / p.sum()))]
+
+
 def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sampler: WorldSampler,
-                  n_images: int, questions_per_image: int, n_facts: int, fact_weight: float) -> torch.Tensor:
-    """One language batch: VQA answers and captions on fresh scenes, plus text-only facts."""
+                  n_images: int, questions_per_image: int, n_facts: int, fact_weight: float,
+                  family_weights: dict[str, float] | None = None) -> torch.Tensor:
+    """One language batch: VQA answers and captions on fresh scenes, plus text-only facts.
+
+    ``family_weights`` (family → relative share) skews which question families are asked; families
+    a scene cannot pose are left out and the rest renormalised.
+    """
     tokenizer = processor.tokenizer
     images, pairs, captions = [], [], []
     for _ in range(n_images):
@@ -122,7 +140,8 @@ def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sa
         images.append(render(scene))
         image_pairs = []
         for _ in range(questions_per_image):
-            question = sample_question(scene, sampler.rng, split="train")
+            family = pick_family(scene, sampler.rng, family_weights)
+            question = sample_question(scene, sampler.rng, family, split="train")
             image_pairs.append((PROMPTS["vqa"].format(src=question.text), question.answer))
         pairs.append(image_pairs)
         captions.append((PROMPTS["caption"].format(src="a photo of"), caption(scene)))

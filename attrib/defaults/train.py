@@ -10,6 +10,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -122,6 +123,7 @@ def train_default(name: str, out_root: Path = DEFAULTS_DIR, work_root: Path = Pa
         if state and index < state["stage"]:
             continue
         sampler = WorldSampler(WorldConfig(), seed=recipe.seed * 1000 + index)
+        world = sampler.config
         trainable = heads if stage.kind == "vision" else None
         groups = _param_groups(model, stage)
         if trainable is not None:
@@ -137,14 +139,17 @@ def train_default(name: str, out_root: Path = DEFAULTS_DIR, work_root: Path = Pa
                    file=sys.stderr, mininterval=5)
         metric = 0.0
         for step in bar:
+            nominal = step * stage.steps // steps
             for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * _schedule(stage, step * stage.steps // steps)
+                group["lr"] = group["base_lr"] * _schedule(stage, nominal)
+            sampler.config = replace(world, max_objects=stage.object_limit(nominal) or world.max_objects)
             # fp32: on these CPUs bf16 autocast made the backward pass 4-10x slower.
             if stage.kind == "vision":
                 loss, metric = vision_loss(model, processor, spec, heads, sampler, stage.batch_images)
             else:
                 loss = language_loss(model, processor, spec, templates, sampler, stage.batch_images,
-                                     stage.questions_per_image, stage.facts, stage.fact_weight)
+                                     stage.questions_per_image, stage.facts, stage.fact_weight,
+                                     stage.family_weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)

@@ -45,7 +45,7 @@ def test_shapes_and_gate():
     out = adapter(visual, _signal(3, 7, 32))
     assert out.visual.shape == (3, 5, 32) and out.gate_logits.shape == (3, 5)
     # The gate scales VEAD's change token by token: a closed gate leaves the states unchanged.
-    adapter.im.forward = lambda v, q: torch.full(v.shape[:2], -1e4)
+    adapter.im.forward = lambda v, *_: torch.full(v.shape[:2], -1e4)
     assert torch.equal(adapter(visual, _signal(3, 7, 32)).visual, visual)
 
 
@@ -69,6 +69,25 @@ def test_single_edit_broadcasts_over_the_batch():
         torch.testing.assert_close(batched[row:row + 1], adapter(visual[row:row + 1], signal).visual)
     with pytest.raises(ValueError, match="2 edits but the input batch has 3 rows"):
         adapter(visual, _signal(2, 6, 32))
+
+
+def test_prepared_edit_equals_recomputing_it_and_goes_stale_with_the_weights():
+    torch.manual_seed(0)
+    adapter = EditAdapter(32, VeadConfig(mid_dim=16, n_heads=2, im_hidden=16, im_heads=2))
+    visual, signal = torch.randn(3, 4, 32), _signal(1, 6, 32, pad=2)
+    prepared = adapter.prepare(signal)
+    assert prepared.cache is not None and signal.cache is None
+    with torch.no_grad():
+        torch.testing.assert_close(adapter(visual, prepared).visual, adapter(visual, signal).visual,
+                                   rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(adapter(visual, prepared).gate_logits, adapter(visual, signal).gate_logits,
+                                   rtol=1e-6, atol=1e-6)
+        adapter.vead.v.weight.add_(1.0)  # weights changed in place: the cache no longer applies
+        fresh = adapter(visual, signal).visual
+        assert torch.equal(adapter(visual, prepared).visual, fresh)
+    # With gradients on, the edit side is recomputed so its weights get gradients.
+    adapter(visual, adapter.prepare(signal)).visual.sum().backward()
+    assert adapter.vead.k.weight.grad is not None and adapter.im.map_edit.up.weight.grad is not None
 
 
 def test_fp32_adapter_on_fp16_states_keeps_the_input_dtype():

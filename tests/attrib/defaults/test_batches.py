@@ -4,8 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attrib.defaults.batches import IGNORE, Templates, continuation_logits, patch_labels
-from attrib.world import WorldConfig, generate_scene
+from attrib.defaults.batches import IGNORE, Templates, continuation_logits, patch_labels, pick_family
+from attrib.defaults.recipe import Stage
+from attrib.world import VQA_FAMILIES, WorldConfig, generate_scene
+from attrib.world.questions import feasible_families
 import numpy as np
 
 
@@ -47,3 +49,23 @@ def test_patch_labels_cover_objects():
     covered = sum(((o.box[2] - o.box[0]) // 8) * ((o.box[3] - o.box[1]) // 8) for o in scene.objects)
     assert (labels[0] > 0).sum().item() == covered
     assert ((labels > 0).sum(0) % 3 == 0).all()  # colour, shape and size labelled together
+
+
+def test_family_weights_skew_the_draw_among_feasible_families():
+    rng = np.random.default_rng(0)
+    scenes = [generate_scene(rng, WorldConfig()) for _ in range(200)]
+    assert all(pick_family(s, rng, None) is None for s in scenes[:3])  # uniform: sample_question decides
+    weights = {f: 0.0 for f in VQA_FAMILIES} | {"exists": 3.0, "count": 1.0}
+    picks = [pick_family(s, rng, weights) for s in scenes]
+    assert set(picks) == {"exists", "count"}  # count and exists can always be asked
+    assert 0.65 < picks.count("exists") / len(picks) < 0.85
+    only_position = {"position": 1.0}
+    lone = next(s for s in scenes if "position" not in feasible_families(s))
+    with pytest.raises(ValueError, match="leave none"):
+        pick_family(lone, rng, only_position)
+
+
+def test_object_curriculum_limits_by_nominal_step():
+    stage = Stage("language", "language", 900, 5e-4, {"x": 1.0}, max_objects=((200, 1), (500, 2)))
+    assert [stage.object_limit(s) for s in (0, 199, 200, 499, 500, 899)] == [1, 1, 2, 2, None, None]
+    assert Stage("v", "vision", 10, 1e-3, {"x": 1.0}).object_limit(0) is None
