@@ -44,6 +44,14 @@ class Stage:
     questions_per_image: int = 8
     facts: int = 16
     fact_weight: float = 0.5
+    # Curriculum: (until_step, n) pairs — before nominal step until_step, scenes hold at most n objects.
+    max_objects: tuple[tuple[int, int], ...] = ()
+    # Relative share of each question family (None: uniform over the families a scene can pose).
+    family_weights: dict[str, float] | None = None
+
+    def object_limit(self, step: int) -> int | None:
+        """The curriculum's object limit at nominal ``step`` (None: the world's own range)."""
+        return next((n for until, n in self.max_objects if step < until), None)
 
 
 @dataclass(frozen=True)
@@ -62,19 +70,26 @@ _LLAVA_LM = {"model.language_model": 1.0, "lm_head": 1.0}
 # fresh 12 x 128 LM at 1.5e-3 still answered colour questions at chance after 300 steps (it read the
 # shape only), at 5e-4 it answered all of them; 4e-3 learned nothing.
 _LANGUAGE = {"lr": 5e-4, "batch_images": 8, "facts": 8}
-_JOINT = {**_LANGUAGE, "lr": 3e-4, "warmup": 20}
+# Families that bind a question word to one object of several (shape of a colour, position, existence)
+# learn slowest; count is solved within a few hundred steps.
+_FAMILIES = {"color_of_shape": 1.0, "shape_of_color": 1.5, "count": 0.5, "position": 1.25, "exists": 1.5}
+# Curriculum: measured on a fresh LM over the frozen tower, one-object scenes for the first 200 steps
+# and at most two up to step 400 took colour-of-shape (1-4 objects) to 100 % by step 500, against 13 %
+# at step 400 and 78 % at step 2,400 without it.
+_CURRICULUM = ((200, 1), (400, 2))
+_JOINT = {**_LANGUAGE, "lr": 3e-4, "warmup": 20, "family_weights": _FAMILIES}
 RECIPES: dict[str, Recipe] = {
     "llava": Recipe("llava", (
         Stage("vision", "vision", 400, 2e-3, {"model.vision_tower": 1.0}, warmup=20, batch_images=64),
         Stage("language", "language", 2400, train={"model.multi_modal_projector": 1.0, **_LLAVA_LM},
-              **_LANGUAGE),
+              max_objects=_CURRICULUM, family_weights=_FAMILIES, **_LANGUAGE),
         Stage("joint", "language", 400, train={"model.vision_tower": 0.1, "model.multi_modal_projector": 1.0,
                                                **_LLAVA_LM}, **_JOINT),
     )),
     "minigpt4": Recipe("minigpt4", (
         Stage("vision", "vision", 300, 2e-3, {"vision_model": 1.0}, warmup=20, batch_images=64),
         Stage("bridge", "language", 700, train={"qformer": 1.0, "query_tokens": 1.0, "language_projection": 1.0},
-              **_LANGUAGE),
+              max_objects=((100, 1), (200, 2)), family_weights=_FAMILIES, **_LANGUAGE),
         Stage("joint", "language", 400, train={"vision_model": 0.1, "qformer": 1.0, "query_tokens": 1.0,
                                                "language_projection": 1.0, "language_model": 0.3},
               **_JOINT),
@@ -82,7 +97,8 @@ RECIPES: dict[str, Recipe] = {
     # OPT at 8 layers (the minimum that leaves attribution room): its LM trains from scratch here.
     "blip2": Recipe("blip2", (
         Stage("language", "language", 1600, train={"qformer": 1.0, "query_tokens": 1.0, "language_projection": 1.0,
-                                                   "language_model": 1.0}, **_LANGUAGE),
+                                                   "language_model": 1.0},
+              max_objects=_CURRICULUM, family_weights=_FAMILIES, **_LANGUAGE),
         Stage("joint", "language", 300, train={"vision_model": 0.1, "qformer": 1.0, "query_tokens": 1.0,
                                                "language_projection": 1.0, "language_model": 1.0},
               **_JOINT),
