@@ -96,10 +96,10 @@ RECIPES: dict[str, Recipe] = {
     ), init_from=("llava", {"model.language_model.": "language_model.model.", "lm_head.": "language_model.lm_head."})),
     # OPT at 8 layers (the minimum that leaves attribution room): its LM trains from scratch here.
     "blip2": Recipe("blip2", (
-        Stage("language", "language", 1600, train={"qformer": 1.0, "query_tokens": 1.0, "language_projection": 1.0,
+        Stage("language", "language", 3000, train={"qformer": 1.0, "query_tokens": 1.0, "language_projection": 1.0,
                                                    "language_model": 1.0},
               max_objects=_CURRICULUM, family_weights=_FAMILIES, **_LANGUAGE),
-        Stage("joint", "language", 300, train={"vision_model": 0.1, "qformer": 1.0, "query_tokens": 1.0,
+        Stage("joint", "language", 600, train={"vision_model": 0.1, "qformer": 1.0, "query_tokens": 1.0,
                                                "language_projection": 1.0, "language_model": 1.0},
               **_JOINT),
     ), init_from=("minigpt4", {"vision_model.": "vision_model.", "qformer.": "qformer.",
