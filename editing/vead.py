@@ -30,7 +30,7 @@ give 22.07 M at 7B; 1024 gives the paper's 34.65 M.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -246,7 +246,7 @@ class EditAdapter(nn.Module):
         states, query = signal.states.to(device, dtype), signal.query.to(device, dtype)
         keys, values = self.vead.keys_values(states)
         cache = EditCache(keys, values, self.im.map_query(query), self._versions())
-        return EditSignal(signal.states, signal.mask, signal.query, signal.prompt_end, cache)
+        return replace(signal, cache=cache)
 
     def forward(self, visual: torch.Tensor, signal: EditSignal) -> AdapterOutput:
         """visual [B, P, d] → AdapterOutput; ``signal`` holds 1 or B edits."""
