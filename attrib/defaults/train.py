@@ -110,7 +110,7 @@ def train_default(name: str, out_root: Path = DEFAULTS_DIR, work_root: Path = Pa
         _init_from(model, recipe, out_root)
     model.eval()  # no dropout: training only needs gradients, and eval mode keeps steps deterministic
     templates = Templates(spec.prompt_template, spec.text_template)
-    heads = PatchHeads(recipe.sizes.vision_hidden)
+    heads = PatchHeads(recipe.sizes.vision_hidden, recipe.sizes.image_size // recipe.sizes.patch_size)
     ckpt_file = work / "checkpoint.pt"
     state = torch.load(ckpt_file, weights_only=False) if ckpt_file.is_file() else None
     log = state["log"] if state else {"stages": [], "wall_s": 0.0}

@@ -48,7 +48,10 @@ def test_patch_labels_cover_objects():
     labels = patch_labels(scene, 8, 8)
     covered = sum(((o.box[2] - o.box[0]) // 8) * ((o.box[3] - o.box[1]) // 8) for o in scene.objects)
     assert (labels[0] > 0).sum().item() == covered
-    assert ((labels > 0).sum(0) % 3 == 0).all()  # colour, shape and size labelled together
+    assert ((labels[:3] > 0).sum(0) % 3 == 0).all()  # colour, shape and size labelled together
+    rows, cols = labels[3].view(8, 8), labels[4].view(8, 8)
+    assert (rows[:, 0] == torch.arange(8)).all() and (rows[2] == 2).all()
+    assert (cols[0] == torch.arange(8)).all() and (cols[:, 5] == 5).all()
 
 
 def test_family_weights_skew_the_draw_among_feasible_families():
