@@ -6,6 +6,7 @@ prompt), read from `AdapterHook.last_gate_logits` after one forward under the ed
 
     maps = im_maps(editor, eval_records)        # edit → forward → restore, per record
     maps.pointing_game()                        # percent, or None where it does not apply
+    maps.gate_means()                           # mean gate on the edit's image vs its unrelated (M-Loc) image
     maps.plot(n=4)                              # overlays (LLaVA) / per-query bars (Q-Former)
 
 Pointing game (as `attrib.validation`): the map's maximum cell lies in the truth box of the asked
@@ -14,6 +15,9 @@ form the patch grid (LLaVA: grid_site "lm"; a leading CLS token under the "full"
 dropped). Q-Former backbones (BLIP-2, MiniGPT-4) gate query tokens, which have no spatial layout: their
 pointing game is None, with a note, and the figure shows the gate per query. Records without a truth
 box (count questions, captions, real data) are left out of the score.
+
+Selectivity: the same edit's gate on the record's unrelated M-Loc input (``m_loc`` image and question)
+is read too. A gate that is as open there as on the edit's own image leaves locality to the VEAD alone.
 """
 from __future__ import annotations
 
@@ -48,6 +52,12 @@ class ImMaps:
     prompts: list[str] = field(default_factory=list)
     targets: list[str] = field(default_factory=list)
     images: list = field(default_factory=list, repr=False)
+    unrelated: torch.Tensor | None = None  # [N, P] σ(IM) on each record's M-Loc input, under its edit
+
+    def gate_means(self) -> dict[str, float | None]:
+        """Mean σ(IM) over all visual tokens: on the edits' own inputs and on their unrelated M-Loc inputs."""
+        mean = lambda t: None if t is None or t.numel() == 0 else round(t.mean().item(), 4)  # noqa: E731
+        return {"edit_image": mean(self.gates), "unrelated_image": mean(self.unrelated)}
 
     @property
     def note(self) -> str | None:
@@ -100,18 +110,23 @@ def im_maps(editor: VisEditEditor, records: Sequence[EditRecord], task: str = "v
     backbone = editor.backbone
     spatial = backbone.spec.grid_site == "lm"
     grid = backbone.spec.grid_shape(backbone.config) if spatial else None
-    gates, indices, boxes, sizes, texts, targets, images = [], [], [], [], [], [], []
+    gates, unrelated, indices, boxes, sizes, texts, targets, images = [], [], [], [], [], [], [], []
+
+    def gate(image, prompt: str) -> torch.Tensor:
+        backbone.forward(backbone.encode([image], [prompt]), use_cache=False)
+        logits = editor.hook.last_gate_logits[0].float().cpu()
+        if grid is not None and logits.numel() == grid[0] * grid[1] + 1:
+            logits = logits[1:]  # "full" feature strategy: the CLS token comes first
+        return torch.sigmoid(logits)
+
     for record in list(records)[:limit]:
         request = EditRequest.from_record(record, task, formats)
         editor.edit(request)
         try:
-            backbone.forward(backbone.encode([request.image], [request.prompt]), use_cache=False)
-            logits = editor.hook.last_gate_logits[0].float().cpu()
+            gates.append(gate(request.image, request.prompt))
+            unrelated.append(gate(record.load_image("m_loc"), formats["m_loc"].format(m_loc_q=record.m_loc_q)))
         finally:
             editor.restore()
-        if grid is not None and logits.numel() == grid[0] * grid[1] + 1:
-            logits = logits[1:]  # "full" feature strategy: the CLS token comes first
-        gates.append(torch.sigmoid(logits))
         indices.append(record.index)
         boxes.append(record.box("image"))
         sizes.append(request.image.size)
@@ -119,5 +134,5 @@ def im_maps(editor: VisEditEditor, records: Sequence[EditRecord], task: str = "v
         targets.append(request.target)
         if len(images) < keep_images:
             images.append(request.image)
-    stacked = torch.stack(gates) if gates else torch.zeros(0, backbone.n_visual_tokens)
-    return ImMaps(stacked, indices, boxes, sizes, grid, texts, targets, images)
+    stack = lambda rows: torch.stack(rows) if rows else torch.zeros(0, backbone.n_visual_tokens)  # noqa: E731
+    return ImMaps(stack(gates), indices, boxes, sizes, grid, texts, targets, images, stack(unrelated))

@@ -163,6 +163,7 @@ def inference_overhead(editor: VisEditEditor, records: list[EditRecord], task: s
 def _markdown(results: dict) -> str:
     m = results["methods"]["visedit"]
     cell = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
+    cell_gate = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
     lines = [f"# VisEdit on {results['backbone']} — {results['dataset']} ({results['n_eval']} edits)", "",
              "| method | Rel | T-Gen | M-Gen | T-Loc | M-Loc | M-Loc same object | M-Loc other | IM pointing game |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -175,6 +176,10 @@ def _markdown(results: dict) -> str:
     lines += [f"Placement: edit layer {p['edit_layer']}, IM read layer {p['im_read_layer']}, IT layers "
               f"{p['it_layers']} (from {p['source']}).",
               f"Timing: train {t['train_s']} s, edit {t['edit_ms']} ms, inference overhead {t['inference_overhead']}."]
+    gate = m.get("im_gate_mean") or {}
+    if gate.get("edit_image") is not None:
+        lines.append(f"IM gate σ(IM), mean over visual tokens: {gate['edit_image']:.3f} on the edits' own inputs, "
+                     f"{cell_gate(gate['unrelated_image'])} on their unrelated M-Loc inputs.")
     if m.get("im_pointing_note"):
         lines.append(f"IM pointing game: {m['im_pointing_note']}.")
     return "\n".join(lines) + "\n"
@@ -230,6 +235,7 @@ def run_edit(options: EditOptions) -> dict:
                                            "n_same_object", "n_other", "protocol")})
     visedit["im_pointing_game"] = maps.pointing_game()
     visedit["im_pointing_note"] = maps.note
+    visedit["im_gate_mean"] = maps.gate_means()
     default_world = options.train is None and options.eval is None
     results = {
         "backbone": options.backbone,

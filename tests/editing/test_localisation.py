@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 
 from attrib.data import load_records
+from attrib.prompts import load_prompts
+from editing.editor import EditRequest
 from editing.localisation import QFORMER_NOTE, ImMaps, im_maps
 
 
@@ -19,6 +21,25 @@ def test_maps_follow_each_edit(tiny_backbone, tiny_world, make_editor):
     else:
         assert score is None and maps.note == QFORMER_NOTE
     assert maps.plot(n=2) is not None
+
+
+def test_unrelated_gate_is_read_under_the_same_edit(tiny_backbone, tiny_world, make_editor):
+    editor = make_editor(tiny_backbone, 0)
+    record = load_records(tiny_world / "vqa_eval.json")[1]
+    maps = im_maps(editor, [record])
+    formats = load_prompts()
+    editor.edit(EditRequest.from_record(record, "vqa", formats))
+    try:
+        prompt = formats["m_loc"].format(m_loc_q=record.m_loc_q)
+        tiny_backbone.forward(tiny_backbone.encode([record.load_image("m_loc")], [prompt]), use_cache=False)
+        logits = editor.hook.last_gate_logits[0].float().cpu()
+    finally:
+        editor.restore()
+    expected = torch.sigmoid(logits[-maps.unrelated.shape[1]:])
+    torch.testing.assert_close(maps.unrelated[0], expected)
+    means = maps.gate_means()
+    assert means["edit_image"] == round(maps.gates.mean().item(), 4)
+    assert means["unrelated_image"] == round(expected.mean().item(), 4)
 
 
 def test_pointing_game_on_a_constructed_map():

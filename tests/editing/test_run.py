@@ -11,7 +11,7 @@ from editing.__main__ import main
 from editing.run import default_lr, sized_vead_config
 
 VISEDIT_KEYS = {"rel", "t_gen", "m_gen", "t_loc", "m_loc", "exact_match", "secondary", "m_loc_same_object",
-                "m_loc_other", "im_pointing_game"}
+                "m_loc_other", "im_pointing_game", "im_gate_mean"}
 QUIET = ["--no-progress", "--mid-dim", "16"]
 
 
@@ -38,6 +38,8 @@ def test_results_have_the_required_keys(trained, tiny_dirs):
                  "attribution/placement.png", "checkpoint/train_state.json"):
         assert (trained / name).is_file(), name
     assert "| VisEdit |" in (trained / "results.md").read_text()
+    gate = results["methods"]["visedit"]["im_gate_mean"]
+    assert set(gate) == {"edit_image", "unrelated_image"} and all(0 < v < 1 for v in gate.values())
 
 
 def test_checkpoint_evaluates_without_training_and_captions(trained, tiny_dirs, tiny_world, tmp_path):
