@@ -163,7 +163,6 @@ def inference_overhead(editor: VisEditEditor, records: list[EditRecord], task: s
 def _markdown(results: dict) -> str:
     m = results["methods"]["visedit"]
     cell = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
-    cell_gate = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
     lines = [f"# VisEdit on {results['backbone']} — {results['dataset']} ({results['n_eval']} edits)", "",
              "| method | Rel | T-Gen | M-Gen | T-Loc | M-Loc | M-Loc same object | M-Loc other | IM pointing game |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -177,9 +176,9 @@ def _markdown(results: dict) -> str:
               f"{p['it_layers']} (from {p['source']}).",
               f"Timing: train {t['train_s']} s, edit {t['edit_ms']} ms, inference overhead {t['inference_overhead']}."]
     gate = m.get("im_gate_mean") or {}
-    if gate.get("edit_image") is not None:
+    if gate.get("edit_image") is not None:  # both means exist together: im_maps reads them in pairs
         lines.append(f"IM gate σ(IM), mean over visual tokens: {gate['edit_image']:.3f} on the edits' own inputs, "
-                     f"{cell_gate(gate['unrelated_image'])} on their unrelated M-Loc inputs.")
+                     f"{gate['unrelated_image']:.3f} on their unrelated M-Loc inputs.")
     if m.get("im_pointing_note"):
         lines.append(f"IM pointing game: {m['im_pointing_note']}.")
     return "\n".join(lines) + "\n"

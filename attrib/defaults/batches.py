@@ -194,7 +194,7 @@ class PatchHeads(torch.nn.Module):
 def patch_labels(scene, grid: int, patch: int) -> torch.Tensor:
     """LongTensor [5, grid*grid]: colour, shape and size class of the object covering each patch (0 where
     none does), then each patch's row and column."""
-    labels = np.zeros((5, grid, grid), dtype=np.int64)
+    labels = np.zeros((len(PatchHeads.ATTRIBUTES), grid, grid), dtype=np.int64)
     for obj in scene.objects:
         x0, y0, x1, y1 = (v // patch for v in obj.box)
         labels[0, y0:y1, x0:x1] = COLOR_NAMES.index(obj.color) + 1
@@ -202,7 +202,7 @@ def patch_labels(scene, grid: int, patch: int) -> torch.Tensor:
         labels[2, y0:y1, x0:x1] = SIZES.index(obj.size) + 1
     labels[3] = np.arange(grid)[:, None]
     labels[4] = np.arange(grid)[None, :]
-    return torch.from_numpy(labels.reshape(5, -1))
+    return torch.from_numpy(labels.reshape(len(labels), -1))
 
 
 def vision_loss(model, processor, spec: BackboneSpec, heads: PatchHeads, sampler: WorldSampler,
