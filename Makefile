@@ -50,7 +50,7 @@ test: setup
 
 # The world's eval set the attribution targets default to (seed 1: never a training seed).
 $(WORLD_EVAL): | setup
-	$(PY) -m attrib.world --seed 1 --out $(WORLD) --n-train 300 --n-eval 300 --overwrite
+	$(PY) -m attrib.world --seed 1 --out $(WORLD) --n-train 3000 --n-eval 300 --overwrite
 
 heatmaps: setup $(if $(DATA),,$(WORLD_EVAL))
 	$(PY) -m attrib heatmaps --backbone $(BACKBONE) $(model_arg) $(data_arg) --n $(N) --seed $(SEED) $(out_arg)

@@ -14,8 +14,8 @@ bug (``hidden_states[:, a, b]`` — one element — where ``[:, a:b]`` was meant
 computed from a forward of its own (image, prompt) pair, so there is no slice to get wrong; the test
 suite pins that the m_gen targets equal the influence on ``image_rephrase`` and not on ``image``.
 
-Everything is computed with a batch of one and seeded per (seed, record, sample, layer), so a product
-does not depend on which other records share a step — which is what lets a resumed run, whose cache
+Each part is computed on first use (`ExampleStore`), with a batch of one and seeded per (seed, record,
+sample, layer), so a product does not depend on when it was computed or which other records share a step — which is what lets a resumed run, whose cache
 starts empty, reach bit-identical weights.
 """
 from __future__ import annotations
@@ -93,48 +93,75 @@ class ExampleProducts:
     pre_loc: torch.Tensor
     influence: torch.Tensor
 
-    def nbytes(self) -> int:
-        tensors = (self.signal.states, self.signal.mask, self.signal.query, self.pre_loc, self.influence)
-        return sum(t.numel() * t.element_size() for t in tensors)
-
 
 class ExampleStore:
-    """`ExampleProducts` per record index, computed on first use and kept in memory up to ``max_bytes``
-    (later ones are recomputed each time they are needed; results are identical either way)."""
+    """Per-record products, each part computed on first use and kept in memory up to ``max_bytes``
+    (later ones are recomputed each time they are needed; results are identical either way).
+
+    Parts are separate because steps need different ones: a record's own rows need its edit signal and
+    the influence of the one sample the step draws for the IM terms; a locality partner needs only its
+    pre-edit M-Loc output. The influence (a noise sweep per IT layer) is most of the cost.
+    """
 
     def __init__(self, editor: VisEditEditor, split: SplitForward, records: Sequence[EditRecord], task: str,
                  formats: dict[str, str], it_layers: Sequence[int], noise: AttentionNoise, max_bytes: int):
         self.editor, self.split, self.records = editor, split, records
         self.task, self.formats, self.it_layers, self.noise = task, formats, list(it_layers), noise
         self.max_bytes, self.used = max_bytes, 0
-        self._kept: dict[int, ExampleProducts] = {}
+        self._kept: dict[tuple, object] = {}
+
+    def _cached(self, key: tuple, make):
+        if key in self._kept:
+            return self._kept[key]
+        value = make()
+        tensors = (value.states, value.mask, value.query) if isinstance(value, EditSignal) else (value,)
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        if self.used + size <= self.max_bytes:
+            self._kept[key] = value
+            self.used += size
+        return value
+
+    def signal(self, index: int) -> EditSignal:
+        """The record's edit (E = 1) of (``image``, ``src``, ``alt``), on the CPU."""
+        return self._cached((index, "signal"), lambda: self._signal(index))
+
+    def pre_loc(self, index: int) -> torch.Tensor:
+        """[n, V] unedited log-probs at the record's M-Loc answer positions."""
+        return self._cached((index, "pre_loc"), lambda: self._pre_loc(index))
+
+    def influence(self, index: int, role: int) -> torch.Tensor:
+        """[P] token influence for ``ALIGN_ROLES[role]`` (unnormalised)."""
+        return self._cached((index, "influence", role), lambda: self._influence(index, role))
 
     def get(self, index: int) -> ExampleProducts:
-        if index in self._kept:
-            return self._kept[index]
-        products = self.compute(index)
-        size = products.nbytes()
-        if self.used + size <= self.max_bytes:
-            self._kept[index] = products
-            self.used += size
-        return products
+        """Every part of the record (through the cache)."""
+        return ExampleProducts(self.signal(index), self.pre_loc(index),
+                               torch.stack([self.influence(index, r) for r in range(len(ALIGN_ROLES))]))
+
+    def compute(self, index: int) -> ExampleProducts:
+        """Every part of the record, computed afresh."""
+        return ExampleProducts(self._signal(index), self._pre_loc(index),
+                               torch.stack([self._influence(index, r) for r in range(len(ALIGN_ROLES))]))
+
+    def _rows(self, index: int) -> dict[str, Row]:
+        return example_rows(self.records[index], self.task, self.formats)
 
     @torch.no_grad()
-    def compute(self, index: int) -> ExampleProducts:
-        record = self.records[index]
-        rows = example_rows(record, self.task, self.formats)
-        backbone = self.editor.backbone
-        image, prompt, target = rows["rel"]
-        signal = self.editor.edit_signal(EditRequest(image, prompt, target))
-        m_image, m_prompt, m_answer = rows["m_loc"]
-        batch = teacher_forced_batch(backbone, [m_image], [m_prompt], [m_answer])
+    def _signal(self, index: int) -> EditSignal:
+        image, prompt, target = self._rows(index)["rel"]
+        return self.editor.edit_signal(EditRequest(image, prompt, target)).to("cpu")
+
+    @torch.no_grad()
+    def _pre_loc(self, index: int) -> torch.Tensor:
+        m_image, m_prompt, m_answer = self._rows(index)["m_loc"]
+        batch = teacher_forced_batch(self.editor.backbone, [m_image], [m_prompt], [m_answer])
         select, _ = answer_positions(batch.target_lengths, batch.inputs["input_ids"].shape[1])
         site = self.split.prefix(batch.inputs)
-        pre_loc = torch.log_softmax(self.split.top(site, None, select)[0].float(), -1).cpu()
-        influence = torch.stack([
-            token_influence(backbone, rows[role][0], rows[role][1], self.it_layers, self.noise, (index, r))
-            for r, role in enumerate(ALIGN_ROLES)])
-        return ExampleProducts(signal.to("cpu"), pre_loc, influence)
+        return torch.log_softmax(self.split.top(site, None, select)[0].float(), -1).cpu()
+
+    def _influence(self, index: int, role: int) -> torch.Tensor:
+        image, prompt, _ = self._rows(index)[ALIGN_ROLES[role]]
+        return token_influence(self.editor.backbone, image, prompt, self.it_layers, self.noise, (index, role))
 
 
 def stack_signals(signals: Sequence[EditSignal], rows: Sequence[int]) -> EditSignal:

@@ -7,11 +7,13 @@
 
 One step takes ``batch_size`` records; each contributes four teacher-forced rows (rel, t_gen, m_gen,
 m_loc; text-only T-Loc inputs bypass the adapter, so they carry no gradient) with the record's own
-edit signal. The rows run below the edit site once, under no_grad (`SplitForward.prefix`); only the
+edit signal, plus ``loc_partners`` locality rows: the M-Loc inputs of other records drawn per step, under
+this record's edit. A fixed (edit, unrelated input) pairing seen every epoch is memorised: with own rows
+only, the default BLIP-2 kept 92.7 % of M-Loc answers on 150 training records but 66 % on eval records. The rows run below the edit site once, under no_grad (`SplitForward.prefix`); only the
 layers above carry gradients. Edit signals, pre-edit M-Loc outputs and IM alignment targets are
 per-record products of the frozen model, computed once under no_grad (`editing.examples`).
 
-Loss = w_rel·NLL(rel) + w_gen·(NLL(t_gen) + NLL(m_gen)) + w_loc·KL(p_pre ‖ p_post)(m_loc)
+Loss = w_rel·NLL(rel) + w_gen·(NLL(t_gen) + NLL(m_gen)) + w_loc·KL(p_pre ‖ p_post)(m_loc + partners)
      + w_align·alignment + w_up·up + w_down·down                       (weights 1, 1, 1, 0.1, 0.1, 0.1)
 The IM terms use, per record, one of its rel / t_gen / m_gen rows (drawn at random) and ``im_tokens``
 visual tokens drawn at random: the IM logits of those tokens of that row (visual states at the edit
@@ -43,7 +45,7 @@ from editing.examples import ALIGN_ROLES, ROLES, ExampleStore, answer_positions,
 from editing.inputs import teacher_forced_batch
 from editing.split import EditSite, SplitForward
 
-_ORDER_STREAM, _STEP_STREAM, _INIT_STREAM = 101, 102, 103  # keys of the seeded generators
+_ORDER_STREAM, _STEP_STREAM, _INIT_STREAM, _PARTNER_STREAM, _TOKEN_STREAM = 101, 102, 103, 104, 105  # seeded generators
 _RESUMABLE = {"steps", "checkpoint_every"}  # config fields a resumed run may change
 
 
@@ -51,7 +53,9 @@ _RESUMABLE = {"steps", "checkpoint_every"}  # config fields a resumed run may ch
 class TrainConfig:
     """Training settings. Weights and IM settings are SPEC §5's; ``influence_draws`` is the noise draws
     per token for the alignment targets (official: 1; computed once per record here, so 4 is cheap);
-    ``cache_mb`` bounds the in-memory per-record products (a 7B edit signal is ~10 MB)."""
+    ``cache_mb`` bounds the in-memory per-record products (a 7B edit signal is ~10 MB);
+    ``loc_partners``: extra locality rows per record, each the M-Loc input of another training record drawn
+    at random per step (0 = the record's own M-Loc row only, as the official code)."""
 
     steps: int = 1000
     batch_size: int = 4
@@ -64,6 +68,7 @@ class TrainConfig:
     up_weight: float = 0.1
     down_weight: float = 0.1
     im_tokens: int = 24
+    loc_partners: int = 1
     influence_sigma: float = 0.7
     influence_draws: int = 4
     checkpoint_every: int = 100
@@ -127,34 +132,50 @@ class Trainer:
             out.append(int(self._orders[epoch][position % n]))
         return out
 
+    def partner_indices(self, step: int, indices: list[int]) -> list[list[int]]:
+        """``loc_partners`` lists of one other record per batch record, drawn from a generator of ``step``."""
+        n = len(self.records)
+        if n < 2 or self.config.loc_partners == 0:
+            return []
+        generator = noise_generator(self.config.seed, _PARTNER_STREAM, step)
+        drawn = torch.randint(n - 1, (self.config.loc_partners, len(indices)), generator=generator)
+        return [[int(d) + (int(d) >= i) for d, i in zip(row, indices)] for row in drawn]  # skip the record itself
+
     def step(self, step: int) -> dict[str, float]:
         """One optimisation step; returns its losses (floats)."""
         config, editor = self.config, self.editor
         indices = self.batch_indices(step)
-        products = [self.store.get(i) for i in indices]  # before the signal is set: unedited model
+        partners = self.partner_indices(step, indices)  # [loc_partners][b]
+        # Products of the unedited model: before the signal is set.
+        signals = [self.store.signal(i) for i in indices]
+        pre_loc = [self.store.pre_loc(i) for i in indices] + [self.store.pre_loc(i) for drawn in partners for i in drawn]
+        roles = self.im_roles(step, b := len(indices))
+        influence = torch.stack([self.store.influence(i, int(r)) for i, r in zip(indices, roles)])
         rows = [example_rows(self.records[i], config.task, self.formats) for i in indices]
-        b = len(indices)
-        images, prompts, targets = zip(*[rows[j][role] for role in ROLES for j in range(b)])  # role-major
+        shown = [rows[j][role] for role in ROLES for j in range(b)]  # role-major
+        shown += [example_rows(self.records[i], config.task, self.formats)["m_loc"] for drawn in partners for i in drawn]
+        images, prompts, targets = zip(*shown)
         batch = teacher_forced_batch(editor.backbone, images, prompts, targets)
         select, mask = answer_positions(batch.target_lengths, batch.inputs["input_ids"].shape[1])
         labels = batch.inputs["input_ids"].gather(1, select + 1)  # the token each selected position predicts
         site = self.split.prefix(batch.inputs)
-        editor.hook.signal = stack_signals([p.signal for p in products], [j for _ in ROLES for j in range(b)])
+        edit_of_row = [j for _ in range(len(ROLES) + len(partners)) for j in range(b)]  # partner rows: record j's edit
+        editor.hook.signal = stack_signals(signals, edit_of_row)
         try:
             logits = self.split.top(site, editor.hook.apply, select)
         finally:
             editor.restore()
-        logp = torch.log_softmax(logits.float(), -1)  # [4b, K, V]
+        logp = torch.log_softmax(logits.float(), -1)  # [(4 + loc_partners)·b, K, V]
         device = logp.device
         labels, mask = labels.to(device), mask.to(device)
         part = {role: slice(r * b, (r + 1) * b) for r, role in enumerate(ROLES)}
         terms = {role: losses.target_nll(logp[part[role]], labels[part[role]], mask[part[role]])
                  for role in ALIGN_ROLES}  # rel, t_gen, m_gen: NLL of alt
-        loc = part["m_loc"]
+        loc = slice(part["m_loc"].start, logp.shape[0])  # the own M-Loc rows, then the partners'
         k_loc = logp.shape[1]
-        pre = torch.stack([_pad_positions(p.pre_loc, k_loc) for p in products]).to(device)
+        pre = torch.stack([_pad_positions(p, k_loc) for p in pre_loc]).to(device)
         terms["loc"] = losses.locality_kl(pre, logp[loc], mask[loc])
-        terms.update(self._im_terms(step, site, products))
+        terms.update(self._im_terms(step, site, signals, roles, influence))
         total = (config.rel_weight * terms["rel"] + config.gen_weight * (terms["t_gen"] + terms["m_gen"])
                  + config.loc_weight * terms["loc"] + config.align_weight * terms["align"]
                  + config.up_weight * terms["up"] + config.down_weight * terms["down"])
@@ -163,18 +184,21 @@ class Trainer:
         self.optimizer.step()
         return {"loss": total.item(), **{name: value.item() for name, value in terms.items()}}
 
-    def _im_terms(self, step: int, site: EditSite, products) -> dict[str, torch.Tensor]:
-        """IM alignment / up / down on one drawn rel-or-gen row per record and ``im_tokens`` drawn tokens."""
-        generator = noise_generator(self.config.seed, _STEP_STREAM, step)
+    def im_roles(self, step: int, b: int) -> torch.Tensor:
+        """[b] the sample (index into ALIGN_ROLES) each record's IM terms use at ``step``."""
+        return torch.randint(len(ALIGN_ROLES), (b,), generator=noise_generator(self.config.seed, _STEP_STREAM, step))
+
+    def _im_terms(self, step: int, site: EditSite, signals: list, roles: torch.Tensor, influence: torch.Tensor
+                  ) -> dict[str, torch.Tensor]:
+        """IM alignment / up / down on the drawn rel-or-gen row per record and ``im_tokens`` drawn tokens."""
+        generator = noise_generator(self.config.seed, _TOKEN_STREAM, step)
         adapter = self.editor.adapter
         dtype = adapter.vead.begin.weight.dtype
-        b, n_visual = len(products), site.positions.shape[1]
-        roles = torch.randint(len(ALIGN_ROLES), (b,), generator=generator)
+        b, n_visual = len(roles), site.positions.shape[1]
         tokens = torch.stack([torch.randperm(n_visual, generator=generator)[:min(self.config.im_tokens, n_visual)]
                               for _ in range(b)])
-        influence = torch.stack([p.influence for p in products])
         shown, unrelated, targets = im_inputs(site, influence, roles, tokens)
-        query = torch.cat([p.signal.query for p in products]).to(shown.device, dtype)
+        query = torch.cat([s.query for s in signals]).to(shown.device, dtype)
         rg_logits = adapter.im(shown.to(dtype), query).float()  # [b, k]
         loc_logits = adapter.im(unrelated.to(dtype), query).float()
         return {"align": losses.im_alignment(rg_logits, targets.to(rg_logits.device)), "up": losses.im_up(rg_logits),
@@ -185,8 +209,8 @@ def im_inputs(site: EditSite, influence: torch.Tensor, roles: torch.Tensor, toke
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What the IM terms compare, for a role-major batch of b records (rows ``ROLES.index(role) * b + j``).
 
-    influence [b, 3, P]: each record's token influence per ALIGN_ROLES sample; roles [b]: the drawn
-    sample per record; tokens [b, k]: drawn visual-token indices. Returns the drawn tokens' edit-site
+    influence [b, P]: each record's token influence of its drawn sample; roles [b]: the drawn sample per
+    record (index into ALIGN_ROLES); tokens [b, k]: drawn visual-token indices. Returns the drawn tokens' edit-site
     states of the drawn row [b, k, d] and of the m_loc row [b, k, d], and the alignment targets [b, k]:
     the drawn row's OWN influence at those tokens, normalised to sum 1 (the official slice bug took
     image-rephrase targets from the reliability image).
@@ -200,7 +224,7 @@ def im_inputs(site: EditSite, influence: torch.Tensor, roles: torch.Tensor, toke
         positions = site.positions[rows[:, None].to(site.positions.device), tokens.to(site.positions.device)]
         return site.hidden[rows[:, None].to(device), positions.to(device)]
 
-    picked = influence[torch.arange(b)[:, None], roles[:, None], tokens].clamp(min=0)  # [b, k]
+    picked = influence.gather(1, tokens).clamp(min=0)  # [b, k]
     targets = picked / picked.sum(-1, keepdim=True).clamp(min=1e-12)
     return states(chosen), states(loc_rows), targets
 

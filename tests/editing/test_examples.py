@@ -58,7 +58,7 @@ def test_alignment_targets_come_from_the_right_image(llava, tiny_world, make_edi
     images, prompts, targets = zip(*[rows[j][role] for role in ROLES for j in range(2)])
     site = trainer.split.prefix(teacher_forced_batch(llava, images, prompts, targets).inputs)
     tokens = torch.tensor([[0, 3, 5], [1, 2, 4]])
-    influence = torch.stack([p.influence for p in products])
+    influence = torch.stack([p.influence[2] for p in products])
     shown, unrelated, aligned = im_inputs(site, influence, torch.tensor([2, 2]), tokens)
     for j in range(2):
         image_rephrase, prompt, target = rows[j]["m_gen"]

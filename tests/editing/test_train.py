@@ -11,7 +11,7 @@ from attrib.backbones.loader import load_backbone
 from attrib.data import load_records
 from editing.checkpoint import STATE_FILE
 from editing.editor import EditPlacement
-from editing.train import TrainConfig, train
+from editing.train import Trainer, TrainConfig, train
 
 FAST = TrainConfig(steps=6, batch_size=2, lr=1e-2, influence_draws=1, checkpoint_every=2)
 
@@ -88,3 +88,19 @@ def test_resume_refuses_other_settings(llava, records, make_editor, tmp_path):
     train(editor, records, TrainConfig(**{**FAST.to_json(), "steps": 2}), tmp_path, progress=False)
     with pytest.raises(ValueError, match="lr: checkpoint 0.01, now 0.5"):
         train(editor, records, TrainConfig(**{**FAST.to_json(), "lr": 0.5}), tmp_path, resume=True, progress=False)
+
+
+def test_locality_partners_are_other_records_drawn_per_step(llava, records, make_editor):
+    editor = make_editor(llava, EditPlacement(0, (1,), 1))
+    trainer = Trainer(editor, records, TrainConfig(batch_size=2, loc_partners=2, influence_draws=1))
+    draws = {step: trainer.partner_indices(step, trainer.batch_indices(step)) for step in range(1, 9)}
+    for step, partners in draws.items():
+        own = trainer.batch_indices(step)
+        assert len(partners) == 2 and all(len(row) == len(own) for row in partners)
+        assert all(p != i and 0 <= p < len(records) for row in partners for p, i in zip(row, own))
+        assert trainer.partner_indices(step, own) == partners  # a step's draw is fixed by its number
+    assert len({str(p) for p in draws.values()}) > 1
+    alone = Trainer(editor, records, TrainConfig(batch_size=2, loc_partners=0, influence_draws=1))
+    assert alone.partner_indices(1, alone.batch_indices(1)) == []
+    losses = trainer.step(1)  # partner rows join the locality KL; the step runs and gives finite losses
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
