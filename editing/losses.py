@@ -33,9 +33,12 @@ def im_alignment(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -(targets * torch.log_softmax(logits, -1)).sum(-1).mean()
 
 
-def im_up(logits: torch.Tensor) -> torch.Tensor:
-    """Open the gate on the edited image: −mean log σ(logits)."""
-    return -F.logsigmoid(logits).mean()
+def im_up(logits: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Open the gate on the edited image: −mean log σ(logits); with ``weights`` [B, k] (rows summing to 1),
+    −Σ_i w_i log σ(logits_i) per edit, averaged over edits."""
+    if weights is None:
+        return -F.logsigmoid(logits).mean()
+    return -(weights * F.logsigmoid(logits)).sum(-1).mean()
 
 
 def im_down(logits: torch.Tensor) -> torch.Tensor:

@@ -54,6 +54,9 @@ class TrainConfig:
     """Training settings. Weights and IM settings are SPEC §5's; ``influence_draws`` is the noise draws
     per token for the alignment targets (official: 1; computed once per record here, so 4 is cheap);
     ``cache_mb`` bounds the in-memory per-record products (a 7B edit signal is ~10 MB);
+    ``im_up``: "mean" (SPEC: −mean log σ(IM) over the drawn tokens) or "influence" (the drawn tokens
+    weighted by the alignment target, so the gate is pushed open where the edit sample's answer depends
+    on the token rather than on the background, which unrelated images share);
     ``loc_partners``: extra locality rows per record, each the M-Loc input of another training record drawn
     at random per step (0 = the record's own M-Loc row only, as the official code)."""
 
@@ -68,6 +71,7 @@ class TrainConfig:
     up_weight: float = 0.1
     down_weight: float = 0.1
     im_tokens: int = 24
+    im_up: str = "mean"
     loc_partners: int = 1
     influence_sigma: float = 0.7
     influence_draws: int = 4
@@ -108,6 +112,8 @@ class Trainer:
                  prompts: dict[str, str] | None = None):
         if not records:
             raise ValueError("no training records")
+        if config.im_up not in ("mean", "influence"):
+            raise ValueError(f"im_up must be 'mean' or 'influence', got {config.im_up!r}")
         self.editor, self.records, self.config = editor, list(records), config
         self.formats = prompts or load_prompts()
         backbone = editor.backbone
@@ -201,8 +207,9 @@ class Trainer:
         query = torch.cat([s.query for s in signals]).to(shown.device, dtype)
         rg_logits = adapter.im(shown.to(dtype), query).float()  # [b, k]
         loc_logits = adapter.im(unrelated.to(dtype), query).float()
-        return {"align": losses.im_alignment(rg_logits, targets.to(rg_logits.device)), "up": losses.im_up(rg_logits),
-                "down": losses.im_down(loc_logits)}
+        targets = targets.to(rg_logits.device)
+        up = losses.im_up(rg_logits, targets if self.config.im_up == "influence" else None)
+        return {"align": losses.im_alignment(rg_logits, targets), "up": up, "down": losses.im_down(loc_logits)}
 
 
 def im_inputs(site: EditSite, influence: torch.Tensor, roles: torch.Tensor, tokens: torch.Tensor

@@ -25,3 +25,11 @@ def test_im_losses():
     assert math.isclose(losses.im_up(logits).item(), math.log(2), rel_tol=1e-6)
     assert losses.im_up(torch.tensor([50.0])).item() < 1e-6 and losses.im_down(torch.tensor([-50.0])).item() < 1e-6
     assert torch.isfinite(losses.im_down(torch.tensor([200.0])))  # no log(0)
+
+
+def test_influence_weighted_im_up_ignores_unweighted_tokens():
+    logits = torch.tensor([[3.0, -40.0], [0.0, 0.0]])
+    weights = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    expected = (-torch.nn.functional.logsigmoid(torch.tensor(3.0)).item() + math.log(2)) / 2
+    assert math.isclose(losses.im_up(logits, weights).item(), expected, rel_tol=1e-6)
+    assert losses.im_up(logits).item() > 10  # unweighted, the closed token dominates
