@@ -20,6 +20,7 @@ starts empty, reach bit-identical weights.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -108,12 +109,15 @@ class ExampleStore:
         self.editor, self.split, self.records = editor, split, records
         self.task, self.formats, self.it_layers, self.noise = task, formats, list(it_layers), noise
         self.max_bytes, self.used = max_bytes, 0
+        self.compute_s = 0.0  # wall time spent computing parts (the rest of a step is the step itself)
         self._kept: dict[tuple, object] = {}
 
     def _cached(self, key: tuple, make):
         if key in self._kept:
             return self._kept[key]
+        began = time.perf_counter()
         value = make()
+        self.compute_s += time.perf_counter() - began
         tensors = (value.states, value.mask, value.query) if isinstance(value, EditSignal) else (value,)
         size = sum(t.numel() * t.element_size() for t in tensors)
         if self.used + size <= self.max_bytes:

@@ -172,9 +172,11 @@ def _markdown(results: dict) -> str:
              f"Secondary ({m['secondary']['protocol']}): T-Loc top-1 {cell(m['secondary']['t_loc_top1'])}, "
              f"M-Loc top-10 {cell(m['secondary']['m_loc_top10'])}.", ""]
     p, t = results["placement"], results["timing"]
+    products = f" (per-record products {results['train']['products_s']} s)" if results.get("train") else ""
     lines += [f"Placement: edit layer {p['edit_layer']}, IM read layer {p['im_read_layer']}, IT layers "
               f"{p['it_layers']} (from {p['source']}).",
-              f"Timing: train {t['train_s']} s, edit {t['edit_ms']} ms, inference overhead {t['inference_overhead']}."]
+              f"Timing: train {t['train_s']} s{products}, edit {t['edit_ms']} ms, "
+              f"inference overhead {t['inference_overhead']}."]
     gate = m.get("im_gate_mean") or {}
     if gate.get("edit_image") is not None:  # both means exist together: im_maps reads them in pairs
         lines.append(f"IM gate σ(IM), mean over visual tokens: {gate['edit_image']:.3f} on the edits' own inputs, "
@@ -218,7 +220,8 @@ def run_edit(options: EditOptions) -> dict:
                                    seed=options.seed, checkpoint_every=options.checkpoint_every, task=task)
         trained = train(editor, train_records, train_config, out / "checkpoint", resume=options.resume,
                         progress=options.progress)
-        train_s, train_info = round(trained.train_s, 2), {"steps": trained.steps, "config": train_config.to_json()}
+        train_s, train_info = round(trained.train_s, 2), {"steps": trained.steps, "config": train_config.to_json(),
+                                                          "products_s": round(trained.products_s, 2)}
         adapter_path = editor.save_weights(out / "adapter.safetensors")
     else:
         adapter_path = options.checkpoint

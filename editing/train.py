@@ -85,11 +85,13 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """steps: last step done; train_s: wall time over all sessions; history: per-step losses of this
+    """steps: last step done; train_s: wall time over all sessions; products_s: the part of this
+    session's time spent computing per-record products (`ExampleStore`); history: per-step losses of this
     session; resumed_from: the step a resumed run started after (None = fresh)."""
 
     steps: int
     train_s: float
+    products_s: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
     resumed_from: int | None = None
     checkpoint: Path | None = None
@@ -300,4 +302,5 @@ def train(editor: VisEditEditor, records: Sequence[EditRecord], config: TrainCon
     bar.close()
     editor.adapter.eval()
     result.train_s = before_s + time.perf_counter() - began
+    result.products_s = trainer.store.compute_s
     return result

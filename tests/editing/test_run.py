@@ -33,6 +33,7 @@ def test_results_have_the_required_keys(trained, tiny_dirs):
     assert VISEDIT_KEYS <= set(results["methods"]["visedit"])
     assert set(results["timing"]) == {"train_s", "edit_ms", "inference_overhead"}
     assert results["timing"]["train_s"] > 0 and results["train"]["steps"] == 2
+    assert 0 < results["train"]["products_s"] < results["timing"]["train_s"]
     assert results["train"]["config"]["lr"] == 1e-3  # no --lr: the small-LM default
     for name in ("results.md", "adapter.safetensors", "im_maps.png", "attribution/attribution.json",
                  "attribution/placement.png", "checkpoint/train_state.json"):
