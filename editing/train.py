@@ -11,8 +11,9 @@ edit signal, plus ``loc_partners`` locality rows: the M-Loc inputs of other reco
 this record's edit, so locality is not learnt from one fixed unrelated input per edit. (What mattered
 more was the number of records: trained on 300 for 2,000 steps, the default BLIP-2's adapter kept 92.7 %
 of M-Loc answers on its training records and 66 % on eval records; on 3,000, 78 % on eval.) The rows run
-below the edit site once, under no_grad (`SplitForward.prefix`); only the layers above carry gradients. Edit signals, pre-edit M-Loc outputs and IM alignment targets are
-per-record products of the frozen model, computed once under no_grad (`editing.examples`).
+below the edit site once, under no_grad (`SplitForward.prefix`); only the layers above carry gradients.
+Edit signals, pre-edit M-Loc outputs and IM alignment targets are per-record products of the frozen
+model, computed once under no_grad (`editing.examples`).
 
 Loss = w_rel·NLL(rel) + w_gen·(NLL(t_gen) + NLL(m_gen)) + w_loc·KL(p_pre ‖ p_post)(m_loc + partners)
      + w_align·alignment + w_up·up + w_down·down                       (weights 1, 1, 1, 0.1, 0.1, 0.1)
@@ -43,7 +44,9 @@ from attrib.regions.methods import AttentionNoise, noise_generator
 from editing import losses
 from editing.checkpoint import load_checkpoint, read_state, save_checkpoint
 from editing.editor import VisEditEditor
-from editing.examples import ALIGN_ROLES, ROLES, ExampleStore, answer_positions, example_rows, stack_signals
+from editing.examples import (
+    ALIGN_ROLES, ROLES, ExampleStore, answer_positions, example_row, example_rows, stack_signals,
+)
 from editing.inputs import teacher_forced_batch
 from editing.split import EditSite, SplitForward
 
@@ -54,7 +57,8 @@ _RESUMABLE = {"steps", "checkpoint_every"}  # config fields a resumed run may ch
 @dataclass(frozen=True)
 class TrainConfig:
     """Training settings. Weights and IM settings are SPEC §5's; ``influence_draws`` is the noise draws
-    per token for the alignment targets (official: 1; computed once per record here, so 4 is cheap);
+    per token for the alignment targets (official: 1; computed once per record and sample here, so 4 costs
+little beside the capture forward);
     ``cache_mb`` bounds the in-memory per-record products (a 7B edit signal is ~10 MB);
     ``im_up``: "mean" (SPEC: −mean log σ(IM) over the drawn tokens) or "influence" (the drawn tokens
     weighted by the alignment target, so the gate is pushed open where the edit sample's answer depends
@@ -160,11 +164,12 @@ class Trainer:
         roles = self.im_roles(step, b)
         # Products of the unedited model: before the signal is set.
         signals = [self.store.signal(i) for i in indices]
-        pre_loc = [self.store.pre_loc(i) for i in indices] + [self.store.pre_loc(i) for drawn in partners for i in drawn]
+        loc_records = indices + [i for drawn in partners for i in drawn]  # own M-Loc rows, then the partners'
+        pre_loc = [self.store.pre_loc(i) for i in loc_records]
         influence = torch.stack([self.store.influence(i, int(r)) for i, r in zip(indices, roles)])
         rows = [example_rows(self.records[i], config.task, self.formats) for i in indices]
         shown = [rows[j][role] for role in ROLES for j in range(b)]  # role-major
-        shown += [example_rows(self.records[i], config.task, self.formats)["m_loc"] for drawn in partners for i in drawn]
+        shown += [example_row(self.records[i], "m_loc", config.task, self.formats) for i in loc_records[b:]]
         images, prompts, targets = zip(*shown)
         batch = teacher_forced_batch(editor.backbone, images, prompts, targets)
         select, mask = answer_positions(batch.target_lengths, batch.inputs["input_ids"].shape[1])
@@ -222,8 +227,8 @@ def im_inputs(site: EditSite, influence: torch.Tensor, roles: torch.Tensor, toke
     """What the IM terms compare, for a role-major batch of b records (rows ``ROLES.index(role) * b + j``).
 
     influence [b, P]: each record's token influence of its drawn sample; roles [b]: the drawn sample per
-    record (index into ALIGN_ROLES); tokens [b, k]: drawn visual-token indices. Returns the drawn tokens' edit-site
-    states of the drawn row [b, k, d] and of the m_loc row [b, k, d], and the alignment targets [b, k]:
+    record (index into ALIGN_ROLES); tokens [b, k]: drawn visual-token indices. Returns the drawn tokens'
+    edit-site states of the drawn row [b, k, d] and of the m_loc row [b, k, d], and the alignment targets [b, k]:
     the drawn row's OWN influence at those tokens, normalised to sum 1 (the official slice bug took
     image-rephrase targets from the reliability image).
     """
