@@ -14,15 +14,16 @@ bug (``hidden_states[:, a, b]`` — one element — where ``[:, a:b]`` was meant
 computed from a forward of its own (image, prompt) pair, so there is no slice to get wrong; the test
 suite pins that the m_gen targets equal the influence on ``image_rephrase`` and not on ``image``.
 
-Each part is computed on first use (`ExampleStore`), with a batch of one and seeded per (seed, record,
-sample, layer), so a product does not depend on when it was computed or which other records share a
-step — which is what lets a resumed run, whose cache starts empty, reach bit-identical weights.
+Each part is computed on first use (`ExampleStore`) for a fixed chunk of records at once, with noise
+seeded per (seed, record, sample, layer), so a product does not depend on when it was computed or
+which other records share a step — which is what lets a resumed run, whose cache starts empty, reach
+bit-identical weights.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -73,21 +74,23 @@ def answer_positions(target_lengths: Sequence[int], length: int) -> tuple[torch.
 
 
 @torch.no_grad()
-def token_influence(backbone: Backbone, image: Image.Image, prompt: str, layers: Sequence[int],
-                    method: AttentionNoise, keys: tuple[int, ...]) -> torch.Tensor:
-    """[P] noise influence of each visual token alone on the last prompt token's attention output at
-    each of ``layers`` (mean of 1 − cos over ``method.draws``), averaged over the layers. Noise for
-    layer ℓ comes from the stream (method.seed, *keys, ℓ)."""
-    inputs = backbone.encode([image], [prompt])
-    site = backbone.visual_positions(inputs["input_ids"])[0]  # [P]
+def token_influence(backbone: Backbone, images: Sequence[Image.Image], prompts: Sequence[str],
+                    layers: Sequence[int], method: AttentionNoise, keys: Sequence[tuple[int, ...]]) -> torch.Tensor:
+    """[B, P] noise influence of each visual token alone on the last prompt token's attention output at
+    each of ``layers`` (mean of 1 − cos over ``method.draws``), averaged over the layers, for a batch of
+    (image, prompt) pairs run in one forward. Noise for row b at layer ℓ comes from the stream
+    (method.seed, *keys[b], ℓ)."""
+    inputs = backbone.encode(list(images), list(prompts))
+    sites = backbone.visual_positions(inputs["input_ids"])  # [B, P]
     captures = capture_layers(backbone, inputs, list(layers))
-    index = site[:, None]  # one region per token (window 0)
-    valid = torch.ones_like(index, dtype=torch.bool)
-    total = torch.zeros(len(site))
-    for layer in layers:
-        attn = last_query_attention(backbone, layer, captures[layer], 0)
-        generator = noise_generator(method.seed, *keys, layer)
-        total += method.local(attn, index, valid, attn.hidden[site], generator).float().cpu()
+    total = torch.zeros(sites.shape)
+    for row, site in enumerate(sites):
+        index = site[:, None]  # one region per token (window 0)
+        valid = torch.ones_like(index, dtype=torch.bool)
+        for layer in layers:
+            attn = last_query_attention(backbone, layer, captures[layer], row)
+            generator = noise_generator(method.seed, *keys[row], layer)
+            total[row] += method.local(attn, index, valid, attn.hidden[site], generator).float().cpu()
     return total / len(layers)
 
 
@@ -107,42 +110,53 @@ class ExampleStore:
 
     Parts are separate because steps need different ones: a record's own rows need its edit signal and
     the influence of the one sample the step draws for the IM terms; a locality partner needs only its
-    pre-edit M-Loc output. The influence (a noise sweep per IT layer) and the pre-edit forward are most of
-    the cost (about equal shares in a profile of the default LLaVA).
+    pre-edit M-Loc output. A part is computed for a whole fixed chunk of ``chunk`` consecutive records in
+    one batched forward (4–5× less time per record than one at a time on the default LLaVA); the chunks
+    never change, so a part's value does not depend on which record asked for it first.
     """
 
     def __init__(self, editor: VisEditEditor, split: SplitForward, records: Sequence[EditRecord], task: str,
-                 formats: dict[str, str], it_layers: Sequence[int], noise: AttentionNoise, max_bytes: int):
+                 formats: dict[str, str], it_layers: Sequence[int], noise: AttentionNoise, max_bytes: int,
+                 chunk: int = 8):
+        if chunk < 1:
+            raise ValueError(f"the product chunk must be at least 1 record, got {chunk}")
         self.editor, self.split, self.records = editor, split, records
         self.task, self.formats, self.it_layers, self.noise = task, formats, list(it_layers), noise
-        self.max_bytes, self.used = max_bytes, 0
+        self.max_bytes, self.used, self.chunk = max_bytes, 0, chunk
         self.compute_s = 0.0  # wall time spent computing parts (the rest of a step is the step itself)
         self._kept: dict[tuple, object] = {}
 
-    def _cached(self, key: tuple, make):
-        if key in self._kept:
-            return self._kept[key]
+    def members(self, index: int) -> list[int]:
+        """The records computed together with ``index``."""
+        start = index - index % self.chunk
+        return list(range(start, min(start + self.chunk, len(self.records))))
+
+    def _cached(self, index: int, part: tuple, make: Callable[[list[int]], list]):
+        if (index, *part) in self._kept:
+            return self._kept[(index, *part)]
+        members = self.members(index)
         began = time.perf_counter()
-        value = make()
+        values = make(members)
         self.compute_s += time.perf_counter() - began
-        tensors = (value.states, value.mask, value.query) if isinstance(value, EditSignal) else (value,)
-        size = sum(t.numel() * t.element_size() for t in tensors)
-        if self.used + size <= self.max_bytes:
-            self._kept[key] = value
-            self.used += size
-        return value
+        for member, value in zip(members, values):
+            tensors = (value.states, value.mask, value.query) if isinstance(value, EditSignal) else (value,)
+            size = sum(t.numel() * t.element_size() for t in tensors)
+            if (member, *part) not in self._kept and self.used + size <= self.max_bytes:
+                self._kept[(member, *part)] = value
+                self.used += size
+        return values[members.index(index)]
 
     def signal(self, index: int) -> EditSignal:
         """The record's edit (E = 1) of (``image``, ``src``, ``alt``), on the CPU."""
-        return self._cached((index, "signal"), lambda: self._signal(index))
+        return self._cached(index, ("signal",), self._signals)
 
     def pre_loc(self, index: int) -> torch.Tensor:
         """[n, V] unedited log-probs at the record's M-Loc answer positions."""
-        return self._cached((index, "pre_loc"), lambda: self._pre_loc(index))
+        return self._cached(index, ("pre_loc",), self._pre_locs)
 
     def influence(self, index: int, role: int) -> torch.Tensor:
         """[P] token influence for ``ALIGN_ROLES[role]`` (unnormalised)."""
-        return self._cached((index, "influence", role), lambda: self._influence(index, role))
+        return self._cached(index, ("influence", role), lambda members: self._influences(members, role))
 
     def get(self, index: int) -> ExampleProducts:
         """Every part of the record (through the cache)."""
@@ -150,29 +164,41 @@ class ExampleStore:
                                torch.stack([self.influence(index, r) for r in range(len(ALIGN_ROLES))]))
 
     def compute(self, index: int) -> ExampleProducts:
-        """Every part of the record, computed afresh."""
-        return ExampleProducts(self._signal(index), self._pre_loc(index),
-                               torch.stack([self._influence(index, r) for r in range(len(ALIGN_ROLES))]))
+        """Every part of the record, computed afresh (with its chunk)."""
+        members = self.members(index)
+        at = members.index(index)
+        return ExampleProducts(self._signals(members)[at], self._pre_locs(members)[at],
+                               torch.stack([self._influences(members, r)[at] for r in range(len(ALIGN_ROLES))]))
 
-    def _row(self, index: int, role: str) -> Row:
-        return example_row(self.records[index], role, self.task, self.formats)
-
-    @torch.no_grad()
-    def _signal(self, index: int) -> EditSignal:
-        image, prompt, target = self._row(index, "rel")
-        return self.editor.edit_signal(EditRequest(image, prompt, target)).to("cpu")
+    def _rows(self, members: list[int], role: str) -> tuple[list, list, list]:
+        rows = [example_row(self.records[i], role, self.task, self.formats) for i in members]
+        return tuple(list(column) for column in zip(*rows))
 
     @torch.no_grad()
-    def _pre_loc(self, index: int) -> torch.Tensor:
-        m_image, m_prompt, m_answer = self._row(index, "m_loc")
-        batch = teacher_forced_batch(self.editor.backbone, [m_image], [m_prompt], [m_answer])
+    def _signals(self, members: list[int]) -> list[EditSignal]:
+        """One E = 1 signal per record, without the batch's left padding."""
+        images, prompts, targets = self._rows(members, "rel")
+        batch = self.editor.edit_signal([EditRequest(*r) for r in zip(images, prompts, targets)]).to("cpu")
+        out = []
+        for row in range(len(members)):
+            pad = int((~batch.mask[row]).sum())  # left padding: the valid positions are the last ones
+            out.append(EditSignal(batch.states[row:row + 1, pad:].clone(), batch.mask[row:row + 1, pad:].clone(),
+                                  batch.query[row:row + 1].clone(), batch.prompt_end[row:row + 1] - pad))
+        return out
+
+    @torch.no_grad()
+    def _pre_locs(self, members: list[int]) -> list[torch.Tensor]:
+        batch = teacher_forced_batch(self.editor.backbone, *self._rows(members, "m_loc"))
         select, _ = answer_positions(batch.target_lengths, batch.inputs["input_ids"].shape[1])
         site = self.split.prefix(batch.inputs)
-        return torch.log_softmax(self.split.top(site, None, select)[0].float(), -1).cpu()
+        logp = torch.log_softmax(self.split.top(site, None, select).float(), -1).cpu()
+        return [logp[row, :n].clone() for row, n in enumerate(batch.target_lengths)]
 
-    def _influence(self, index: int, role: int) -> torch.Tensor:
-        image, prompt, _ = self._row(index, ALIGN_ROLES[role])
-        return token_influence(self.editor.backbone, image, prompt, self.it_layers, self.noise, (index, role))
+    def _influences(self, members: list[int], role: int) -> list[torch.Tensor]:
+        images, prompts, _ = self._rows(members, ALIGN_ROLES[role])
+        total = token_influence(self.editor.backbone, images, prompts, self.it_layers, self.noise,
+                                [(i, role) for i in members])
+        return list(total)
 
 
 def stack_signals(signals: Sequence[EditSignal], rows: Sequence[int]) -> EditSignal:

@@ -64,7 +64,8 @@ little beside the capture forward);
     weighted by the alignment target, so the gate is pushed open where the edit sample's answer depends
     on the token rather than on the background, which unrelated images share);
     ``loc_partners``: extra locality rows per record, each the M-Loc input of another training record drawn
-    at random per step (0 = the record's own M-Loc row only, as the official code)."""
+    at random per step (0 = the record's own M-Loc row only, as the official code);
+    ``product_chunk``: records whose per-record products are computed in one batched forward."""
 
     steps: int = 1000
     batch_size: int = 4
@@ -81,6 +82,7 @@ little beside the capture forward);
     loc_partners: int = 1
     influence_sigma: float = 0.7
     influence_draws: int = 4
+    product_chunk: int = 8
     checkpoint_every: int = 100
     cache_mb: int = 2048
     task: str = "vqa"
@@ -130,7 +132,7 @@ class Trainer:
         it_layers = placement.it_layers or tuple(range(max(placement.edit_layer + 1, 0), backbone.n_layers))
         noise = AttentionNoise(config.influence_sigma, "abs", config.influence_draws, config.seed)
         self.store = ExampleStore(editor, self.split, self.records, config.task, self.formats, it_layers, noise,
-                                  config.cache_mb << 20)
+                                  config.cache_mb << 20, config.product_chunk)
         self.optimizer = torch.optim.Adam(editor.adapter.parameters(), lr=config.lr)
         self._orders: dict[int, torch.Tensor] = {}
 

@@ -85,7 +85,10 @@ def test_placement_uses_both_curves():
     falls = [1.0, 1.0, 0.95, 0.4, 0.1, 0.0, 0.0]  # high at the input and after L0-L1, falls after L2
     assert ceiling_reach(falls) == 1
     placed = place_edit(attn, mlp, ceiling=falls)
-    assert (placed.edit_layer, placed.im_read_layer, placed.contribution_edit_layer) == (1, 2, 3)
+    # the IM reads where the ceiling has fallen to a quarter of c[0]: after layer 3 (0.1), not layer 2 (0.4)
+    assert (placed.edit_layer, placed.im_read_layer, placed.contribution_edit_layer) == (1, 3, 3)
+    assert place_edit(attn, mlp, ceiling=falls, read_threshold=0.5).im_read_layer == 2
+    assert place_edit(attn, mlp, ceiling=[1.0, 1.0, 0.95, 0.95, 0.9, 0.9, 0.9]).im_read_layer == 5  # never falls
     assert placed.it_layers == [4, 5] and placed.to_json()["ceiling"] == falls
     assert place_edit(attn, mlp, ceiling=[0.9] * 7).edit_layer == 3  # never deeper than the contribution layer
     early = place_edit(attn, mlp, ceiling=[1.0, 0.2, 0.9, 0.9, 0.0, 0.0, 0.0])  # a noisy bump does not count
