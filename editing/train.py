@@ -57,8 +57,7 @@ _RESUMABLE = {"steps", "checkpoint_every"}  # config fields a resumed run may ch
 @dataclass(frozen=True)
 class TrainConfig:
     """Training settings. Weights and IM settings are SPEC §5's; ``influence_draws`` is the noise draws
-    per token for the alignment targets (official: 1; computed once per record and sample here, so 4 costs
-little beside the capture forward);
+    per token for the alignment targets (official: 1; computed once per record and sample here);
     ``cache_mb`` bounds the in-memory per-record products (a 7B edit signal is ~10 MB);
     ``im_up``: "mean" (SPEC: −mean log σ(IM) over the drawn tokens) or "influence" (the drawn tokens
     weighted by the alignment target, so the gate is pushed open where the edit sample's answer depends
