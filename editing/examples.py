@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from PIL import Image
@@ -110,16 +110,19 @@ class ExampleStore:
 
     Parts are separate because steps need different ones: a record's own rows need its edit signal and
     the influence of the one sample the step draws for the IM terms; a locality partner needs only its
-    pre-edit M-Loc output. A part is computed for a whole fixed chunk of ``chunk`` consecutive records in
-    one batched forward (default LLaVA, 3,000 records: 497 s of products against ~900 s one record at a
-    time — every chunk computes all three influence samples, ~40 % of which no step draws: e^(−8,000/9,000)
-    for 2,000 steps × 4 draws over 9,000 record-sample pairs); the chunks
+    pre-edit M-Loc output. A part is computed for a whole fixed chunk of ``chunk`` items in one batched
+    forward (default LLaVA, 3,000 records: 497 s of products against ~900 s one record at a time). Signals
+    and pre-edit outputs are chunked by consecutive records. Influence is chunked by ``pair_order``, when
+    given: an iterable of the (record, sample) pairs in the order training will ask for them; pair number
+    k (counting first appearances) belongs to chunk k // ``chunk``. Chunking influence by consecutive
+    records instead computes all three samples of every record, ~40 % of which no step draws
+    (e^(−8,000/9,000) for 2,000 steps × 4 draws over 9,000 record-sample pairs). Either way the chunks
     never change, so a part's value does not depend on which record asked for it first.
     """
 
     def __init__(self, editor: VisEditEditor, split: SplitForward, records: Sequence[EditRecord], task: str,
                  formats: dict[str, str], it_layers: Sequence[int], noise: AttentionNoise, max_bytes: int,
-                 chunk: int = 8):
+                 chunk: int = 8, pair_order: Iterable[tuple[int, int]] | None = None):
         if chunk < 1:
             raise ValueError(f"the product chunk must be at least 1 record, got {chunk}")
         self.editor, self.split, self.records = editor, split, records
@@ -127,38 +130,74 @@ class ExampleStore:
         self.max_bytes, self.used, self.chunk = max_bytes, 0, chunk
         self.compute_s = 0.0  # wall time spent computing parts (the rest of a step is the step itself)
         self._kept: dict[tuple, object] = {}
+        self._pairs = None if pair_order is None else iter(pair_order)
+        self._pair_number: dict[tuple[int, int], int] = {}
+        self._numbered: list[tuple[int, int]] = []
 
     def members(self, index: int) -> list[int]:
-        """The records computed together with ``index``."""
+        """The records computed together with ``index`` (signals, pre-edit outputs)."""
         start = index - index % self.chunk
         return list(range(start, min(start + self.chunk, len(self.records))))
 
-    def _cached(self, index: int, part: tuple, make: Callable[[list[int]], list]):
-        if (index, *part) in self._kept:
-            return self._kept[(index, *part)]
-        members = self.members(index)
+    def pair_members(self, index: int, role: int) -> list[tuple[int, int]]:
+        """The (record, sample) pairs whose influence is computed together with (``index``, ``role``)."""
+        if self._pairs is None:
+            return [(i, role) for i in self.members(index)]
+        pair = (index, role)
+        while pair not in self._pair_number and self._number_next():
+            pass
+        if pair not in self._pair_number:  # the order never asks for it: number it after everything else
+            self._number(pair)
+        start = self._pair_number[pair] - self._pair_number[pair] % self.chunk
+        while len(self._numbered) < start + self.chunk and self._number_next():
+            pass  # fill the chunk from the order; a chunk is complete before any of it is computed
+        return self._numbered[start:start + self.chunk]
+
+    def _number_next(self) -> bool:
+        """Number the next new pair of the order; False when the order is exhausted."""
+        for pair in self._pairs:
+            if pair not in self._pair_number:
+                self._number(pair)
+                return True
+        return False
+
+    def _number(self, pair: tuple[int, int]) -> None:
+        self._pair_number[pair] = len(self._numbered)
+        self._numbered.append(pair)
+
+    def _cached(self, key: tuple, members: Callable[[], list[tuple]], make: Callable[[list[tuple]], list]):
+        """The part ``key``; on a miss, ``make`` computes the keys ``members()`` (key among them) at once."""
+        if key in self._kept:
+            return self._kept[key]
+        keys = members()
         began = time.perf_counter()
-        values = make(members)
+        values = make(keys)
         self.compute_s += time.perf_counter() - began
-        for member, value in zip(members, values):
+        for member, value in zip(keys, values):
             tensors = (value.states, value.mask, value.query) if isinstance(value, EditSignal) else (value,)
             size = sum(t.numel() * t.element_size() for t in tensors)
-            if (member, *part) not in self._kept and self.used + size <= self.max_bytes:
-                self._kept[(member, *part)] = value
+            if member not in self._kept and self.used + size <= self.max_bytes:
+                self._kept[member] = value
                 self.used += size
-        return values[members.index(index)]
+        return values[keys.index(key)]
+
+    def _record_part(self, index: int, part: str, make: Callable[[list[int]], list]):
+        return self._cached((index, part), lambda: [(i, part) for i in self.members(index)],
+                            lambda keys: make([i for i, _ in keys]))
 
     def signal(self, index: int) -> EditSignal:
         """The record's edit (E = 1) of (``image``, ``src``, ``alt``), on the CPU."""
-        return self._cached(index, ("signal",), self._signals)
+        return self._record_part(index, "signal", self._signals)
 
     def pre_loc(self, index: int) -> torch.Tensor:
         """[n, V] unedited log-probs at the record's M-Loc answer positions."""
-        return self._cached(index, ("pre_loc",), self._pre_locs)
+        return self._record_part(index, "pre_loc", self._pre_locs)
 
     def influence(self, index: int, role: int) -> torch.Tensor:
         """[P] token influence for ``ALIGN_ROLES[role]`` (unnormalised)."""
-        return self._cached(index, ("influence", role), lambda members: self._influences(members, role))
+        return self._cached((index, "influence", role),
+                            lambda: [(i, "influence", r) for i, r in self.pair_members(index, role)],
+                            lambda keys: self._influences([(i, r) for i, _, r in keys]))
 
     def get(self, index: int) -> ExampleProducts:
         """Every part of the record (through the cache)."""
@@ -169,11 +208,16 @@ class ExampleStore:
         """Every part of the record, computed afresh (with its chunk)."""
         members = self.members(index)
         at = members.index(index)
-        return ExampleProducts(self._signals(members)[at], self._pre_locs(members)[at],
-                               torch.stack([self._influences(members, r)[at] for r in range(len(ALIGN_ROLES))]))
+        influence = []
+        for role in range(len(ALIGN_ROLES)):
+            pairs = self.pair_members(index, role)
+            influence.append(self._influences(pairs)[pairs.index((index, role))])
+        return ExampleProducts(self._signals(members)[at], self._pre_locs(members)[at], torch.stack(influence))
 
-    def _rows(self, members: list[int], role: str) -> tuple[list, list, list]:
-        rows = [example_row(self.records[i], role, self.task, self.formats) for i in members]
+    def _rows(self, members: list[int], role: str | Sequence[str]) -> tuple[list, list, list]:
+        """Images, prompts, targets of ``members``' ``role`` rows (one role, or one per member)."""
+        roles = [role] * len(members) if isinstance(role, str) else role
+        rows = [example_row(self.records[i], r, self.task, self.formats) for i, r in zip(members, roles)]
         return tuple(list(column) for column in zip(*rows))
 
     @torch.no_grad()
@@ -196,11 +240,10 @@ class ExampleStore:
         logp = torch.log_softmax(self.split.top(site, None, select).float(), -1).cpu()
         return [logp[row, :n].clone() for row, n in enumerate(batch.target_lengths)]
 
-    def _influences(self, members: list[int], role: int) -> list[torch.Tensor]:
-        images, prompts, _ = self._rows(members, ALIGN_ROLES[role])
-        total = token_influence(self.editor.backbone, images, prompts, self.it_layers, self.noise,
-                                [(i, role) for i in members])
-        return list(total)
+    def _influences(self, pairs: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Influence of (record, sample) ``pairs``, one padded batch."""
+        images, prompts, _ = self._rows([i for i, _ in pairs], [ALIGN_ROLES[r] for _, r in pairs])
+        return list(token_influence(self.editor.backbone, images, prompts, self.it_layers, self.noise, pairs))
 
 
 def stack_signals(signals: Sequence[EditSignal], rows: Sequence[int]) -> EditSignal:

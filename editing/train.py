@@ -30,10 +30,11 @@ thread count). Checkpoints: `editing.checkpoint`.
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from tqdm import tqdm
@@ -131,21 +132,30 @@ class Trainer:
         it_layers = placement.it_layers or tuple(range(max(placement.edit_layer + 1, 0), backbone.n_layers))
         noise = AttentionNoise(config.influence_sigma, "abs", config.influence_draws, config.seed)
         self.store = ExampleStore(editor, self.split, self.records, config.task, self.formats, it_layers, noise,
-                                  config.cache_mb << 20, config.product_chunk)
+                                  config.cache_mb << 20, config.product_chunk, self.influence_pairs())
         self.optimizer = torch.optim.Adam(editor.adapter.parameters(), lr=config.lr)
-        self._orders: dict[int, torch.Tensor] = {}
+
+    @functools.lru_cache(maxsize=4)  # noqa: B019 (one trainer per run; steps read one or two epochs at a time)
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """The seeded permutation of the records for ``epoch`` (0-based)."""
+        return torch.randperm(len(self.records), generator=noise_generator(self.config.seed, _ORDER_STREAM, epoch))
 
     def batch_indices(self, step: int) -> list[int]:
         """Record indices of ``step`` (1-based): consecutive slices of one seeded permutation per epoch."""
         n, size = len(self.records), self.config.batch_size
-        out = []
-        for position in range((step - 1) * size, step * size):
-            epoch = position // n
-            if epoch not in self._orders:
-                generator = noise_generator(self.config.seed, _ORDER_STREAM, epoch)
-                self._orders = {epoch: torch.randperm(n, generator=generator)}  # steps only move forward
-            out.append(int(self._orders[epoch][position % n]))
-        return out
+        return [int(self.epoch_order(position // n)[position % n]) for position in range((step - 1) * size, step * size)]
+
+    def influence_pairs(self) -> Iterator[tuple[int, int]]:
+        """The (record, sample) pairs the IM terms ask influence for, step by step from step 1, until every
+        pair has appeared (or 1,000 epochs have passed); it does not depend on ``steps``, so a resumed run
+        with more steps chunks its influence work exactly as before."""
+        n, seen, step = len(self.records), set(), 1
+        while len(seen) < n * len(ALIGN_ROLES) and (step - 1) * self.config.batch_size < 1000 * n:
+            indices = self.batch_indices(step)
+            for pair in zip(indices, self.im_roles(step, len(indices)).tolist()):
+                seen.add(pair)
+                yield pair
+            step += 1
 
     def partner_indices(self, step: int, indices: list[int]) -> list[list[int]]:
         """``loc_partners`` lists of one other record per batch record, drawn from a generator of ``step``."""

@@ -82,6 +82,11 @@ _JOINT = {**_LANGUAGE, "lr": 3e-4, "warmup": 20, "family_weights": _FAMILIES}
 # query tokens is new to the LM, so the Q-Former backbones ask it as often as colour of shape.
 _QFORMER_FAMILIES = {**_FAMILIES, "count": 1.0}
 _QFORMER_JOINT = {**_JOINT, "family_weights": _QFORMER_FAMILIES}
+# A second joint stage at a lower peak LR, asking position twice as often as colour of shape: after the
+# first 600 joint steps BLIP-2 was at 68 % on position and 94-96 % on the others (loss still 0.17).
+_POSITION_FAMILIES = {**_QFORMER_FAMILIES, "position": 2.0}
+_BLIP2_ALL = {"vision_model": 0.1, "qformer": 1.0, "query_tokens": 1.0, "language_projection": 1.0,
+              "language_model": 1.0}
 RECIPES: dict[str, Recipe] = {
     "llava": Recipe("llava", (
         Stage("vision", "vision", 400, 2e-3, {"model.vision_tower": 1.0}, warmup=20, batch_images=64),
@@ -104,9 +109,9 @@ RECIPES: dict[str, Recipe] = {
     "blip2": Recipe("blip2", (
         Stage("language", "language", 3000, train={"language_projection": 1.0, "language_model": 1.0},
               max_objects=_CURRICULUM, family_weights=_QFORMER_FAMILIES, **_LANGUAGE),
-        Stage("joint", "language", 600, train={"vision_model": 0.1, "qformer": 1.0, "query_tokens": 1.0,
-                                               "language_projection": 1.0, "language_model": 1.0},
-              **_QFORMER_JOINT),
+        Stage("joint", "language", 600, train=_BLIP2_ALL, **_QFORMER_JOINT),
+        Stage("joint-position", "language", 900, train=_BLIP2_ALL,
+              **{**_QFORMER_JOINT, "lr": 2e-4, "family_weights": _POSITION_FAMILIES}),
     ), init_from=("minigpt4", {"vision_model.": "vision_model.", "qformer.": "qformer.",
                                "query_tokens": "query_tokens"}), sizes=replace(TOY_SIZES, text_layers=8)),
 }

@@ -96,3 +96,25 @@ def test_chunked_products_do_not_depend_on_access_order(llava, tiny_world, make_
     assert a.signal.states.shape == single.signal.states.shape  # the batch's left padding is trimmed
     assert torch.allclose(a.signal.states, single.signal.states, atol=1e-4)
     assert int(a.signal.prompt_end) == int(single.signal.prompt_end)
+
+
+def test_influence_is_chunked_in_the_order_steps_ask_for_it(llava, tiny_world, make_editor):
+    """Influence chunks hold the (record, sample) pairs in first-use order, so training computes only the
+    pairs its steps draw (plus the rest of the last chunk); values match a one-pair chunk."""
+    records = load_records(tiny_world / "vqa_train.json") + load_records(tiny_world / "vqa_eval.json")  # 5
+    editor = make_editor(llava, EditPlacement(0, (1,), 1))
+    config = TrainConfig(batch_size=2, influence_draws=1, product_chunk=2)
+    trainer = Trainer(editor, records, config)
+    asked = [(i, int(r)) for s in range(1, 5) for i, r in zip(trainer.batch_indices(s), trainer.im_roles(s, 2))]
+    first_use = list(dict.fromkeys(asked))
+    assert trainer.store.pair_members(*first_use[2]) == first_use[2:4]
+    for step in range(1, 3):
+        trainer.step(step)
+    drawn = list(dict.fromkeys(asked[:4]))
+    computed = [(key[0], key[2]) for key in trainer.store._kept if key[1] == "influence"]
+    assert sorted(computed) == sorted(first_use[:len(drawn) + len(drawn) % 2])
+    never = next((i, r) for i in range(5) for r in range(3) if (i, r) not in first_use)
+    assert never in trainer.store.pair_members(*never)  # a pair the order reaches late still gets a chunk
+    single = Trainer(editor, records, replace(config, product_chunk=1)).store
+    for i, r in first_use[:3]:
+        assert torch.allclose(trainer.store.influence(i, r), single.influence(i, r), rtol=1e-3, atol=1e-6)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import matplotlib
 
 matplotlib.use("Agg")
+import pytest
 import torch
 
 from attrib.regions.methods import AttentionKnockout, AttentionNoise
@@ -104,3 +105,14 @@ def test_vit_noise_reads_every_layer(tiny_dirs, tiny_images):
     llava = load_backbone("llava", tiny_dirs["llava"])
     with pytest.raises(ValueError, match="site 'lm'"):
         region_sweep(llava, tiny_images, ["a"], VitNoise(), vit_regions(llava), [0], progress=False)
+
+
+@pytest.mark.parametrize("width, dim", [(1, 128), (9, 64), (3, 24), (2, 5)])
+def test_noise_drawn_at_once_equals_region_by_region(width, dim):
+    """One call for all regions (used when a region's values are a multiple of 16) draws the same noise
+    as one call per region, which chunked sweeps rely on."""
+    from attrib.regions.methods import draw_noise, noise_generator
+
+    by_region = noise_generator(7, 1, 2)
+    expected = torch.stack([torch.randn(3, width, dim, generator=by_region) for _ in range(5)])
+    assert torch.equal(draw_noise(noise_generator(7, 1, 2), 5, 3, width, dim), expected)
