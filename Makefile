@@ -11,6 +11,12 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONWARNINGS := ignore::FutureWarning
+# glibc hands freed tensor buffers back to the kernel and faults them in again on the next step (~25,000
+# page faults and ~0.06 s of system time per LLaVA training step); a fixed mmap threshold and a large
+# trim threshold keep them in the heap (~200 faults per step; 2-15 % faster steps, measured interleaved).
+export MALLOC_MMAP_THRESHOLD_ := 33554432
+export MALLOC_TRIM_THRESHOLD_ := 1073741824
+export MALLOC_TOP_PAD_ := 268435456
 
 BACKBONE ?= llava
 SEED ?= 0

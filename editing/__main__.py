@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--attribution", type=Path, default=None, help="attribution.json (or its folder) to place from")
     p.add_argument("--checkpoint", type=Path, default=None, help="trained adapter: evaluate without training")
     p.add_argument("--steps", type=int, default=None,
-                   help="training steps of --batch-size edits (default: 1,500 for llava, 2,000 otherwise)")
+                   help="training steps of --batch-size edits (default: 1,750 for llava, 2,000 otherwise)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/<backbone>)")
     p.add_argument("--resume", action="store_true", help="continue the run checkpointed in OUT/checkpoint")
     p.add_argument("--skip-bad", action="store_true", help="skip records with a missing image or field")

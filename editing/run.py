@@ -66,10 +66,11 @@ class EditOptions:
 def default_steps(backbone: str) -> int:
     """Training steps when none are asked for. 1,000 left the losses still falling fast (LLaVA default:
     running rel NLL 0.86 at step 915, 0.54 at 995); 2,000 fit `make edit`'s 20-min budget on the Q-Former
-    defaults. LLaVA gets 1,500: its rows carry 64 visual tokens (a step takes 0.43 s against BLIP-2's
-    0.11 s), and 2,000 steps made its run 24.8 min; BLIP-2 trained twice as long gained nothing beyond
-    the run-to-run spread (M-Loc 83.7 against 82.3)."""
-    return 1500 if backbone == "llava" else 2000
+    defaults. LLaVA gets 1,750: its rows carry 64 visual tokens (a step takes 0.43 s against BLIP-2's
+    0.11 s) and 2,000 steps made its run 24.8 min; at 1,500 it took 16.9 min but T-Gen fell to 90.0
+    (97.7 at 2,000). BLIP-2 trained twice as long gained nothing beyond the run-to-run spread (M-Loc
+    83.7 against 82.3)."""
+    return 1750 if backbone == "llava" else 2000
 
 
 def default_lr(width: int) -> float:
