@@ -111,13 +111,15 @@ class ExampleStore:
     Parts are separate because steps need different ones: a record's own rows need its edit signal and
     the influence of the one sample the step draws for the IM terms; a locality partner needs only its
     pre-edit M-Loc output. A part is computed for a whole fixed chunk of ``chunk`` items in one batched
-    forward (default LLaVA, 3,000 records: 497 s of products against ~900 s one record at a time). Signals
-    and pre-edit outputs are chunked by consecutive records. Influence is chunked by ``pair_order``, when
-    given: an iterable of the (record, sample) pairs in the order training will ask for them; pair number
-    k (counting first appearances) belongs to chunk k // ``chunk``. Chunking influence by consecutive
+    forward. Signals and pre-edit outputs are chunked by consecutive records. Influence is chunked by
+    ``pair_order``, when given: an iterable of the (record, sample) pairs in the order training will ask
+    for them; pair number k (counting first appearances) belongs to chunk k // ``chunk``; a pair the order
+    never yields (it is exhausted first) is numbered when asked for. Chunking influence by consecutive
     records instead computes all three samples of every record, ~40 % of which no step draws
-    (e^(−8,000/9,000) for 2,000 steps × 4 draws over 9,000 record-sample pairs). Either way the chunks
-    never change, so a part's value does not depend on which record asked for it first.
+    (e^(−8,000/9,000) for 2,000 steps × 4 draws over 9,000 record-sample pairs). Default LLaVA, 3,000
+    records: ~900 s of products one record at a time, 497 s in chunks of consecutive records (2,000
+    steps), 281 s in first-use chunks (1,750 steps). Either way the chunks never change, so a part's value
+    does not depend on which record asked for it first.
     """
 
     def __init__(self, editor: VisEditEditor, split: SplitForward, records: Sequence[EditRecord], task: str,
@@ -146,7 +148,7 @@ class ExampleStore:
         pair = (index, role)
         while pair not in self._pair_number and self._number_next():
             pass
-        if pair not in self._pair_number:  # the order never asks for it: number it after everything else
+        if pair not in self._pair_number:  # the order is exhausted without it: number it now
             self._number(pair)
         start = self._pair_number[pair] - self._pair_number[pair] % self.chunk
         while len(self._numbered) < start + self.chunk and self._number_next():

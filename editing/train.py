@@ -30,7 +30,6 @@ thread count). Checkpoints: `editing.checkpoint`.
 """
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -134,11 +133,16 @@ class Trainer:
         self.store = ExampleStore(editor, self.split, self.records, config.task, self.formats, it_layers, noise,
                                   config.cache_mb << 20, config.product_chunk, self.influence_pairs())
         self.optimizer = torch.optim.Adam(editor.adapter.parameters(), lr=config.lr)
+        self._orders: dict[int, torch.Tensor] = {}  # the last few epochs' permutations
 
-    @functools.lru_cache(maxsize=4)  # noqa: B019 (one trainer per run; steps read one or two epochs at a time)
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """The seeded permutation of the records for ``epoch`` (0-based)."""
-        return torch.randperm(len(self.records), generator=noise_generator(self.config.seed, _ORDER_STREAM, epoch))
+        if epoch not in self._orders:
+            if len(self._orders) >= 4:  # steps and the influence order each read one or two epochs at a time
+                del self._orders[min(self._orders)]
+            generator = noise_generator(self.config.seed, _ORDER_STREAM, epoch)
+            self._orders[epoch] = torch.randperm(len(self.records), generator=generator)
+        return self._orders[epoch]
 
     def batch_indices(self, step: int) -> list[int]:
         """Record indices of ``step`` (1-based): consecutive slices of one seeded permutation per epoch."""
