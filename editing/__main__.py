@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from attrib.data import DataError
-from editing.run import EditOptions, run_edit
+from editing.run import EditOptions, default_steps, run_edit
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--attribution", type=Path, default=None, help="attribution.json (or its folder) to place from")
     p.add_argument("--checkpoint", type=Path, default=None, help="trained adapter: evaluate without training")
     p.add_argument("--steps", type=int, default=None,
-                   help="training steps of --batch-size edits (default: 1,750 for llava, 2,000 otherwise)")
+                   help=f"training steps of --batch-size edits (default: {default_steps('llava')} for llava, "
+                        f"{default_steps('blip2')} otherwise)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/<backbone>)")
     p.add_argument("--resume", action="store_true", help="continue the run checkpointed in OUT/checkpoint")
     p.add_argument("--skip-bad", action="store_true", help="skip records with a missing image or field")

@@ -150,15 +150,16 @@ class Trainer:
         return [int(self.epoch_order(position // n)[position % n]) for position in range((step - 1) * size, step * size)]
 
     def influence_pairs(self) -> Iterator[tuple[int, int]]:
-        """The (record, sample) pairs the IM terms ask influence for, step by step from step 1, until every
-        pair has appeared (or 1,000 epochs have passed); it does not depend on ``steps``, so a resumed run
-        with more steps chunks its influence work exactly as before."""
+        """The (record, sample) pairs the IM terms ask influence for, each at its first use, step by step
+        from step 1, until every pair has appeared (or 1,000 epochs have passed); it does not depend on
+        ``steps``, so a resumed run with more steps chunks its influence work exactly as before."""
         n, seen, step = len(self.records), set(), 1
         while len(seen) < n * len(ALIGN_ROLES) and (step - 1) * self.config.batch_size < 1000 * n:
             indices = self.batch_indices(step)
             for pair in zip(indices, self.im_roles(step, len(indices)).tolist()):
-                seen.add(pair)
-                yield pair
+                if pair not in seen:
+                    seen.add(pair)
+                    yield pair
             step += 1
 
     def partner_indices(self, step: int, indices: list[int]) -> list[list[int]]:

@@ -91,8 +91,6 @@ def test_causal_noise_matches_manual_run(tiny_backbone, tiny_images):
 
 
 def test_vit_noise_reads_every_layer(tiny_dirs, tiny_images):
-    import pytest
-
     from attrib.backbones.loader import load_backbone
     from attrib.regions.propagated import VitNoise
     from attrib.regions.sweep import vit_regions
