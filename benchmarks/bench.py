@@ -158,7 +158,8 @@ def vead_default_llava_bench(ctx: BenchContext) -> BenchOutput:
         return BenchOutput(notes=[f"default VEAD benchmark skipped: no trained model at {ctx.default_model}"])
     bench = default_llava(ctx.default_model, n_prompts=1)
     edit_layer = _shipped_edit_layer(bench.backbone.n_layers)
-    figures = vead_case(bench, edit_layer, sized_vead_config(lm_width(bench.backbone.config)), ctx.repeats)
+    config = sized_vead_config(lm_width(bench.backbone.config), scene_gate=True)
+    figures = vead_case(bench, edit_layer, config, ctx.repeats)
     return BenchOutput({"default_vead_inference_overhead": figures["vead_inference_overhead"],
                         "default_vead_prefix_speedup": figures["vead_prefix_speedup"]},
                        {"model": "default LLaVA", "source": bench.note, "vead": figures})

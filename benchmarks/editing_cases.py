@@ -22,8 +22,9 @@ from editing.vead import VeadConfig, count_parameters, lm_width
 
 
 def scaled_vead_config(width: int) -> VeadConfig:
-    """The paper's adapter (mid 1024 on a 4096-wide LM) scaled with the width: mid = width / 4."""
-    return sized_vead_config(width, mid_dim=max(8, width // 4))
+    """The paper's adapter (mid 1024 on a 4096-wide LM) scaled with the width: mid = width / 4, with the
+    scene gate on, as `make edit` trains it."""
+    return sized_vead_config(width, mid_dim=max(8, width // 4), scene_gate=True)
 
 
 def vead_case(bench: BenchModel, edit_layer: int, config: VeadConfig, repeats: int,

@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mid-dim", type=int, default=None, help="VEAD / IM width (default: sized from the LM)")
     p.add_argument("--heads", type=int, default=None, help="VEAD attention heads")
+    p.add_argument("--scene-gate", action=argparse.BooleanOptionalAction, default=EditOptions.scene_gate,
+                   help="gate each input's edit by its scene match to the edit image (our extension; "
+                        "--no-scene-gate: the paper's adapter)")
     p.add_argument("--n-eval", type=int, default=None, help="evaluate the first N records only")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--no-progress", action="store_true")
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         backbone=args.backbone, model=args.model, data=args.data, train=args.train, eval=args.eval,
         images=args.images, attribution=args.attribution, checkpoint=args.checkpoint, steps=args.steps,
         out=args.out, resume=args.resume, skip_bad=args.skip_bad, batch_size=args.batch_size, lr=args.lr,
-        seed=args.seed, mid_dim=args.mid_dim, heads=args.heads, n_eval=args.n_eval,
+        seed=args.seed, mid_dim=args.mid_dim, heads=args.heads, scene_gate=args.scene_gate, n_eval=args.n_eval,
         checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
     try:
         results = run_edit(options)

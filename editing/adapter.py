@@ -36,7 +36,8 @@ class AdapterHook:
     """An `EditAdapter` installed at ``edit_layer`` of ``model``; ``remove()`` takes it out again.
 
     ``signal`` is the current edit (None = unedited); ``last_gate_logits`` keeps the IM logits
-    [B, P] of the most recent rewrite (detached), for IM maps.
+    [B, P] of the most recent rewrite (detached), for IM maps, and ``last_scene_logits`` the scene
+    gate's [B] (None without one).
     """
 
     def __init__(self, model: nn.Module, spec: BackboneSpec, adapter: EditAdapter, edit_layer: int):
@@ -51,6 +52,7 @@ class AdapterHook:
         self.signal: EditSignal | None = None
         self.is_open = True
         self.last_gate_logits: torch.Tensor | None = None
+        self.last_scene_logits: torch.Tensor | None = None
         self._positions: list[torch.Tensor | None] = []
         layer = model.get_submodule(spec.layer_path(max(edit_layer, 0)))
         self._handles = [
@@ -107,6 +109,7 @@ class AdapterHook:
         positions = positions.to(hidden.device)
         out = self.adapter(hidden[rows, positions], self.signal)  # gather: [B, P, d]
         self.last_gate_logits = out.gate_logits.detach()
+        self.last_scene_logits = None if out.scene_logits is None else out.scene_logits.detach()
         rewritten = hidden.clone()  # out of place: text positions keep their exact values
         rewritten[rows, positions] = out.visual
         return rewritten

@@ -155,6 +155,7 @@ class VisEditEditor:
         """Back to the unedited model (the hook bypasses without a signal)."""
         self.hook.signal = None
         self.hook.last_gate_logits = None
+        self.hook.last_scene_logits = None
 
     def remove(self) -> None:
         """Take the hooks out of the model for good."""
@@ -171,8 +172,9 @@ class VisEditEditor:
         captured = self._capture(batch.inputs, sorted({edit_layer, read_layer}))
         prompt_end = batch.prompt_ends.to(captured[read_layer].device)
         rows = torch.arange(len(requests), device=prompt_end.device)
+        visual = self.backbone.visual_positions(batch.inputs["input_ids"]).to(prompt_end.device)
         return EditSignal(captured[edit_layer], batch.inputs["attention_mask"].bool().to(prompt_end.device),
-                          captured[read_layer][rows, prompt_end], prompt_end)
+                          captured[read_layer][rows, prompt_end], prompt_end, visual=visual)
 
     def _capture(self, inputs, layers: list[int]) -> dict[int, torch.Tensor]:
         """Hidden states [B, T, d] at each of ``layers`` (−1 = input of layer 0), stopping after the last."""

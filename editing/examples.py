@@ -224,14 +224,19 @@ class ExampleStore:
 
     @torch.no_grad()
     def _signals(self, members: list[int]) -> list[EditSignal]:
-        """One E = 1 signal per record, without the batch's left padding."""
+        """One E = 1 signal per record, without the batch's padding: the real tokens are kept wherever the
+        processor put the padding (left for LLaVA / MiniGPT-4, between the query tokens and the text for
+        BLIP-2), so each signal equals the record's own unpadded ``edit_signal``."""
         images, prompts, targets = self._rows(members, "rel")
         batch = self.editor.edit_signal([EditRequest(*r) for r in zip(images, prompts, targets)]).to("cpu")
         out = []
         for row in range(len(members)):
-            pad = int((~batch.mask[row]).sum())  # left padding: the valid positions are the last ones
-            out.append(EditSignal(batch.states[row:row + 1, pad:].clone(), batch.mask[row:row + 1, pad:].clone(),
-                                  batch.query[row:row + 1].clone(), batch.prompt_end[row:row + 1] - pad))
+            real = batch.mask[row]
+            before_end = int((~real[:int(batch.prompt_end[row])]).sum())  # padding before the last prompt token
+            visual = None if batch.visual is None else batch.visual[row:row + 1] - (~real).cumsum(0)[batch.visual[row]]
+            out.append(EditSignal(batch.states[row:row + 1, real].clone(), real[None, real].clone(),
+                                  batch.query[row:row + 1].clone(), batch.prompt_end[row:row + 1] - before_end,
+                                  visual=visual))
         return out
 
     @torch.no_grad()
@@ -261,4 +266,5 @@ def stack_signals(signals: Sequence[EditSignal], rows: Sequence[int]) -> EditSig
     query = torch.cat([s.query for s in signals])
     prompt_end = torch.cat([s.prompt_end for s in signals])
     pick = torch.as_tensor(list(rows))
-    return EditSignal(states[pick], mask[pick], query[pick], prompt_end[pick])
+    visual = None if any(s.visual is None for s in signals) else torch.cat([s.visual for s in signals])[pick]
+    return EditSignal(states[pick], mask[pick], query[pick], prompt_end[pick], visual=visual)

@@ -7,6 +7,7 @@ prompt), read from `AdapterHook.last_gate_logits` after one forward under the ed
     maps = im_maps(editor, eval_records)        # edit → forward → restore, per record
     maps.pointing_game()                        # percent, or None where it does not apply
     maps.gate_means()                           # mean gate on the edit's image vs its unrelated (M-Loc) image
+    maps.scene_means()                          # with a scene gate: its mean on re-rendered vs unrelated images
     maps.plot(n=4)                              # overlays (LLaVA) / per-query bars (Q-Former)
 
 Pointing game (as `attrib.validation`): the map's maximum cell lies in the truth box of the asked
@@ -53,6 +54,14 @@ class ImMaps:
     targets: list[str] = field(default_factory=list)
     images: list = field(default_factory=list, repr=False)
     unrelated: torch.Tensor | None = None  # [N, P] σ(IM) on each record's M-Loc input, under its edit
+    scene: dict[str, torch.Tensor] | None = None  # σ(scene gate) [N] per input ("image_rephrase", "m_loc")
+
+    def scene_means(self) -> dict[str, float] | None:
+        """Mean scene gate on the edits' re-rendered images and on their unrelated M-Loc images (None
+        without a scene gate)."""
+        if not self.scene:
+            return None
+        return {name: round(values.mean().item(), 4) for name, values in self.scene.items() if values.numel()}
 
     def gate_means(self) -> dict[str, float | None]:
         """Mean σ(IM) over all visual tokens: on the edits' own inputs and on their unrelated M-Loc inputs."""
@@ -111,9 +120,15 @@ def im_maps(editor: VisEditEditor, records: Sequence[EditRecord], task: str = "v
     spatial = backbone.spec.grid_site == "lm"
     grid = backbone.spec.grid_shape(backbone.config) if spatial else None
     gates, unrelated, indices, boxes, sizes, texts, targets, images = [], [], [], [], [], [], [], []
+    scene: dict[str, list[torch.Tensor]] = {"image_rephrase": [], "m_loc": []}
 
-    def gate(image, prompt: str) -> torch.Tensor:
+    def forward(image, prompt: str) -> None:
         backbone.forward(backbone.encode([image], [prompt]), use_cache=False)
+
+    def gate(image, prompt: str, scene_of: str | None = None) -> torch.Tensor:
+        forward(image, prompt)
+        if scene_of is not None and editor.hook.last_scene_logits is not None:
+            scene[scene_of].append(torch.sigmoid(editor.hook.last_scene_logits[0].float().cpu()))
         logits = editor.hook.last_gate_logits[0].float().cpu()
         if grid is not None and logits.numel() == grid[0] * grid[1] + 1:
             logits = logits[1:]  # "full" feature strategy: the CLS token comes first
@@ -124,7 +139,11 @@ def im_maps(editor: VisEditEditor, records: Sequence[EditRecord], task: str = "v
         editor.edit(request)
         try:
             gates.append(gate(request.image, request.prompt))
-            unrelated.append(gate(record.load_image("m_loc"), formats["m_loc"].format(m_loc_q=record.m_loc_q)))
+            unrelated.append(gate(record.load_image("m_loc"), formats["m_loc"].format(m_loc_q=record.m_loc_q),
+                                  "m_loc"))
+            if editor.adapter.scene is not None:
+                forward(record.load_image("image_rephrase"), request.prompt)
+                scene["image_rephrase"].append(torch.sigmoid(editor.hook.last_scene_logits[0].float().cpu()))
         finally:
             editor.restore()
         indices.append(record.index)
@@ -135,4 +154,5 @@ def im_maps(editor: VisEditEditor, records: Sequence[EditRecord], task: str = "v
         if len(images) < keep_images:
             images.append(request.image)
     stack = lambda rows: torch.stack(rows) if rows else torch.zeros(0, backbone.n_visual_tokens)  # noqa: E731
-    return ImMaps(stack(gates), indices, boxes, sizes, grid, texts, targets, images, stack(unrelated))
+    scenes = {name: torch.stack(values) for name, values in scene.items() if values} or None
+    return ImMaps(stack(gates), indices, boxes, sizes, grid, texts, targets, images, stack(unrelated), scenes)

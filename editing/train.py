@@ -17,6 +17,7 @@ model, computed once under no_grad (`editing.examples`).
 
 Loss = w_rel·NLL(rel) + w_gen·(NLL(t_gen) + NLL(m_gen)) + w_loc·KL(p_pre ‖ p_post)(m_loc + partners)
      + w_align·alignment + w_up·up + w_down·down                       (weights 1, 1, 1, 0.1, 0.1, 0.1)
+     [+ w_scene·scene, with a scene gate: its logistic loss, m_gen rows open, M-Loc rows shut (weight 1)]
 The IM terms use, per record, one of its rel / t_gen / m_gen rows (drawn at random) and ``im_tokens``
 visual tokens drawn at random: the IM logits of those tokens of that row (visual states at the edit
 site) against the row's edit query; the alignment target is the row's own token influence restricted
@@ -64,7 +65,10 @@ class TrainConfig:
     on the token rather than on the background, which unrelated images share);
     ``loc_partners``: extra locality rows per record, each the M-Loc input of another training record drawn
     at random per step (0 = the record's own M-Loc row only, as the official code);
-    ``product_chunk``: records whose per-record products are computed in one batched forward."""
+    ``product_chunk``: records whose per-record products are computed in one batched forward;
+    ``scene_weight``: weight of the scene gate's own term (adapters with ``scene_gate`` only):
+    −mean log σ(S) on the m_gen rows (the edit's re-rendered image) and −mean log(1 − σ(S)) on the
+    locality rows (unrelated images), averaged."""
 
     steps: int = 1000
     batch_size: int = 4
@@ -85,6 +89,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     cache_mb: int = 2048
     task: str = "vqa"
+    scene_weight: float = 1.0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -192,7 +197,8 @@ class Trainer:
         labels = batch.inputs["input_ids"].gather(1, select + 1)  # the token each selected position predicts
         site = self.split.prefix(batch.inputs)
         edit_of_row = [j for _ in range(len(ROLES) + len(partners)) for j in range(b)]  # partner rows: record j's edit
-        editor.hook.signal = stack_signals(signals, edit_of_row)
+        stacked = stack_signals(signals, edit_of_row)
+        editor.hook.signal = stacked
         try:
             logits = self.split.top(site, editor.hook.apply, select)
         finally:
@@ -211,6 +217,9 @@ class Trainer:
         total = (config.rel_weight * terms["rel"] + config.gen_weight * (terms["t_gen"] + terms["m_gen"])
                  + config.loc_weight * terms["loc"] + config.align_weight * terms["align"]
                  + config.up_weight * terms["up"] + config.down_weight * terms["down"])
+        if editor.adapter.scene is not None:
+            terms["scene"] = self._scene_term(site, stacked, part["m_gen"], loc)
+            total = total + config.scene_weight * terms["scene"]
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
@@ -219,6 +228,17 @@ class Trainer:
     def im_roles(self, step: int, b: int) -> torch.Tensor:
         """[b] the sample (index into ALIGN_ROLES) each record's IM terms use at ``step``."""
         return torch.randint(len(ALIGN_ROLES), (b,), generator=noise_generator(self.config.seed, _STEP_STREAM, step))
+
+    def _scene_term(self, site: EditSite, signal, same: slice, unrelated: slice) -> torch.Tensor:
+        """The scene gate's logistic loss: open on rows ``same`` (the edits' re-rendered images), shut on
+        rows ``unrelated`` (M-Loc inputs); ``signal`` holds one edit per row."""
+        adapter = self.editor.adapter
+        rows = torch.arange(site.hidden.shape[0])
+        positions = site.positions.to(site.hidden.device)
+        visual = site.hidden[rows[:, None].to(site.hidden.device), positions]  # [R, P, d]
+        dtype = adapter.scene.threshold.dtype
+        logits = adapter.scene(visual.to(dtype), signal.visual_states().to(visual.device, dtype)).float()
+        return 0.5 * (losses.im_up(logits[same]) + losses.im_down(logits[unrelated]))
 
     def _im_terms(self, step: int, site: EditSite, signals: list, roles: torch.Tensor, influence: torch.Tensor
                   ) -> dict[str, torch.Tensor]:

@@ -5,11 +5,20 @@ the edit layer. VEAD lets every visual token of the current input cross-attend t
 proposes a change; the IM scores how much each visual token is about the edited content and gates the
 change with a sigmoid:
 
-    h_v ← h_v + σ(IM(h_v, q_e)) ⊙ VEAD(h_v, H_e)
+    h_v ← h_v + σ(IM(h_v, q_e)) ⊙ VEAD(h_v, H_e)                  (the paper)
+    h_v ← h_v + σ(S(h_v, V_e)) · σ(IM(h_v, q_e)) ⊙ VEAD(h_v, H_e)  (``scene_gate=True``, our extension)
 
     h_v  [B, P, d]   the input's visual-token states at the edit layer
     H_e  [B, L, d]   all tokens of the edit sample at the edit layer (padding masked out)
     q_e  [B, d]      the edit sample's state at its last prompt token (read at ``im_read_layer``)
+    V_e  [B, P', d]  the edit sample's visual-token states at the edit layer (part of H_e)
+
+The scene gate S is one logit per input: α·(s − β) with s the symmetric chamfer similarity of the
+input's and the edit image's visual states (for each token the cosine of its best match in the other
+image, averaged, both ways) and α > 0, β learnt (two parameters). The per-token IM cannot tell an
+unrelated scene from the edit's re-rendered image (both contain patches that look like the edited
+object); the set of all visual tokens can: on the default backbones, untrained, s separates the world's
+image-rephrase inputs from its M-Loc inputs with AUC 0.98 (LLaVA) to 0.999 (BLIP-2).
 
 Parameter composition (matches the official code's modules: every Linear has a bias, every LayerNorm
 has weight and bias), with d the LM width, m = ``mid_dim`` and h = ``im_hidden``:
@@ -20,6 +29,8 @@ has weight and bias), with d the LM width, m = ``mid_dim`` and h = ``im_hidden``
           W_end (m → d)                m·d + d
     IM    two LayerNorms               2 · 2d
           two residual MLPs d→h→d      2 · (d·h + h + h·d + d)
+
+    scene gate (``scene_gate=True``)   2
 
 At d = 4096, m = h = 1024 (LLaVA-1.5-7B, MiniGPT-4 Vicuna-7B) that is 34,654,208 (the paper's 34.65 M);
 at d = 2560 (BLIP-2 OPT-2.7B) 22,054,400 (22.05 M). Dropping the LayerNorm biases or the Linear biases
@@ -43,7 +54,8 @@ class VeadConfig:
     mid_dim: VEAD's inner width m (cross-attention runs at this width); n_heads: its attention heads;
     im_hidden: hidden width of the IM's residual MLPs; im_heads: heads the IM splits d into;
     dtype: parameter dtype (the adapter casts its inputs to it and its output back to the LM's dtype,
-    so an fp16 backbone can carry an fp32 adapter).
+    so an fp16 backbone can carry an fp32 adapter);
+    scene_gate: multiply the edit by the scene gate (module docstring; off = the paper's adapter).
     """
 
     mid_dim: int = 1024
@@ -51,6 +63,7 @@ class VeadConfig:
     im_hidden: int = 1024
     im_heads: int = 8
     dtype: str = "float32"
+    scene_gate: bool = False
 
     def check(self, width: int) -> None:
         """Refuse sizes that cannot be split into heads, naming the numbers."""
@@ -64,7 +77,7 @@ class VeadConfig:
 
     @classmethod
     def from_json(cls, data: dict) -> "VeadConfig":
-        return cls(**data)
+        return cls(**{"scene_gate": False, **data})  # files written before the scene gate existed
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -104,6 +117,8 @@ class EditSignal:
     query:      [E, d]     state of the last prompt token at the IM read layer
     prompt_end: [E]        index of that last prompt token in ``states``
     cache:      the adapter's projections of this edit (`EditAdapter.prepare`), or None
+    visual:     [E, P']    indices of the edit sample's visual tokens in ``states`` (the scene gate's
+                           input), or None
     E is 1 for a single edit (broadcast over any input batch) or the input batch size (training).
     """
 
@@ -112,6 +127,15 @@ class EditSignal:
     query: torch.Tensor
     prompt_end: torch.Tensor
     cache: EditCache | None = None
+    visual: torch.Tensor | None = None
+
+    def visual_states(self) -> torch.Tensor:
+        """[E, P', d] the edit sample's visual-token states."""
+        if self.visual is None:
+            raise ValueError("this edit signal does not say where the edit sample's visual tokens are "
+                             "(make it with VisEditEditor.edit_signal)")
+        rows = torch.arange(len(self), device=self.states.device)[:, None]
+        return self.states[rows, self.visual.to(self.states.device)]
 
     def __len__(self) -> int:
         return self.states.shape[0]
@@ -125,12 +149,14 @@ class EditSignal:
                              "use one edit (broadcast) or one edit per row")
         return EditSignal(self.states.expand(batch, -1, -1), self.mask.expand(batch, -1),
                           self.query.expand(batch, -1), self.prompt_end.expand(batch),
-                          self.cache.expand(batch) if self.cache is not None else None)
+                          self.cache.expand(batch) if self.cache is not None else None,
+                          self.visual.expand(batch, -1) if self.visual is not None else None)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "EditSignal":
         return EditSignal(self.states.to(device, dtype), self.mask.to(device), self.query.to(device, dtype),
                           self.prompt_end.to(device),
-                          self.cache.to(device, dtype) if self.cache is not None else None)
+                          self.cache.to(device, dtype) if self.cache is not None else None,
+                          self.visual.to(device) if self.visual is not None else None)
 
 
 class ResidualMLP(nn.Module):
@@ -174,6 +200,31 @@ class InfluenceMapper(nn.Module):
         return torch.einsum("bphk,bhk->bph", v, q).mean(-1) / self.scale
 
 
+def chamfer_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [B, P, d], b [B, P', d] → [B]: mean over a's tokens of the cosine to their best match in b, and
+    the same from b's side, averaged (1 for identical sets, whatever the token order)."""
+    cos = torch.nn.functional.normalize(a, dim=-1) @ torch.nn.functional.normalize(b, dim=-1).transpose(1, 2)
+    return 0.5 * (cos.amax(2).mean(1) + cos.amax(1).mean(1))
+
+
+class SceneGate(nn.Module):
+    """One logit per input: α·(chamfer(h_v, V_e) − β), α = exp(log_scale) > 0 (module docstring)."""
+
+    def __init__(self, scale: float = 25.0, threshold: float = 0.9):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.tensor(math.log(scale)))
+        self.threshold = nn.Parameter(torch.tensor(threshold))
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.log_scale.fill_(math.log(25.0))
+            self.threshold.fill_(0.9)
+
+    def forward(self, visual: torch.Tensor, edit_visual: torch.Tensor) -> torch.Tensor:
+        """visual [B, P, d], edit_visual [B, P', d] → logits [B]."""
+        return self.log_scale.exp() * (chamfer_similarity(visual, edit_visual) - self.threshold)
+
+
 class VisualEditAdapter(nn.Module):
     """VEAD: visual tokens cross-attend to the edit sample's states; linear throughout (no activation,
     no dropout), as in the paper."""
@@ -213,10 +264,12 @@ class VisualEditAdapter(nn.Module):
 
 @dataclass
 class AdapterOutput:
-    """visual: the rewritten visual states [B, P, d] (input dtype); gate_logits: the IM's [B, P]."""
+    """visual: the rewritten visual states [B, P, d] (input dtype); gate_logits: the IM's [B, P];
+    scene_logits: the scene gate's [B] (None without one)."""
 
     visual: torch.Tensor
     gate_logits: torch.Tensor
+    scene_logits: torch.Tensor | None = None
 
 
 class EditAdapter(nn.Module):
@@ -228,6 +281,7 @@ class EditAdapter(nn.Module):
         self.width, self.config = width, config
         self.vead = VisualEditAdapter(width, config.mid_dim, config.n_heads)
         self.im = InfluenceMapper(width, config.im_hidden, config.im_heads)
+        self.scene = SceneGate() if config.scene_gate else None
         self.to(config.torch_dtype)
 
     def _versions(self) -> tuple[int, ...]:
@@ -259,7 +313,19 @@ class EditAdapter(nn.Module):
         logits = self.im(x, signal.query, None if cache is None else cache.query)  # [B, P]
         change = self.vead(x, signal.states, signal.mask, None if cache is None else (cache.keys, cache.values))
         change = change * torch.sigmoid(logits)[..., None]
-        return AdapterOutput(visual + change.to(visual.dtype), logits)
+        scene = self.scene_logits(x, signal)
+        if scene is not None:
+            change = change * torch.sigmoid(scene)[:, None, None]
+        return AdapterOutput(visual + change.to(visual.dtype), logits, scene)
+
+    def scene_logits(self, visual: torch.Tensor, signal: EditSignal) -> torch.Tensor | None:
+        """[B] scene-gate logits of inputs ``visual`` [B, P, d] under ``signal`` (1 or B edits), or None
+        when this adapter has no scene gate."""
+        if self.scene is None:
+            return None
+        dtype = self.scene.threshold.dtype
+        signal = signal.for_batch(visual.shape[0])
+        return self.scene(visual.to(dtype), signal.visual_states().to(visual.device, dtype))
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:

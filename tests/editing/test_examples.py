@@ -9,7 +9,7 @@ import torch
 from attrib.backbones.loader import load_backbone
 from attrib.data import load_records
 from attrib.prompts import load_prompts
-from editing.editor import EditPlacement
+from editing.editor import EditPlacement, EditRequest
 from editing.examples import ROLES, answer_positions, example_rows, stack_signals, token_influence
 from editing.inputs import teacher_forced_batch
 from editing.train import Trainer, TrainConfig, im_inputs
@@ -118,3 +118,26 @@ def test_influence_is_chunked_in_the_order_steps_ask_for_it(llava, tiny_world, m
     single = Trainer(editor, records, replace(config, product_chunk=1)).store
     for i, r in first_use[:3]:
         assert torch.allclose(trainer.store.influence(i, r), single.influence(i, r), rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["llava", "blip2"])
+def test_stored_signals_equal_the_records_own_signal_wherever_the_padding_went(name, tiny_dirs, tiny_world,
+                                                                                make_editor):
+    """Signals are computed for a chunk of records in one padded batch; each must equal the record's own
+    unpadded ``edit_signal``. BLIP-2's processor pads between the query tokens and the text, so cutting
+    the first ``pad`` tokens (right for left padding) would drop query tokens and keep padding."""
+    backbone = load_backbone(name, tiny_dirs[name])
+    records = load_records(tiny_world / "vqa_train.json")
+    records = [records[0], replace(records[1], fields={**records[1].fields,
+                                                       "src": records[1].src + " Look closely at the whole picture"})]
+    editor = make_editor(backbone, EditPlacement(-1, (0,), 0))
+    trainer = Trainer(editor, records, TrainConfig(batch_size=2, influence_draws=1))
+    formats = load_prompts()
+    for index, record in enumerate(records):
+        stored = trainer.store.signal(index)
+        rows = example_rows(record, "vqa", formats)
+        own = editor.edit_signal(EditRequest(*rows["rel"]))
+        assert stored.mask.all() and torch.equal(stored.states, own.states)  # LM input: exact
+        torch.testing.assert_close(stored.query, own.query, rtol=1e-5, atol=1e-5)  # after layer 0: padded batch
+        assert torch.equal(stored.prompt_end, own.prompt_end)
+        assert torch.equal(stored.visual, own.visual)

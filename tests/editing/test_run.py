@@ -11,7 +11,7 @@ from editing.__main__ import main
 from editing.run import default_lr, sized_vead_config
 
 VISEDIT_KEYS = {"rel", "t_gen", "m_gen", "t_loc", "m_loc", "exact_match", "secondary", "m_loc_same_object",
-                "m_loc_other", "im_pointing_game", "im_gate_mean"}
+                "m_loc_other", "im_pointing_game", "im_gate_mean", "scene_gate", "scene_gate_mean"}
 QUIET = ["--no-progress", "--mid-dim", "16"]
 
 
@@ -41,6 +41,10 @@ def test_results_have_the_required_keys(trained, tiny_dirs):
     assert "| VisEdit |" in (trained / "results.md").read_text()
     gate = results["methods"]["visedit"]["im_gate_mean"]
     assert set(gate) == {"edit_image", "unrelated_image"} and all(0 < v < 1 for v in gate.values())
+    # The scene gate is on by default; its means are read on re-rendered and unrelated images.
+    assert results["methods"]["visedit"]["scene_gate"] is True and results["adapter"]["config"]["scene_gate"]
+    scene = results["methods"]["visedit"]["scene_gate_mean"]
+    assert set(scene) == {"image_rephrase", "m_loc"} and all(0 < v < 1 for v in scene.values())
 
 
 def test_checkpoint_evaluates_without_training_and_captions(trained, tiny_dirs, tiny_world, tmp_path):
@@ -53,6 +57,17 @@ def test_checkpoint_evaluates_without_training_and_captions(trained, tiny_dirs, 
     assert results["placement"]["source"].startswith("adapter metadata")
     assert results["methods"]["visedit"]["im_pointing_game"] is None  # captions carry no boxes
     assert not (tmp_path / "c" / "attribution").exists()
+    assert results["methods"]["visedit"]["scene_gate"] is True  # read from the adapter file, not the flag
+
+
+def test_no_scene_gate_trains_the_papers_adapter(trained, tiny_dirs, tiny_world, tmp_path):
+    code = main(["edit", "--backbone", "llava", "--model", str(tiny_dirs["llava"]), "--train",
+                 str(tiny_world / "vqa_train.json"), "--eval", str(tiny_world / "vqa_eval.json"), "--steps", "1",
+                 "--batch-size", "2", "--attribution", str(trained / "attribution"), "--no-scene-gate",
+                 "--out", str(tmp_path / "plain"), *QUIET])
+    assert code == 0
+    visedit = json.loads((tmp_path / "plain" / "results.json").read_text())["methods"]["visedit"]
+    assert visedit["scene_gate"] is False and visedit["scene_gate_mean"] is None
 
 
 def test_placement_from_a_given_artifact(trained, tiny_dirs, tiny_world, tmp_path):

@@ -12,6 +12,7 @@ from attrib.data import load_records
 from editing.checkpoint import STATE_FILE
 from editing.editor import EditPlacement
 from editing.train import Trainer, TrainConfig, train
+from editing.vead import VeadConfig
 
 FAST = TrainConfig(steps=6, batch_size=2, lr=1e-2, influence_draws=1, checkpoint_every=2)
 
@@ -104,3 +105,14 @@ def test_locality_partners_are_other_records_drawn_per_step(llava, records, make
     assert alone.partner_indices(1, alone.batch_indices(1)) == []
     losses = trainer.step(1)  # partner rows join the locality KL; the step runs and gives finite losses
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+
+
+def test_scene_gate_term_trains_the_scene_gate(tiny_backbone, records, make_editor):
+    """With a scene gate, each step adds its logistic term (re-rendered image open, unrelated shut) and
+    the gate's two parameters get gradients from it."""
+    config = VeadConfig(mid_dim=16, n_heads=2, im_hidden=16, im_heads=2, scene_gate=True)
+    editor = make_editor(tiny_backbone, EditPlacement(-1, (0,), 0), config)
+    before = editor.adapter.scene.threshold.item()
+    result = train(editor, records, TrainConfig(steps=3, batch_size=2, lr=1e-2, influence_draws=1), progress=False)
+    assert all("scene" in h and h["scene"] > 0 for h in result.history)
+    assert editor.adapter.scene.threshold.item() != before

@@ -1,13 +1,15 @@
 """VEAD + IM: the paper's parameter counts at full size (meta device), shapes, masking, broadcasting."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from attrib.backbones.reference import build_on_meta
 from attrib.backbones.spec import get_spec
 from editing.adapter import AdapterHook
-from editing.vead import EditAdapter, EditSignal, VeadConfig, count_parameters, lm_width
+from editing.vead import EditAdapter, EditSignal, VeadConfig, chamfer_similarity, count_parameters, lm_width
 
 # The paper: 34.65 M per adapter on the 7B backbones, 22.05 M on BLIP2-OPT-2.7B. Exact values pin the
 # composition (biased Linears, LayerNorms with bias, IM hidden 1024); see editing/vead.py.
@@ -101,3 +103,44 @@ def test_bad_head_split_is_refused():
         EditAdapter(32, VeadConfig(mid_dim=10, n_heads=4))
     with pytest.raises(ValueError, match="LM width 30 is not divisible"):
         EditAdapter(30, VeadConfig(mid_dim=16, n_heads=2))
+
+
+def test_chamfer_similarity_equals_the_loop_over_tokens():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(2, 5, 8, generator=g), torch.randn(2, 3, 8, generator=g)
+    cos = lambda x, y: float(x @ y / (x.norm() * y.norm()))  # noqa: E731
+    for row in range(2):
+        best_a = [max(cos(a[row, i], b[row, j]) for j in range(3)) for i in range(5)]
+        best_b = [max(cos(a[row, i], b[row, j]) for i in range(5)) for j in range(3)]
+        expected = 0.5 * (sum(best_a) / 5 + sum(best_b) / 3)
+        assert abs(chamfer_similarity(a, b)[row].item() - expected) < 1e-6
+    # The same set of tokens in another order is the same scene.
+    assert torch.allclose(chamfer_similarity(a, a[:, [4, 2, 0, 1, 3]]), torch.ones(2))
+
+
+def test_scene_gate_scales_the_edit_of_each_input_by_its_match_to_the_edit_image():
+    torch.manual_seed(0)
+    config = VeadConfig(mid_dim=16, n_heads=2, im_hidden=16, im_heads=2, scene_gate=True)
+    adapter = EditAdapter(32, config)
+    assert count_parameters(adapter) == count_parameters(EditAdapter(32, replace(config, scene_gate=False))) + 2
+    signal = _signal(1, 7, 32)
+    signal = replace(signal, visual=torch.tensor([[1, 2, 3, 4]]))
+    own = signal.states[:, 1:5]  # the edit image itself, and an unrelated one
+    visual = torch.cat([own, torch.randn(1, 4, 32)])
+    out = adapter(visual, signal)
+    assert out.scene_logits.shape == (2,) and out.scene_logits[0] > out.scene_logits[1]
+    # Without the scene gate the change is the IM-gated VEAD output; the scene gate multiplies it per input.
+    plain = EditAdapter(32, replace(config, scene_gate=False))
+    plain.load_state_dict({k: v for k, v in adapter.state_dict().items() if not k.startswith("scene.")})
+    expected = (plain(visual, signal).visual - visual) * torch.sigmoid(out.scene_logits)[:, None, None]
+    torch.testing.assert_close(out.visual - visual, expected)
+    with torch.no_grad():  # a threshold above any similarity shuts the gate: the input is left as it was
+        adapter.scene.threshold.fill_(1e3)
+    torch.testing.assert_close(adapter(visual, signal).visual, visual)
+    with pytest.raises(ValueError, match="visual tokens"):
+        adapter(visual, _signal(1, 7, 32))  # a signal that does not say where its visual tokens are
+
+
+def test_configs_saved_before_the_scene_gate_load_without_it():
+    old = {"mid_dim": 16, "n_heads": 2, "im_hidden": 16, "im_heads": 2, "dtype": "float32"}
+    assert VeadConfig.from_json(old) == VeadConfig(16, 2, 16, 2)
