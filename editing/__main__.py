@@ -7,10 +7,16 @@ Trains VEAD + IM at the attribution's placement (running the attribution first w
 given), evaluates single edits and writes results.json / results.md / adapter.safetensors /
 im_maps.png to --out (default runs/<backbone>). With --checkpoint it evaluates that adapter without
 training. Errors print one line ("error: ...") and exit with status 2.
+
+    python -m editing scenes --backbone B [--eval FILE] [--n N] [--edit-layer L] [--out FILE]
+
+measures, untrained, how well scene similarity (`editing.scenes`) tells each record's ``image_rephrase``
+from its ``m_loc`` image — what the scene gate relies on.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -48,12 +54,43 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n-eval", type=int, default=None, help="evaluate the first N records only")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--no-progress", action="store_true")
+    q = commands.add_parser("scenes", help="how well scene similarity separates image_rephrase from m_loc images")
+    q.add_argument("--backbone", default="llava", help="llava | blip2 | minigpt4")
+    q.add_argument("--model", type=Path, default=None, help="local HF folder (default: the shipped model)")
+    q.add_argument("--eval", type=Path, default=None, help="MMEdit file (default: the world's vqa_eval.json)")
+    q.add_argument("--images", type=Path, default=None, help="image root (default: the file's folder)")
+    q.add_argument("--n", type=int, default=None, help="first N records only")
+    q.add_argument("--edit-layer", type=int, default=-1, help="where to read the visual states (-1 = LM input)")
+    q.add_argument("--out", type=Path, default=None, help="write the JSON summary here too")
+    q.add_argument("--no-progress", action="store_true")
     return parser
+
+
+def _scenes(args) -> int:
+    from attrib.data import load_records
+    from editing.run import WORLD, EditOptions, _backbone
+    from editing.scenes import scene_separation
+
+    backbone = _backbone(EditOptions(backbone=args.backbone, model=args.model))
+    records = load_records(args.eval or WORLD / "vqa_eval.json", args.images, n=args.n)
+    summary = scene_separation(backbone, records, args.edit_layer, progress=not args.no_progress).to_json()
+    text = json.dumps(summary, indent=2)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     warnings.filterwarnings("ignore", message=".*past_key_values.*")
+    if args.command == "scenes":
+        try:
+            return _scenes(args)
+        except (DataError, OSError, ValueError) as error:
+            print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+            return 2
     options = EditOptions(
         backbone=args.backbone, model=args.model, data=args.data, train=args.train, eval=args.eval,
         images=args.images, attribution=args.attribution, checkpoint=args.checkpoint, steps=args.steps,
