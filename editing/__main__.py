@@ -82,6 +82,12 @@ def _scenes(args) -> int:
     return 0
 
 
+def _error(error: Exception) -> int:
+    """Print ``error`` as one line ("error: ...", whatever the exception carried); the exit status."""
+    print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     warnings.filterwarnings("ignore", message=".*past_key_values.*")
@@ -89,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return _scenes(args)
         except (DataError, OSError, ValueError) as error:
-            print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-            return 2
+            return _error(error)
     options = EditOptions(
         backbone=args.backbone, model=args.model, data=args.data, train=args.train, eval=args.eval,
         images=args.images, attribution=args.attribution, checkpoint=args.checkpoint, steps=args.steps,
@@ -100,9 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = run_edit(options)
     except (DataError, OSError, ValueError) as error:
-        message = " ".join(str(error).split())  # one line, whatever the exception carried
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+        return _error(error)
     v = results["methods"]["visedit"]
     skipped = results["n_skipped"]
     note = f"; skipped {skipped['train']} train / {skipped['eval']} eval records" if sum(skipped.values()) else ""

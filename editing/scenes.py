@@ -73,9 +73,7 @@ def best_split(positive: torch.Tensor, negative: torch.Tensor) -> dict[str, floa
 def visual_states(split: SplitForward, image) -> torch.Tensor:
     """[1, P, d] the image's visual-token states at the split's edit site (the prompt does not matter:
     visual tokens come before any text in every supported backbone)."""
-    site = split.prefix(split.backbone.encode([image], [""]))
-    rows = torch.arange(site.hidden.shape[0], device=site.hidden.device)[:, None]
-    return site.hidden[rows, site.positions.to(site.hidden.device)].float()
+    return split.prefix(split.backbone.encode([image], [""])).visual_states().float()
 
 
 def scene_separation(backbone: Backbone, records: Sequence[EditRecord], edit_layer: int = -1,

@@ -43,6 +43,11 @@ class EditSite:
     positions: torch.Tensor | None
     layer_kwargs: dict[str, Any]
 
+    def visual_states(self) -> torch.Tensor:
+        """[B, P, d] every row's visual-token states at the edit site."""
+        rows = torch.arange(self.hidden.shape[0], device=self.hidden.device)[:, None]
+        return self.hidden[rows, self.positions.to(self.hidden.device)]
+
 
 class _Stop(Exception):
     """Raised from a hook once the prefix has reached the edit site."""

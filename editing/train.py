@@ -232,12 +232,7 @@ class Trainer:
     def _scene_term(self, site: EditSite, signal, same: slice, unrelated: slice) -> torch.Tensor:
         """The scene gate's logistic loss: open on rows ``same`` (the edits' re-rendered images), shut on
         rows ``unrelated`` (M-Loc inputs); ``signal`` holds one edit per row."""
-        adapter = self.editor.adapter
-        rows = torch.arange(site.hidden.shape[0])
-        positions = site.positions.to(site.hidden.device)
-        visual = site.hidden[rows[:, None].to(site.hidden.device), positions]  # [R, P, d]
-        dtype = adapter.scene.threshold.dtype
-        logits = adapter.scene(visual.to(dtype), signal.visual_states().to(visual.device, dtype)).float()
+        logits = self.editor.adapter.scene_logits(site.visual_states(), signal).float()
         return 0.5 * (losses.im_up(logits[same]) + losses.im_down(logits[unrelated]))
 
     def _im_terms(self, step: int, site: EditSite, signals: list, roles: torch.Tensor, influence: torch.Tensor
