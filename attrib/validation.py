@@ -16,6 +16,9 @@ pixel rectangle is image_size / grid side wide; a cell is *in the box* when its 
 - best_layers: the contiguous band of up to 3 layers with the highest mean pointing game. It is chosen on
   the scored samples themselves, so it is optimistic; per-layer curves are in the JSON.
 
+Methods: every region method of the backbone at the configured window, and the primary noise method
+(attention_noise / vit_noise) once more on single cells as ``<name>_cell`` when that window is wider.
+
 Baselines, scored the same way:
 - integrated_gradients: captum IG on ``pixel_values`` (zero baseline = the processor's mean image) for the
   key-token logit at the last position; |attr| summed over channels and over each patch cell.
@@ -38,7 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -411,6 +414,14 @@ def validate(backbone: Backbone, records: Sequence, config: AttributionConfig = 
         n, method_layers = sweep_plan(backbone, config, len(prompts), causal)
         results[name] = region_sweep(backbone, images[:n], prompts[:n], method, region_set, method_layers,
                                      batch_size=config.batch_size, progress=progress)
+    # The primary noise method once more on single cells: VisEdit's window (r = 3 on LLaVA-1.5's 24 x 24
+    # grid, scaled to the grid) can be wider than the objects (the world's small ones are 2 x 2 cells of
+    # 8 x 8), and a window centred beside an object then scores about as high as one centred on it.
+    name, method, region_set, _ = region_methods(backbone, replace(config, window=0))[0]
+    if region_set.window == 0 and results[name].regions.window > 0:
+        results[f"{name}_cell"] = region_sweep(backbone, images, prompts, method, region_set,
+                                               list(range(backbone.n_layers)), batch_size=config.batch_size,
+                                               progress=progress)
     results["integrated_gradients"] = integrated_gradients_maps(backbone, images, prompts, ig_steps, config.batch_size)
     results["layer_integrated_gradients"] = layer_integrated_gradients_maps(backbone, images, prompts, ig_steps,
                                                                             config.batch_size)
@@ -419,7 +430,8 @@ def validate(backbone: Backbone, records: Sequence, config: AttributionConfig = 
     meta = {"selection": {**counts, "correct_only": correct_only, "min_objects": min_objects,
                           "key_token": "the model's own top-1 next token at the last prompt position"},
             "grid": list(backbone.spec.grid_shape(backbone.config)), "band_width": BAND,
-            "methods": {name: r.meta.get("method", {}) for name, r in results.items()},
+            "methods": {name: {**r.meta.get("method", {}), **{k: r.meta[k] for k in ("window",) if k in r.meta}}
+                        for name, r in results.items()},
             "samples_per_method": {name: m["n_samples"] for name, m in methods.items()},
             "model_fingerprint": backbone.fingerprint()}
     baselines = random_baselines(chosen, images, backbone.spec.grid_shape(backbone.config))

@@ -7,6 +7,7 @@ logits as full sequences at a fraction of the cost. Facts run text-only through 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -70,17 +71,29 @@ def _sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (token_loss.sum(1) / counted).mean()
 
 
+class Continuations(NamedTuple):
+    """What ``continuation_logits`` computed: [(logits, labels)] per row set; the attention weights of
+    the requested LM layers on the pair rows ({layer: [rows, heads, T_pairs, prefix + T_pairs]}); and the
+    prefix's input ids [images, prefix] (where the image tokens sit)."""
+
+    sets: list[tuple[torch.Tensor, torch.Tensor]]
+    attentions: dict[int, torch.Tensor]
+    prefix_ids: torch.Tensor
+
+
 def continuation_logits(model, processor, spec: BackboneSpec, templates: Templates, images: list,
                         pairs: list[list[tuple[str, str]]], lead: list[tuple[str, str]] | None = None,
-                        ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                        attention_layers: tuple[int, ...] = ()) -> Continuations:
     """Logits and labels of every (prompt, target) continuation of each image, sharing its prefix.
 
     ``pairs[i]`` lists the same number of (prompt, target) pairs for ``images[i]``. The prefix (template up
     to the prompt, image tokens included) runs once per image; its KV cache is repeated per pair.
     ``lead[i]``, when given, is one more (prompt, target) for image i that runs in the same call as the
     prefix, so a long target (a caption) does not pad every short row to its length.
-    Returns [(logits [rows, T, V], labels [rows, T])]: the pairs first (image-major), then the lead rows;
-    labels are IGNORE off the target + EOS; ``logits[:, t]`` predicts ``labels[:, t + 1]``.
+    ``sets`` holds [(logits [rows, T, V], labels [rows, T])]: the pairs first (image-major), then the lead
+    rows; labels are IGNORE off the target + EOS; ``logits[:, t]`` predicts ``labels[:, t + 1]``.
+    ``attention_layers`` asks for those LM layers' attention weights on the pair rows (the model must run
+    eager attention: sdpa returns none).
     """
     tokenizer = processor.tokenizer
     per_image = len(pairs[0])
@@ -107,10 +120,15 @@ def continuation_logits(model, processor, spec: BackboneSpec, templates: Templat
         cache.batch_repeat_interleave(per_image)
         mask = torch.cat([prefix["attention_mask"].repeat_interleave(per_image, 0), cont_mask], dim=1)
         text_lm = model.get_submodule(spec.text_lm)
-        sets.append((text_lm(input_ids=ids, attention_mask=mask, cache=cache).logits, labels))
+        out = text_lm(input_ids=ids, attention_mask=mask, cache=cache, output_attentions=bool(attention_layers))
+        sets.append((out.logits, labels))
+        if attention_layers:
+            if not out.attentions or out.attentions[0] is None:
+                raise ValueError("attention weights asked for, but the LM runs without them (use eager attention)")
+            attentions = {layer: out.attentions[layer] for layer in attention_layers}
     if lead is not None:
         sets.append(lead_set)
-    return sets
+    return Continuations(sets, attentions if attention_layers and per_image else {}, prefix["input_ids"])
 
 
 def pick_family(scene, rng: np.random.Generator, weights: dict[str, float] | None) -> str | None:
@@ -125,16 +143,58 @@ def pick_family(scene, rng: np.random.Generator, weights: dict[str, float] | Non
     return feasible[int(rng.choice(len(feasible), p=p / p.sum()))]
 
 
+def target_cells(box: tuple[int, int, int, int], grid: int, patch: int) -> list[int]:
+    """Row-major indices of the grid cells a patch-snapped pixel box covers."""
+    x0, y0, x1, y1 = (v // patch for v in box)
+    return [row * grid + col for row in range(y0, y1) for col in range(x0, x1)]
+
+
+def object_attention_loss(attentions: dict[int, torch.Tensor], labels: torch.Tensor, prefix_ids: torch.Tensor,
+                          image_token_id: int, cells: list[list[int] | None]) -> torch.Tensor:
+    """How far the answer position's look at the image misses the asked-about object.
+
+    For each row with a target (``cells[r]``: the object's grid cells, None for count, "no" answers and
+    the like), at the position that predicts the answer's first token and in every given layer: the share
+    of the heads' summed attention on the image tokens that lands on the object's tokens; the loss is
+    the mean of -log(share) over layers and rows. Only where the model looks within the image is pressed,
+    not how much it looks at the image at all. Zero when no row has a target.
+    """
+    image_at = (prefix_ids[0] == image_token_id).nonzero()[:, 0]
+    if not ((prefix_ids == image_token_id).sum(1) == len(image_at)).all():
+        raise ValueError("every image prefix must hold the same image token positions")
+    rows = [r for r, c in enumerate(cells) if c]
+    if not rows:
+        return torch.zeros(())
+    answer_at = (labels[rows] != IGNORE).float().argmax(1) - 1  # the position predicting the first target token
+    terms = []
+    for weights in attentions.values():
+        at_answer = weights[rows][torch.arange(len(rows)), :, answer_at]  # [rows, heads, keys]
+        on_image = at_answer[:, :, image_at].sum(1)  # [rows, image tokens]
+        hit = torch.zeros_like(on_image, dtype=torch.bool)
+        for k, r in enumerate(rows):
+            hit[k, cells[r]] = True
+        share = (on_image * hit).sum(1) / on_image.sum(1).clamp(min=1e-9)
+        terms.append(-torch.log(share + 1e-6))
+    return torch.stack(terms).mean()
+
+
 def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sampler: WorldSampler,
                   n_images: int, questions_per_image: int, n_facts: int, fact_weight: float,
-                  family_weights: dict[str, float] | None = None) -> torch.Tensor:
+                  family_weights: dict[str, float] | None = None, attend_layers: tuple[int, ...] = (),
+                  attend_weight: float = 0.0) -> torch.Tensor:
     """One language batch: VQA answers and captions on fresh scenes, plus text-only facts.
 
     ``family_weights`` (family → relative share) skews which question families are asked; families
-    a scene cannot pose are left out and the rest renormalised.
+    a scene cannot pose are left out and the rest renormalised. ``attend_layers`` / ``attend_weight`` add
+    ``object_attention_loss`` at those LM layers (a backbone whose LM sees the visual grid, eager attention).
     """
     tokenizer = processor.tokenizer
-    images, pairs, captions = [], [], []
+    grid = None
+    if attend_layers:
+        if spec.grid_site != "lm":
+            raise ValueError(f"{spec.name}: the object attention term needs visual tokens that form the grid")
+        grid = spec.grid_shape(model.config)[1]
+    images, pairs, captions, cells = [], [], [], []
     for _ in range(n_images):
         scene = sampler.scene()
         images.append(render(scene))
@@ -143,12 +203,21 @@ def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sa
             family = pick_family(scene, sampler.rng, family_weights)
             question = sample_question(scene, sampler.rng, family, split="train")
             image_pairs.append((PROMPTS["vqa"].format(src=question.text), question.answer))
+            if attend_layers:
+                target = question.target
+                cells.append(None if target is None else
+                             target_cells(scene.objects[target].box, grid, scene.image_size // grid))
         pairs.append(image_pairs)
         captions.append((PROMPTS["caption"].format(src="a photo of"), caption(scene)))
-    sets = continuation_logits(model, processor, spec, templates, images, pairs, lead=captions)
+    out = continuation_logits(model, processor, spec, templates, images, pairs, lead=captions,
+                              attention_layers=attend_layers)
+    sets = out.sets
     # Every sequence (question or caption) weighs the same, as one batch of full sequences would.
     rows = sum(len(labels) for _, labels in sets)
     loss = sum(_sequence_loss(logits, labels) * len(labels) for logits, labels in sets) / rows
+    if attend_layers:
+        loss = loss + attend_weight * object_attention_loss(out.attentions, sets[0][1], out.prefix_ids,
+                                                            model.config.image_token_id, cells)
     if n_facts:
         text_lm = model.get_submodule(spec.text_lm)
         facts = [FACTS[int(k)] for k in sampler.rng.integers(len(FACTS), size=n_facts)]

@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
@@ -73,9 +74,30 @@ def _save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _init_from(model, recipe: Recipe, out_root: Path) -> None:
+def stage_snapshot(work_root: Path, backbone: str, stage: str) -> Path:
+    """Where a run keeps its weights as they were at the end of ``stage``."""
+    return work_root / backbone / f"stage-{stage}.safetensors"
+
+
+def _save_snapshot(model, path: Path) -> None:
+    """The model's state in fp16 (as shipped: a default started from it gets the shipped values)."""
+    state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(state, tmp)
+    os.replace(tmp, path)
+
+
+def _init_from(model, recipe: Recipe, out_root: Path, work_root: Path) -> None:
     source_name, mapping = recipe.init_from
-    source = load_backbone(source_name, out_root / source_name).model.state_dict()
+    if recipe.init_stage:
+        snapshot = stage_snapshot(work_root, source_name, recipe.init_stage)
+        if not snapshot.is_file():
+            raise FileNotFoundError(f"{recipe.backbone} starts from {source_name} after its {recipe.init_stage!r} "
+                                    f"stage, but {snapshot} is missing: train {source_name} first "
+                                    f"(make toy-models BACKBONES={source_name})")
+        source = {k: v.float() if v.is_floating_point() else v for k, v in load_file(snapshot).items()}
+    else:
+        source = load_backbone(source_name, out_root / source_name).model.state_dict()
     target = model.state_dict()
     copied = 0
     for key, value in source.items():
@@ -107,7 +129,7 @@ def train_default(name: str, out_root: Path = DEFAULTS_DIR, work_root: Path = Pa
                  if recipe.init_from else _run_tokenizer(work, recipe.seed))
     model, processor = build_backbone(name, recipe.sizes, tokenizer, seed=recipe.seed)
     if recipe.init_from:
-        _init_from(model, recipe, out_root)
+        _init_from(model, recipe, out_root, work_root)
     model.eval()  # no dropout: training only needs gradients, and eval mode keeps steps deterministic
     templates = Templates(spec.prompt_template, spec.text_template)
     heads = PatchHeads(recipe.sizes.vision_hidden, recipe.sizes.image_size // recipe.sizes.patch_size)
@@ -118,6 +140,7 @@ def train_default(name: str, out_root: Path = DEFAULTS_DIR, work_root: Path = Pa
         model.load_state_dict(state["model"])
         heads.load_state_dict(state["heads"])
     started = time.time() - log["wall_s"]
+    default_attention = model.config._attn_implementation
     for index, stage in enumerate(recipe.stages):
         steps = max(1, round(stage.steps * scale))
         if state and index < state["stage"]:
@@ -135,6 +158,8 @@ def train_default(name: str, out_root: Path = DEFAULTS_DIR, work_root: Path = Pa
             sampler.rng.bit_generator.state = state["rng"]
             torch.set_rng_state(state["torch_rng"])
             first = state["step"]
+        # Attention weights come from eager attention only (sdpa returns none); same maths, CPU cost alike.
+        model.set_attn_implementation("eager" if stage.attend_layers else default_attention)
         bar = tqdm(range(first, steps), desc=f"{name}:{stage.name}", initial=first, total=steps,
                    file=sys.stderr, mininterval=5)
         metric = 0.0
@@ -149,7 +174,7 @@ def train_default(name: str, out_root: Path = DEFAULTS_DIR, work_root: Path = Pa
             else:
                 loss = language_loss(model, processor, spec, templates, sampler, stage.batch_images,
                                      stage.questions_per_image, stage.facts, stage.fact_weight,
-                                     stage.family_weights)
+                                     stage.family_weights, stage.attend_layers, stage.attend_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
@@ -159,6 +184,7 @@ def train_default(name: str, out_root: Path = DEFAULTS_DIR, work_root: Path = Pa
             if done % save_every == 0 or done == steps:
                 log["wall_s"] = time.time() - started
                 if done == steps:
+                    _save_snapshot(model, stage_snapshot(work_root, name, stage.name))
                     log["stages"].append({"name": stage.name, "steps": steps, "final_loss": round(loss.item(), 4),
                                           "wall_s_total": round(log["wall_s"], 1)})
                 _save_atomic({"stage": index + (done == steps), "step": 0 if done == steps else done,
@@ -166,6 +192,7 @@ def train_default(name: str, out_root: Path = DEFAULTS_DIR, work_root: Path = Pa
                               "optimizer": optimizer.state_dict(), "rng": sampler.rng.bit_generator.state,
                               "torch_rng": torch.get_rng_state(), "log": log}, ckpt_file)
         state = None
+    model.set_attn_implementation(default_attention)
     out_dir = out_root / name
     manifest = {
         "backbone": name, "seed": recipe.seed, "command": f"make toy-models BACKBONES={name}",

@@ -151,6 +151,9 @@ def test_validation_json_has_the_required_keys(tiny_backbone, world, tmp_path):
     assert set(data["baselines"]) == {"random_cell", "random_object"}
     baselines = {"integrated_gradients", "layer_integrated_gradients", "raw_attention", "causal_noise"}
     assert baselines <= set(data["methods"])
+    primary = "attention_noise" if tiny_backbone.spec.grid_site == "lm" else "vit_noise"
+    assert {primary, primary + "_cell"} <= set(data["methods"])  # window 1, so the single-cell run joins
+    assert data["meta"]["methods"][primary + "_cell"]["window"] == 0
     for name, entry in data["methods"].items():
         assert set(entry) == METHOD_KEYS, name
         assert 0 <= entry["pointing_game"] <= 100 and 0 <= entry["mass_in_box"] <= 100

@@ -4,9 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attrib.defaults.batches import IGNORE, Templates, continuation_logits, patch_labels, pick_family
+from attrib.backbones.loader import load_backbone
+from attrib.defaults.batches import (
+    IGNORE, Templates, continuation_logits, language_loss, object_attention_loss, patch_labels, pick_family,
+    target_cells,
+)
 from attrib.defaults.recipe import Stage
-from attrib.world import VQA_FAMILIES, WorldConfig, generate_scene
+from attrib.world import VQA_FAMILIES, WorldConfig, WorldSampler, generate_scene
 from attrib.world.questions import feasible_families
 import numpy as np
 
@@ -35,7 +39,7 @@ def test_prefix_reuse_equals_full_sequences(tiny_backbone, tiny_images, with_lea
             ("a photo of", "a large yellow diamond")] if with_lead else None
     with torch.no_grad():
         sets = continuation_logits(tiny_backbone.model, tiny_backbone.processor, spec, templates,
-                                   tiny_images, pairs, lead=lead)
+                                   tiny_images, pairs, lead=lead).sets
         assert len(sets) == (2 if with_lead else 1)
         flat = [(image, pair) for image, image_pairs in zip(tiny_images, pairs) for pair in image_pairs]
         _assert_rows_match(tiny_backbone, tiny_images, flat, *sets[0])
@@ -72,3 +76,54 @@ def test_object_curriculum_limits_by_nominal_step():
     stage = Stage("language", "language", 900, 5e-4, {"x": 1.0}, max_objects=((200, 1), (500, 2)))
     assert [stage.object_limit(s) for s in (0, 199, 200, 499, 500, 899)] == [1, 1, 2, 2, None, None]
     assert Stage("v", "vision", 10, 1e-3, {"x": 1.0}).object_limit(0) is None
+
+
+def test_target_cells_are_the_boxes_patches_row_major():
+    assert target_cells((8, 16, 24, 40), grid=8, patch=8) == [17, 18, 25, 26, 33, 34]
+    assert target_cells((0, 0, 64, 64), grid=8, patch=8) == list(range(64))
+
+
+def test_object_attention_loss_equals_a_loop_over_rows_and_layers():
+    rng = torch.Generator().manual_seed(0)
+    image_token, prefix_len, cont_len, heads = 7, 6, 5, 3
+    prefix_ids = torch.tensor([[1, 7, 7, 7, 7, 2]] * 2)  # a 2 x 2 grid of image tokens at positions 1-4
+    attentions = {k: torch.rand(4, heads, cont_len, prefix_len + cont_len, generator=rng).softmax(-1)
+                  for k in (0, 2)}
+    labels = torch.full((4, cont_len), IGNORE)
+    for row, first in enumerate((2, 3, 1, 4)):
+        labels[row, first:] = 5  # the answer's first token sits at `first`, predicted from first - 1
+    cells = [[0, 1], None, [3], [2, 3]]
+    expected = []
+    for weights in attentions.values():
+        for row, target in enumerate(cells):
+            if target is None:
+                continue
+            first = int((labels[row] != IGNORE).nonzero()[0])
+            looks = weights[row, :, first - 1, 1:5].sum(0)  # heads summed, image tokens only
+            expected.append(-torch.log(looks[target].sum() / looks.sum() + 1e-6))
+    got = object_attention_loss(attentions, labels, prefix_ids, image_token, cells)
+    assert torch.allclose(got, torch.stack(expected).mean(), atol=1e-6)
+    assert object_attention_loss(attentions, labels, prefix_ids, image_token, [None] * 4).item() == 0.0
+
+
+def test_object_attention_term_joins_the_language_loss_of_a_grid_backbone(tiny_dirs):
+    backbone = load_backbone("llava", tiny_dirs["llava"])
+    model, spec = backbone.model, backbone.spec
+    templates = Templates(backbone.prompt_template, backbone.text_template)
+    args = (model, backbone.processor, spec, templates)
+    batch = dict(n_images=2, questions_per_image=2, n_facts=0, fact_weight=0.0,
+                 family_weights={"color_of_shape": 1.0})
+    with pytest.raises(ValueError, match="eager"):  # sdpa gives no attention weights
+        language_loss(*args, WorldSampler(seed=1), attend_layers=(0,), attend_weight=1.0, **batch)
+    model.set_attn_implementation("eager")
+    try:
+        plain = language_loss(*args, WorldSampler(seed=1), **batch)
+        with_term = language_loss(*args, WorldSampler(seed=1), attend_layers=(0, 1), attend_weight=1.0, **batch)
+    finally:
+        model.set_attn_implementation("sdpa")
+    # Colour of a shape always names one object, so the term is a positive -log(share) on every row.
+    assert with_term.item() > plain.item() + 0.1
+    blip2 = load_backbone("blip2", tiny_dirs["blip2"])
+    with pytest.raises(ValueError, match="grid"):
+        language_loss(blip2.model, blip2.processor, blip2.spec, templates, WorldSampler(seed=1),
+                      attend_layers=(0,), attend_weight=1.0, **batch)
