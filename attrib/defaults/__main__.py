@@ -1,11 +1,11 @@
-"""``python -m attrib.defaults [--backbones llava,minigpt4,blip2]``: train, evaluate and write the defaults."""
+"""``python -m attrib.defaults [--backbones llava,minigpt4,blip2,llava_attend]``: train, evaluate and write the defaults."""
 from __future__ import annotations
 
 import argparse
 import warnings
 from pathlib import Path
 
-from attrib.defaults.recipe import DEFAULTS_DIR, ORDER
+from attrib.defaults.recipe import DEFAULTS_DIR, ORDER, RECIPES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         if name not in ORDER:
             parser.error(f"unknown backbone {name!r}; choose from {', '.join(ORDER)}")
         out_dir = args.out / name if args.eval_only else train_default(name, args.out, args.work, scale=args.scale)
-        metrics = evaluate_default(name, out_dir)
+        metrics = evaluate_default(RECIPES[name].backbone, out_dir)
         write_manifest_metrics(out_dir, metrics)
         print(name, metrics)
     return 0

@@ -14,7 +14,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
@@ -74,30 +73,9 @@ def _save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def stage_snapshot(work_root: Path, backbone: str, stage: str) -> Path:
-    """Where a run keeps its weights as they were at the end of ``stage``."""
-    return work_root / backbone / f"stage-{stage}.safetensors"
-
-
-def _save_snapshot(model, path: Path) -> None:
-    """The model's state in fp16 (as shipped: a default started from it gets the shipped values)."""
-    state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_suffix(".tmp")
-    save_file(state, tmp)
-    os.replace(tmp, path)
-
-
-def _init_from(model, recipe: Recipe, out_root: Path, work_root: Path) -> None:
+def _init_from(model, recipe: Recipe, out_root: Path) -> None:
     source_name, mapping = recipe.init_from
-    if recipe.init_stage:
-        snapshot = stage_snapshot(work_root, source_name, recipe.init_stage)
-        if not snapshot.is_file():
-            raise FileNotFoundError(f"{recipe.backbone} starts from {source_name} after its {recipe.init_stage!r} "
-                                    f"stage, but {snapshot} is missing: train {source_name} first "
-                                    f"(make toy-models BACKBONES={source_name})")
-        source = {k: v.float() if v.is_floating_point() else v for k, v in load_file(snapshot).items()}
-    else:
-        source = load_backbone(source_name, out_root / source_name).model.state_dict()
+    source = load_backbone(RECIPES[source_name].backbone, out_root / source_name).model.state_dict()
     target = model.state_dict()
     copied = 0
     for key, value in source.items():
@@ -120,16 +98,18 @@ def train_default(name: str, out_root: Path = DEFAULTS_DIR, work_root: Path = Pa
     ``scale`` multiplies every stage's step count (tests use a tiny fraction).
     """
     recipe = RECIPES[name]
-    spec = get_spec(name)
+    spec = get_spec(recipe.backbone)
     work = work_root / name
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
     # A default that starts from another one's weights must share its vocabulary exactly.
     tokenizer = (AutoTokenizer.from_pretrained(out_root / recipe.init_from[0], local_files_only=True)
                  if recipe.init_from else _run_tokenizer(work, recipe.seed))
-    model, processor = build_backbone(name, recipe.sizes, tokenizer, seed=recipe.seed)
+    for option in ("is_local", "local_files_only"):  # how it was loaded, not what it is: keep it out of the save
+        tokenizer.init_kwargs.pop(option, None)
+    model, processor = build_backbone(recipe.backbone, recipe.sizes, tokenizer, seed=recipe.seed)
     if recipe.init_from:
-        _init_from(model, recipe, out_root, work_root)
+        _init_from(model, recipe, out_root)
     model.eval()  # no dropout: training only needs gradients, and eval mode keeps steps deterministic
     templates = Templates(spec.prompt_template, spec.text_template)
     heads = PatchHeads(recipe.sizes.vision_hidden, recipe.sizes.image_size // recipe.sizes.patch_size)
@@ -184,7 +164,6 @@ def train_default(name: str, out_root: Path = DEFAULTS_DIR, work_root: Path = Pa
             if done % save_every == 0 or done == steps:
                 log["wall_s"] = time.time() - started
                 if done == steps:
-                    _save_snapshot(model, stage_snapshot(work_root, name, stage.name))
                     log["stages"].append({"name": stage.name, "steps": steps, "final_loss": round(loss.item(), 4),
                                           "wall_s_total": round(log["wall_s"], 1)})
                 _save_atomic({"stage": index + (done == steps), "step": 0 if done == steps else done,
@@ -195,7 +174,7 @@ def train_default(name: str, out_root: Path = DEFAULTS_DIR, work_root: Path = Pa
     model.set_attn_implementation(default_attention)
     out_dir = out_root / name
     manifest = {
-        "backbone": name, "seed": recipe.seed, "command": f"make toy-models BACKBONES={name}",
+        "backbone": recipe.backbone, "name": name, "seed": recipe.seed, "command": f"make toy-models BACKBONES={name}",
         "stages": log["stages"], "wall_s": round(time.time() - started, 1), "sizes": sizes_dict(recipe.sizes),
         "prompt_template": spec.prompt_template, "text_template": spec.text_template, "prompts": PROMPTS,
         "image_tokens": _image_token_note(spec),

@@ -9,7 +9,7 @@ import pytest
 
 from attrib.backbones.loader import load_backbone
 from attrib.defaults.evaluate import _family_batch, teacher_forced_hits
-from attrib.defaults.recipe import DEFAULTS_DIR, ORDER
+from attrib.defaults.recipe import DEFAULTS_DIR, ORDER, RECIPES
 from attrib.world import VQA_FAMILIES, WorldConfig, WorldSampler
 
 SHIPPED = [name for name in ORDER if (DEFAULTS_DIR / name / "config.json").is_file()]
@@ -18,7 +18,8 @@ MAX_MB = 12
 
 @pytest.fixture(scope="module", params=SHIPPED)
 def shipped(request):
-    return load_backbone(request.param, DEFAULTS_DIR / request.param)
+    """(folder name, backbone): llava_attend is a LLaVA in its own folder."""
+    return request.param, load_backbone(RECIPES[request.param].backbone, DEFAULTS_DIR / request.param)
 
 
 def test_llava_default_is_shipped():
@@ -26,7 +27,8 @@ def test_llava_default_is_shipped():
 
 
 def test_folder_is_small_and_has_manifest(shipped):
-    folder = DEFAULTS_DIR / shipped.spec.name
+    name, shipped = shipped
+    folder = DEFAULTS_DIR / name
     size_mb = sum(p.stat().st_size for p in folder.iterdir()) / 2**20
     assert size_mb <= MAX_MB
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -36,11 +38,13 @@ def test_folder_is_small_and_has_manifest(shipped):
     assert ("<image>" in manifest["prompt_template"]) == ("<image>" in shipped.spec.prompt_template)
     assert shipped.prompt_template == manifest["prompt_template"]
     assert set(manifest["heldout"]["vqa"]) == set(VQA_FAMILIES)
+    assert manifest["backbone"] == shipped.spec.name
 
 
 def test_manifest_accuracy_is_reproduced(shipped):
     """A fresh held-out sample (another seed) gives the manifest's mean first-token accuracy ± 10 points."""
-    manifest = json.loads((DEFAULTS_DIR / shipped.spec.name / "manifest.json").read_text())
+    name, shipped = shipped
+    manifest = json.loads((DEFAULTS_DIR / name / "manifest.json").read_text())
     recorded = np.mean([manifest["heldout"]["vqa"][f]["first_token"] for f in VQA_FAMILIES])
     sampler = WorldSampler(WorldConfig(), seed=424_242)
     hits = []

@@ -1,6 +1,7 @@
 """The default-model trainer: a run killed mid-stage and resumed ends with the weights of an unbroken run."""
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -59,23 +60,17 @@ def test_killed_and_resumed_run_reaches_the_same_weights(tmp_path, monkeypatch):
     assert train.load_backbone("llava", resumed).model.config._attn_implementation == "sdpa"
 
 
-def test_a_default_can_start_from_another_runs_stage_snapshot(tmp_path, monkeypatch):
-    monkeypatch.setitem(RECIPES, "llava", RECIPE)
-    out = train.train_default("llava", tmp_path / "out", tmp_path / "work", save_every=10)
-    snapshots = sorted(p.name for p in (tmp_path / "work" / "llava").glob("stage-*.safetensors"))
-    assert snapshots == ["stage-attend.safetensors", "stage-language.safetensors", "stage-vision.safetensors"]
-    shipped = train.load_backbone("llava", out).model.state_dict()
-    last = load_file(train.stage_snapshot(tmp_path / "work", "llava", "attend"))
-    assert all(torch.equal(last[k].float(), shipped[k].float()) for k in shipped)  # fp16, as shipped
 
-    recipe = replace(RECIPES["minigpt4"], sizes=SMALL, init_stage="language")
-    tokenizer = train.AutoTokenizer.from_pretrained(out, local_files_only=True)
-    model, _ = train.build_backbone("minigpt4", SMALL, tokenizer, seed=0)
-    train._init_from(model, recipe, tmp_path / "out", tmp_path / "work")
-    language = load_file(train.stage_snapshot(tmp_path / "work", "llava", "language"))
-    weight = "model.language_model.layers.0.self_attn.q_proj.weight"
-    copied = model.state_dict()["language_model.model.layers.0.self_attn.q_proj.weight"]
-    assert torch.equal(copied, language[weight].float())
-    assert not torch.equal(copied, shipped[weight])  # the snapshot, not the finished model
-    with pytest.raises(FileNotFoundError, match="train llava first"):
-        train._init_from(model, replace(recipe, init_stage="joint"), tmp_path / "out", tmp_path / "work")
+def test_a_named_variant_starts_from_another_default(tmp_path, monkeypatch):
+    """llava_attend's shape: a LLaVA in its own folder, every weight copied from the llava default first."""
+    monkeypatch.setitem(RECIPES, "llava", RECIPE)
+    frozen = Stage("attend", "language", 2, 0.0, LM, warmup=1, batch_images=2, questions_per_image=2, facts=2,
+                   family_weights={"color_of_shape": 1.0, "count": 0.2}, attend_layers=(1,), attend_weight=0.5)
+    monkeypatch.setitem(RECIPES, "llava_attend", Recipe("llava", (frozen,), init_from=("llava", {"": ""}), sizes=SMALL))
+    base = train.train_default("llava", tmp_path / "out", tmp_path / "work")
+    variant = train.train_default("llava_attend", tmp_path / "out", tmp_path / "work")
+    assert variant == tmp_path / "out" / "llava_attend"
+    a, b = _weights(base), _weights(variant)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # LR 0: the copy, unchanged
+    manifest = json.loads((variant / "manifest.json").read_text())
+    assert (manifest["backbone"], manifest["name"], manifest["init_from"]) == ("llava", "llava_attend", "llava")
