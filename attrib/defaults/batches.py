@@ -109,7 +109,7 @@ def continuation_logits(model, processor, spec: BackboneSpec, templates: Templat
     out = model(**inputs, use_cache=True)
     cache = getattr(out, "language_model_outputs", None) or out  # BLIP-2 nests the LM's outputs
     cache = cache.past_key_values
-    sets = []
+    sets, attentions = [], {}
     if lead is not None:
         cache.crop(-lead_ids.shape[1])  # back to the prefix for the pairs
         # Rows are prefix + lead: from the prefix's last position on, with no label on that position.
@@ -128,7 +128,7 @@ def continuation_logits(model, processor, spec: BackboneSpec, templates: Templat
             attentions = {layer: out.attentions[layer] for layer in attention_layers}
     if lead is not None:
         sets.append(lead_set)
-    return Continuations(sets, attentions if attention_layers and per_image else {}, prefix["input_ids"])
+    return Continuations(sets, attentions, prefix["input_ids"])
 
 
 def pick_family(scene, rng: np.random.Generator, weights: dict[str, float] | None) -> str | None:

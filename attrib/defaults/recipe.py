@@ -94,8 +94,8 @@ _BLIP2_ALL = {"vision_model": 0.1, "qformer": 1.0, "query_tokens": 1.0, "languag
               "language_model": 1.0}
 # The object attention stage of `llava_attend` (a grid backbone: LLaVA's visual tokens are the grid). The
 # LLaVA default reads the image in LM layers 0-1, and its answer position's attention within the image at
-# layers 5-7 puts ~10 % of its weight on the asked-about object; this stage presses it onto the object
-# there (69-71 % on held-out colour / shape questions afterwards, position 34 %), so the lookup a region
+# layers 5-7 puts 10-13 % of its weight on the asked-about object; this stage presses it onto the object
+# there (65-67 % on held-out colour / shape questions afterwards, position 34-35 %), so the lookup a region
 # method should find happens at known layers. Position is asked 4x as often: its lookup is the hardest.
 _ATTEND = {**_JOINT, "family_weights": {**_FAMILIES, "position": 4.0}, "attend_layers": (5, 6, 7),
            "attend_weight": 2.0}
@@ -128,7 +128,8 @@ RECIPES: dict[str, Recipe] = {
     ), init_from=("minigpt4", {"vision_model.": "vision_model.", "qformer.": "qformer.",
                                "query_tokens": "query_tokens"}), sizes=replace(TOY_SIZES, text_layers=8)),
     # The attribution ground-truth model: the LLaVA default plus the object attention stage. Not the
-    # editing default: VEAD at the LM input edits it far less reliably in the same steps (Rel 78 vs 100).
+    # editing default: a model from this stage was edited far less reliably by VEAD at the LM input in the
+    # default's steps (Rel 78 against 100; README, editing).
     "llava_attend": Recipe("llava", (
         Stage("attend", "language", 600, train={"model.vision_tower": 0.1, "model.multi_modal_projector": 1.0,
                                                 **_LLAVA_LM}, **_ATTEND),

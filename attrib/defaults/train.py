@@ -174,7 +174,8 @@ def train_default(name: str, out_root: Path = DEFAULTS_DIR, work_root: Path = Pa
     model.set_attn_implementation(default_attention)
     out_dir = out_root / name
     manifest = {
-        "backbone": recipe.backbone, "name": name, "seed": recipe.seed, "command": f"make toy-models BACKBONES={name}",
+        "backbone": recipe.backbone, "name": name, "seed": recipe.seed,
+        "command": f"make toy-models BACKBONES={name}",
         "stages": log["stages"], "wall_s": round(time.time() - started, 1), "sizes": sizes_dict(recipe.sizes),
         "prompt_template": spec.prompt_template, "text_template": spec.text_template, "prompts": PROMPTS,
         "image_tokens": _image_token_note(spec),
