@@ -127,9 +127,9 @@ RECIPES: dict[str, Recipe] = {
               **{**_QFORMER_JOINT, "lr": 2e-4, "family_weights": _POSITION_FAMILIES}),
     ), init_from=("minigpt4", {"vision_model.": "vision_model.", "qformer.": "qformer.",
                                "query_tokens": "query_tokens"}), sizes=replace(TOY_SIZES, text_layers=8)),
-    # The attribution ground-truth model: the LLaVA default plus the object attention stage. Not the
-    # editing default: a model from this stage was edited far less reliably by VEAD at the LM input in the
-    # default's steps (Rel 78 against 100; README, editing).
+    # The attribution ground-truth model: the LLaVA default plus the object attention stage. Kept beside
+    # the default, not in its place: MiniGPT-4 starts from the default's LM, and one model from this stage
+    # edited far less reliably than the default (Rel 78 against 100; this one: 99; README).
     "llava_attend": Recipe("llava", (
         Stage("attend", "language", 600, train={"model.vision_tower": 0.1, "model.multi_modal_projector": 1.0,
                                                 **_LLAVA_LM}, **_ATTEND),
