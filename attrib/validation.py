@@ -417,11 +417,11 @@ def validate(backbone: Backbone, records: Sequence, config: AttributionConfig = 
     # The primary noise method once more on single cells: VisEdit's window (r = 3 on LLaVA-1.5's 24 x 24
     # grid, scaled to the grid) can be wider than the objects (the world's small ones are 2 x 2 cells of
     # 8 x 8), and a window centred beside an object then scores about as high as one centred on it.
-    name, method, region_set, _ = region_methods(backbone, replace(config, window=0))[0]
-    if region_set.window == 0 and results[name].regions.window > 0:
-        results[f"{name}_cell"] = region_sweep(backbone, images, prompts, method, region_set,
-                                               list(range(backbone.n_layers)), batch_size=config.batch_size,
-                                               progress=progress)
+    name, method, cells, _ = region_methods(backbone, replace(config, window=0))[0]
+    if results[name].regions.window > 0:
+        results[f"{name}_cell"] = region_sweep(backbone, images, prompts, method, cells,
+                                               sweep_plan(backbone, config, len(prompts), False)[1],
+                                               batch_size=config.batch_size, progress=progress)
     results["integrated_gradients"] = integrated_gradients_maps(backbone, images, prompts, ig_steps, config.batch_size)
     results["layer_integrated_gradients"] = layer_integrated_gradients_maps(backbone, images, prompts, ig_steps,
                                                                             config.batch_size)
@@ -430,8 +430,8 @@ def validate(backbone: Backbone, records: Sequence, config: AttributionConfig = 
     meta = {"selection": {**counts, "correct_only": correct_only, "min_objects": min_objects,
                           "key_token": "the model's own top-1 next token at the last prompt position"},
             "grid": list(backbone.spec.grid_shape(backbone.config)), "band_width": BAND,
-            "methods": {name: {**r.meta.get("method", {}), **{k: r.meta[k] for k in ("window",) if k in r.meta}}
-                        for name, r in results.items()},
+            "methods": {name: {**r.meta.get("method", {}), **({"window": r.meta["window"]} if "window" in r.meta
+                                                               else {})} for name, r in results.items()},
             "samples_per_method": {name: m["n_samples"] for name, m in methods.items()},
             "model_fingerprint": backbone.fingerprint()}
     baselines = random_baselines(chosen, images, backbone.spec.grid_shape(backbone.config))

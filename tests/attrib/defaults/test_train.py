@@ -60,12 +60,10 @@ def test_killed_and_resumed_run_reaches_the_same_weights(tmp_path, monkeypatch):
     assert train.load_backbone("llava", resumed).model.config._attn_implementation == "sdpa"
 
 
-
 def test_a_named_variant_starts_from_another_default(tmp_path, monkeypatch):
     """llava_attend's shape: a LLaVA in its own folder, every weight copied from the llava default first."""
     monkeypatch.setitem(RECIPES, "llava", RECIPE)
-    frozen = Stage("attend", "language", 2, 0.0, LM, warmup=1, batch_images=2, questions_per_image=2, facts=2,
-                   family_weights={"color_of_shape": 1.0, "count": 0.2}, attend_layers=(1,), attend_weight=0.5)
+    frozen = replace(RECIPE.stages[-1], lr=0.0)  # the attend stage at LR 0
     monkeypatch.setitem(RECIPES, "llava_attend", Recipe("llava", (frozen,), init_from=("llava", {"": ""}), sizes=SMALL))
     base = train.train_default("llava", tmp_path / "out", tmp_path / "work")
     variant = train.train_default("llava_attend", tmp_path / "out", tmp_path / "work")
