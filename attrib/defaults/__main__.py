@@ -1,5 +1,5 @@
-"""``python -m attrib.defaults [--backbones llava,minigpt4,blip2,llava_attend]``: train, evaluate, write the
-defaults."""
+"""``python -m attrib.defaults [--backbones llava,minigpt4,blip2,llava_attend,llava_directions]``: train,
+evaluate, write the defaults."""
 from __future__ import annotations
 
 import argparse

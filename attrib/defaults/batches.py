@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from attrib.backbones.spec import BackboneSpec
 from attrib.defaults.recipe import PROMPTS
 from attrib.world import FACTS, SHAPES, SIZES, WorldSampler, caption, render, sample_question
-from attrib.world.questions import feasible_families
+from attrib.world.questions import feasible_families, region_box
 from attrib.world.scene import COLORS
 
 COLOR_NAMES = tuple(COLORS)
@@ -149,52 +149,96 @@ def target_cells(box: tuple[int, int, int, int], grid: int, patch: int) -> list[
     return [row * grid + col for row in range(y0, y1) for col in range(x0, x1)]
 
 
-def object_attention_loss(attentions: dict[int, torch.Tensor], labels: torch.Tensor, prefix_ids: torch.Tensor,
-                          image_token_id: int, cells: list[list[int] | None]) -> torch.Tensor:
-    """How far the answer position's look at the image misses the asked-about object.
+class Look(NamedTuple):
+    """A text position of one continuation row that should look at given grid cells of the image."""
 
-    For each row with a target (``cells[r]``: the object's grid cells, None for count, "no" answers and
-    the like), at the position that predicts the answer's first token and in every given layer: the share
-    of the heads' summed attention on the image tokens that lands on the object's tokens; the loss is
-    the mean of -log(share) over layers and rows. Only where the model looks within the image is pressed,
-    not how much it looks at the image at all. Zero when no row has a target.
+    row: int
+    at: int  # index into the row
+    cells: list[int]
+
+
+def answer_looks(labels: torch.Tensor, cells: list[list[int] | None]) -> list[Look]:
+    """The position predicting each row's first target token, looking at ``cells[r]`` (None: no look)."""
+    first = (labels != IGNORE).float().argmax(1)
+    return [Look(r, int(first[r]) - 1, c) for r, c in enumerate(cells) if c]
+
+
+def object_attention_loss(attentions: dict[int, torch.Tensor], prefix_ids: torch.Tensor, image_token_id: int,
+                          looks: list[Look]) -> torch.Tensor:
+    """How far text positions' looks at the image miss the cells they should look at.
+
+    For each look, in every given layer: the share of the heads' summed attention on the image tokens
+    that lands on the look's cells; the loss is the mean of -log(share) over layers and looks. Only where
+    the model looks within the image is pressed, not how much it looks at the image at all. Zero without
+    looks.
     """
     image_at = (prefix_ids[0] == image_token_id).nonzero()[:, 0]
     if not ((prefix_ids == image_token_id).sum(1) == len(image_at)).all():
         raise ValueError("every image prefix must hold the same image token positions")
-    rows = [r for r, c in enumerate(cells) if c]
-    if not rows:
+    if not looks:
         return torch.zeros(())
-    answer_at = (labels[rows] != IGNORE).float().argmax(1) - 1  # the position predicting the first target token
+    rows, at = torch.tensor([k.row for k in looks]), torch.tensor([k.at for k in looks])
+    hit = torch.zeros(len(looks), len(image_at), dtype=torch.bool)
+    for k, look in enumerate(looks):
+        hit[k, look.cells] = True
     terms = []
     for weights in attentions.values():
-        at_answer = weights[rows][torch.arange(len(rows)), :, answer_at]  # [rows, heads, keys]
-        on_image = at_answer[:, :, image_at].sum(1)  # [rows, image tokens]
-        hit = torch.zeros_like(on_image, dtype=torch.bool)
-        for k, r in enumerate(rows):
-            hit[k, cells[r]] = True
+        on_image = weights[rows, :, at][:, :, image_at].sum(1)  # [looks, image tokens], heads summed
         share = (on_image * hit).sum(1) / on_image.sum(1).clamp(min=1e-9)
         terms.append(-torch.log(share + 1e-6))
     return torch.stack(terms).mean()
 
 
+def _token_ending_at(tokenizer, text: str, char_end: int) -> int:
+    """Index of the token of ``text`` that ends at character ``char_end`` (a token boundary)."""
+    head = tokenizer(text[:char_end], add_special_tokens=False).input_ids
+    if tokenizer(text, add_special_tokens=False).input_ids[: len(head)] != head:
+        raise ValueError(f"{text[:char_end]!r} does not end on a token boundary of {text!r}")
+    return len(head) - 1
+
+
+DIRECTIONS = ("top", "bottom", "left", "right")
+
+
+def direction_looks(tokenizer, templates: Templates, prompt: str, question, row: int, grid: int,
+                    image_size: int) -> list[Look]:
+    """Each direction word of a position question's region ("top" and "left" of "top left") looking at
+    the half of the image it names; none for other questions."""
+    region = question.slots.get("region")
+    if region is None:
+        return []
+    continuation = split_prompt(templates, prompt)
+    start = continuation.index(question.text) + question.text.index(region)
+    looks, offset = [], 0
+    for word in region.split():
+        offset = region.index(word, offset) + len(word)
+        if word in DIRECTIONS:
+            at = _token_ending_at(tokenizer, continuation, start + offset)
+            looks.append(Look(row, at, target_cells(region_box(f"{word} half", image_size), grid, image_size // grid)))
+    return looks
+
+
 def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sampler: WorldSampler,
                   n_images: int, questions_per_image: int, n_facts: int, fact_weight: float,
                   family_weights: dict[str, float] | None = None, attend_layers: tuple[int, ...] = (),
-                  attend_weight: float = 0.0) -> torch.Tensor:
+                  attend_weight: float = 0.0, attend_from: str = "answer") -> torch.Tensor:
     """One language batch: VQA answers and captions on fresh scenes, plus text-only facts.
 
     ``family_weights`` (family → relative share) skews which question families are asked; families
     a scene cannot pose are left out and the rest renormalised. ``attend_layers`` / ``attend_weight`` add
-    ``object_attention_loss`` at those LM layers (a backbone whose LM sees the visual grid, eager attention).
+    ``object_attention_loss`` at those LM layers (a backbone whose LM sees the visual grid, eager attention):
+    the asked-about object looked at from the answer position (``attend_from="answer"``), or each direction
+    word of a position question's region looking at the half it names (``"directions"``).
     """
+    if attend_from not in ("answer", "directions"):
+        raise ValueError(f"attend_from must be 'answer' or 'directions', got {attend_from!r}")
     tokenizer = processor.tokenizer
     grid = None
     if attend_layers:
         if spec.grid_site != "lm":
             raise ValueError(f"{spec.name}: the object attention term needs visual tokens that form the grid")
         grid = spec.grid_shape(model.config)[1]
-    images, pairs, captions, cells = [], [], [], []
+    images, pairs, captions, cells, looks = [], [], [], [], []
     for _ in range(n_images):
         scene = sampler.scene()
         images.append(render(scene))
@@ -202,11 +246,14 @@ def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sa
         for _ in range(questions_per_image):
             family = pick_family(scene, sampler.rng, family_weights)
             question = sample_question(scene, sampler.rng, family, split="train")
-            image_pairs.append((PROMPTS["vqa"].format(src=question.text), question.answer))
+            prompt = PROMPTS["vqa"].format(src=question.text)
+            image_pairs.append((prompt, question.answer))
             if attend_layers:
-                target = question.target
+                row, target = len(cells), question.target
                 cells.append(None if target is None else
                              target_cells(scene.objects[target].box, grid, scene.image_size // grid))
+                if attend_from == "directions":
+                    looks += direction_looks(tokenizer, templates, prompt, question, row, grid, scene.image_size)
         pairs.append(image_pairs)
         captions.append((PROMPTS["caption"].format(src="a photo of"), caption(scene)))
     out = continuation_logits(model, processor, spec, templates, images, pairs, lead=captions,
@@ -216,8 +263,10 @@ def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sa
     rows = sum(len(labels) for _, labels in sets)
     loss = sum(_sequence_loss(logits, labels) * len(labels) for logits, labels in sets) / rows
     if attend_layers:
-        loss = loss + attend_weight * object_attention_loss(out.attentions, sets[0][1], out.prefix_ids,
-                                                            model.config.image_token_id, cells)
+        if attend_from == "answer":
+            looks = answer_looks(sets[0][1], cells)
+        loss = loss + attend_weight * object_attention_loss(out.attentions, out.prefix_ids,
+                                                            model.config.image_token_id, looks)
     if n_facts:
         text_lm = model.get_submodule(spec.text_lm)
         facts = [FACTS[int(k)] for k in sampler.rng.integers(len(FACTS), size=n_facts)]

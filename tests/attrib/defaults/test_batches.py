@@ -6,12 +6,14 @@ import torch
 
 from attrib.backbones.loader import load_backbone
 from attrib.defaults.batches import (
-    IGNORE, Templates, continuation_logits, language_loss, object_attention_loss, patch_labels, pick_family,
-    target_cells,
+    IGNORE, Look, Templates, answer_looks, continuation_logits, direction_looks, language_loss, object_attention_loss,
+    patch_labels, pick_family, split_prompt, target_cells,
 )
+from attrib.defaults.recipe import PROMPTS
 from attrib.defaults.recipe import Stage
 from attrib.world import VQA_FAMILIES, WorldConfig, WorldSampler, generate_scene
-from attrib.world.questions import feasible_families
+from attrib.world.questions import Question, feasible_families
+from attrib.world.templates import TRAIN, templates as family_templates
 import numpy as np
 
 
@@ -101,9 +103,36 @@ def test_object_attention_loss_equals_a_loop_over_rows_and_layers():
             first = int((labels[row] != IGNORE).nonzero()[0])
             looks = weights[row, :, first - 1, 1:5].sum(0)  # heads summed, image tokens only
             expected.append(-torch.log(looks[target].sum() / looks.sum() + 1e-6))
-    got = object_attention_loss(attentions, labels, prefix_ids, image_token, cells)
+    looks = answer_looks(labels, cells)
+    assert [(k.row, k.at) for k in looks] == [(0, 1), (2, 0), (3, 3)]
+    got = object_attention_loss(attentions, prefix_ids, image_token, looks)
     assert torch.allclose(got, torch.stack(expected).mean(), atol=1e-6)
-    assert object_attention_loss(attentions, labels, prefix_ids, image_token, [None] * 4).item() == 0.0
+    assert object_attention_loss(attentions, prefix_ids, image_token, []).item() == 0.0
+    # Looks from any positions, several per row.
+    looks = [Look(0, 0, [0, 1]), Look(0, 4, [2]), Look(3, 2, [1, 2, 3])]
+    expected = [-torch.log(seen[look.cells].sum() / seen.sum() + 1e-6)
+                for weights in attentions.values() for look in looks
+                for seen in [weights[look.row, :, look.at, 1:5].sum(0)]]
+    got = object_attention_loss(attentions, prefix_ids, image_token, looks)
+    assert torch.allclose(got, torch.stack(expected).mean(), atol=1e-6)
+
+
+def test_direction_looks_send_each_direction_word_to_its_half(tiny_dirs):
+    backbone = load_backbone("llava", tiny_dirs["llava"])
+    tokenizer = backbone.processor.tokenizer
+    templates = Templates(backbone.prompt_template, backbone.text_template)
+    top, left = set(range(32)), {r * 8 + c for r in range(8) for c in range(4)}
+    for template in family_templates("position", TRAIN):
+        for region, halves in (("top left", [("top", top), ("left", left)]), ("left half", [("left", left)])):
+            question = Question("position", template.fill({"region": region}), "circle", 0, {"region": region})
+            prompt = PROMPTS["vqa"].format(src=question.text)
+            looks = direction_looks(tokenizer, templates, prompt, question, row=5, grid=8, image_size=64)
+            row = tokenizer(split_prompt(templates, prompt), add_special_tokens=False).input_ids
+            assert [(k.row, set(k.cells)) for k in looks] == [(5, cells) for _, cells in halves]
+            for look, (word, _) in zip(looks, halves):  # the word's last token (a word may be several)
+                assert tokenizer.decode(row[: look.at + 1]).endswith(word)
+    count = Question("count", "How many objects are there?", "two", None, {})
+    assert direction_looks(tokenizer, templates, PROMPTS["vqa"].format(src=count.text), count, 0, 8, 64) == []
 
 
 def test_object_attention_term_joins_the_language_loss_of_a_grid_backbone(tiny_dirs):
@@ -119,10 +148,17 @@ def test_object_attention_term_joins_the_language_loss_of_a_grid_backbone(tiny_d
     try:
         plain = language_loss(*args, WorldSampler(seed=1), **batch)
         with_term = language_loss(*args, WorldSampler(seed=1), attend_layers=(0, 1), attend_weight=1.0, **batch)
+        from_words = language_loss(*args, WorldSampler(seed=1), attend_layers=(0, 1), attend_weight=1.0,
+                                   attend_from="directions", **{**batch, "family_weights": {"position": 1.0}})
+        with pytest.raises(ValueError, match="attend_from"):
+            language_loss(*args, WorldSampler(seed=1), attend_layers=(0,), attend_weight=1.0, attend_from="x", **batch)
     finally:
         model.set_attn_implementation("sdpa")
     # Colour of a shape always names one object, so the term is a positive -log(share) on every row.
     assert with_term.item() > plain.item() + 0.1
+    # Position questions only: the same batch without the term is the plain loss of those rows.
+    position_only = language_loss(*args, WorldSampler(seed=1), **{**batch, "family_weights": {"position": 1.0}})
+    assert from_words.item() > position_only.item() + 0.1
     blip2 = load_backbone("blip2", tiny_dirs["blip2"])
     with pytest.raises(ValueError, match="grid"):
         language_loss(blip2.model, blip2.processor, blip2.spec, templates, WorldSampler(seed=1),
