@@ -50,11 +50,12 @@ class Stage:
     max_objects: tuple[tuple[int, int], ...] = ()
     # Relative share of each question family (None: uniform over the families a scene can pose).
     family_weights: dict[str, float] | None = None
-    # Object attention term (batches.object_attention_loss): at these LM layers the answer position's
-    # attention within the image is pressed onto the asked-about object's tokens, at this weight.
+    # Attention term (batches.object_attention_loss), at these LM layers and this weight: from "answer",
+    # the answer position's attention within the image is pressed onto the asked-about object's tokens;
+    # from "directions", each direction word of a position question's region onto the half it names.
     attend_layers: tuple[int, ...] = ()
     attend_weight: float = 0.0
-    attend_from: str = "answer"  # or "directions": the direction words of position questions look (batches)
+    attend_from: str = "answer"
 
     def object_limit(self, step: int) -> int | None:
         """The curriculum's object limit at nominal ``step`` (None: the world's own range)."""
