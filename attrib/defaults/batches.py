@@ -248,12 +248,13 @@ def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sa
             question = sample_question(scene, sampler.rng, family, split="train")
             prompt = PROMPTS["vqa"].format(src=question.text)
             image_pairs.append((prompt, question.answer))
-            if attend_layers:
-                row, target = len(cells), question.target
+            if attend_layers and attend_from == "answer":  # one entry per row: answer_looks pairs them up
+                target = question.target
                 cells.append(None if target is None else
                              target_cells(scene.objects[target].box, grid, scene.image_size // grid))
-                if attend_from == "directions":
-                    looks += direction_looks(tokenizer, templates, prompt, question, row, grid, scene.image_size)
+            elif attend_layers:
+                row = len(pairs) * questions_per_image + len(image_pairs) - 1
+                looks += direction_looks(tokenizer, templates, prompt, question, row, grid, scene.image_size)
         pairs.append(image_pairs)
         captions.append((PROMPTS["caption"].format(src="a photo of"), caption(scene)))
     out = continuation_logits(model, processor, spec, templates, images, pairs, lead=captions,
