@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from attrib.backbones.spec import BackboneSpec
 from attrib.defaults.recipe import PROMPTS
 from attrib.world import FACTS, SHAPES, SIZES, WorldSampler, caption, render, sample_question
-from attrib.world.questions import feasible_families, region_box
+from attrib.world.questions import ask, feasible_families, region_box
+from attrib.world.templates import templates as family_templates
 from attrib.world.scene import COLORS
 
 COLOR_NAMES = tuple(COLORS)
@@ -143,6 +144,29 @@ def pick_family(scene, rng: np.random.Generator, weights: dict[str, float] | Non
     return feasible[int(rng.choice(len(feasible), p=p / p.sum()))]
 
 
+def hard_negative(scene, rng: np.random.Generator, split: str = "train"):
+    """An existence question answered "no" whose shape is in the scene in another colour (so only the
+    colour-shape binding tells it apart from a "yes"), or None when the scene has no such question."""
+    present = {(o.color, o.shape) for o in scene.objects}
+    options = sorted({(color, o.shape) for o in scene.objects for color in COLORS if (color, o.shape) not in present})
+    if not options:
+        return None
+    color, shape = options[int(rng.integers(len(options)))]
+    templates = family_templates("exists", split)
+    return ask(scene, "exists", {"color": color, "shape": shape}, templates[int(rng.integers(len(templates)))])
+
+
+def training_question(scene, rng: np.random.Generator, family_weights: dict[str, float] | None = None,
+                      hard_negatives: float = 0.0):
+    """A training-template question on ``scene``: family by ``pick_family``, then ``sample_question``;
+    an existence question answered "no" becomes a ``hard_negative`` with chance ``hard_negatives`` (no
+    extra draw at 0, so recipes without it keep their data stream)."""
+    question = sample_question(scene, rng, pick_family(scene, rng, family_weights), split="train")
+    if hard_negatives and question.family == "exists" and question.answer == "no" and rng.random() < hard_negatives:
+        question = hard_negative(scene, rng) or question
+    return question
+
+
 def target_cells(box: tuple[int, int, int, int], grid: int, patch: int) -> list[int]:
     """Row-major indices of the grid cells a patch-snapped pixel box covers."""
     x0, y0, x1, y1 = (v // patch for v in box)
@@ -221,7 +245,8 @@ def direction_looks(tokenizer, templates: Templates, prompt: str, question, row:
 def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sampler: WorldSampler,
                   n_images: int, questions_per_image: int, n_facts: int, fact_weight: float,
                   family_weights: dict[str, float] | None = None, attend_layers: tuple[int, ...] = (),
-                  attend_weight: float = 0.0, attend_from: str = "answer") -> torch.Tensor:
+                  attend_weight: float = 0.0, attend_from: str = "answer", hard_negatives: float = 0.0
+                  ) -> torch.Tensor:
     """One language batch: VQA answers and captions on fresh scenes, plus text-only facts.
 
     ``family_weights`` (family → relative share) skews which question families are asked; families
@@ -229,6 +254,8 @@ def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sa
     ``object_attention_loss`` at those LM layers (a backbone whose LM sees the visual grid, eager attention):
     the asked-about object looked at from the answer position (``attend_from="answer"``), or each direction
     word of a position question's region looking at the half it names (``"directions"``).
+    ``hard_negatives``: the chance that an existence question answered "no" is asked again as a
+    ``hard_negative`` (its shape present in another colour) where the scene has one; yes / no stay balanced.
     """
     if attend_from not in ("answer", "directions"):
         raise ValueError(f"attend_from must be 'answer' or 'directions', got {attend_from!r}")
@@ -244,8 +271,7 @@ def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sa
         images.append(render(scene))
         image_pairs = []
         for _ in range(questions_per_image):
-            family = pick_family(scene, sampler.rng, family_weights)
-            question = sample_question(scene, sampler.rng, family, split="train")
+            question = training_question(scene, sampler.rng, family_weights, hard_negatives)
             prompt = PROMPTS["vqa"].format(src=question.text)
             image_pairs.append((prompt, question.answer))
             if attend_layers and attend_from == "answer":  # one entry per row: answer_looks pairs them up

@@ -7,12 +7,12 @@ import torch
 from attrib.backbones.loader import load_backbone
 from attrib.defaults.batches import (
     IGNORE, Look, Templates, answer_looks, continuation_logits, direction_looks, language_loss, object_attention_loss,
-    patch_labels, pick_family, split_prompt, target_cells,
+    hard_negative, patch_labels, pick_family, split_prompt, target_cells, training_question,
 )
 from attrib.defaults.recipe import PROMPTS
 from attrib.defaults.recipe import Stage
 from attrib.world import VQA_FAMILIES, WorldConfig, WorldSampler, generate_scene
-from attrib.world.questions import Question, feasible_families
+from attrib.world.questions import Question, evaluate, feasible_families, sample_question
 from attrib.world.templates import TRAIN, templates as family_templates
 import numpy as np
 
@@ -72,6 +72,27 @@ def test_family_weights_skew_the_draw_among_feasible_families():
     lone = next(s for s in scenes if "position" not in feasible_families(s))
     with pytest.raises(ValueError, match="leave none"):
         pick_family(lone, rng, only_position)
+
+
+def test_hard_negatives_bind_colour_to_a_present_shape_and_keep_yes_no_balanced():
+    rng = np.random.default_rng(0)
+    scenes = [generate_scene(rng, WorldConfig()) for _ in range(300)]
+    for scene in scenes[:50]:
+        question = hard_negative(scene, rng)
+        color, shape = question.slots["color"], question.slots["shape"]
+        assert question.answer == "no" and evaluate(scene, "exists", question.slots) == ("no", None)
+        assert any(o.shape == shape for o in scene.objects) and (color, shape) not in {
+            (o.color, o.shape) for o in scene.objects}
+        assert question.template in {t.key for t in family_templates("exists", TRAIN)}
+    exists = {f: 0.0 for f in VQA_FAMILIES} | {"exists": 1.0}
+    draws = [training_question(s, rng, exists, hard_negatives=1.0) for s in scenes]
+    noes = [(s, q) for s, q in zip(scenes, draws) if q.answer == "no"]
+    assert 0.4 < len(noes) / len(draws) < 0.6  # only "no" questions are re-asked
+    assert all(any(o.shape == q.slots["shape"] for o in s.objects) for s, q in noes)
+    # At 0 the draw is sample_question's own, with no extra random number: older recipes keep their data.
+    a, b = np.random.default_rng(5), np.random.default_rng(5)
+    for scene in scenes[:20]:
+        assert training_question(scene, a, exists) == sample_question(scene, b, pick_family(scene, b, exists))
 
 
 def test_object_curriculum_limits_by_nominal_step():
