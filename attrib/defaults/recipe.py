@@ -97,8 +97,9 @@ _QFORMER_JOINT = {**_JOINT, "family_weights": _QFORMER_FAMILIES}
 _POSITION_FAMILIES = {**_QFORMER_FAMILIES, "position": 2.0}
 # MiniGPT-4 got the same two joint stages (600 + 700 steps; it had one of 400): count 90.0 -> 97.5 %,
 # position 73.0 -> 75.5 %, captions 87.3 -> 88.4 %. Its second stage also re-asks 60 % of the "no" existence
-# questions with the shape present in another colour (misses there, 79 %, were all its existence errors but
-# a few "yes"); that moved those to 80 % and existence 92.5 -> 93.5 % only: the binding is not learnt here.
+# questions with the shape present in another colour (answered right 79 % of the time before; with the
+# colour on another object too, 83 %; these held all its existence errors but two "yes"). That moved them
+# to 80 % and existence 92.5 -> 93.5 % only: the colour-shape binding is not learnt in these steps.
 _MINIGPT4_ALL = {"vision_model": 0.1, "qformer": 1.0, "query_tokens": 1.0, "language_projection": 1.0,
                  "language_model": 0.3}
 _BLIP2_ALL = {"vision_model": 0.1, "qformer": 1.0, "query_tokens": 1.0, "language_projection": 1.0,
