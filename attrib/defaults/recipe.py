@@ -102,8 +102,7 @@ _POSITION_FAMILIES = {**_QFORMER_FAMILIES, "position": 2.0}
 # to 80 % and existence 92.5 -> 93.5 % only: the colour-shape binding is not learnt in these steps.
 _MINIGPT4_ALL = {"vision_model": 0.1, "qformer": 1.0, "query_tokens": 1.0, "language_projection": 1.0,
                  "language_model": 0.3}
-_BLIP2_ALL = {"vision_model": 0.1, "qformer": 1.0, "query_tokens": 1.0, "language_projection": 1.0,
-              "language_model": 1.0}
+_BLIP2_ALL = {**_MINIGPT4_ALL, "language_model": 1.0}  # BLIP-2's OPT trains at full LR (its own LM)
 # The object attention stage of `llava_attend` (a grid backbone: LLaVA's visual tokens are the grid). The
 # LLaVA default reads the image in LM layers 0-1, and its answer position's attention within the image at
 # layers 5-7 puts 10-13 % of its weight on the asked-about object; this stage presses it onto the object
