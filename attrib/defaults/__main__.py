@@ -1,4 +1,4 @@
-"""``python -m attrib.defaults [--backbones llava,minigpt4,blip2,llava_attend,llava_directions]``: train,
+"""``python -m attrib.defaults [--backbones llava,minigpt4,blip2,llava_directions,llava_grounded]``: train,
 evaluate, write the defaults."""
 from __future__ import annotations
 

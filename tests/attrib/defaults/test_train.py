@@ -61,14 +61,15 @@ def test_killed_and_resumed_run_reaches_the_same_weights(tmp_path, monkeypatch):
 
 
 def test_a_named_variant_starts_from_another_default(tmp_path, monkeypatch):
-    """llava_attend's shape: a LLaVA in its own folder, every weight copied from the llava default first."""
+    """A variant's shape (llava_directions): a LLaVA in its own folder, every weight copied from the llava
+    default first."""
     monkeypatch.setitem(RECIPES, "llava", RECIPE)
     frozen = replace(RECIPE.stages[-1], lr=0.0)  # the attend stage at LR 0
-    monkeypatch.setitem(RECIPES, "llava_attend", Recipe("llava", (frozen,), init_from=("llava", {"": ""}), sizes=SMALL))
+    monkeypatch.setitem(RECIPES, "llava_variant", Recipe("llava", (frozen,), init_from=("llava", {"": ""}), sizes=SMALL))
     base = train.train_default("llava", tmp_path / "out", tmp_path / "work")
-    variant = train.train_default("llava_attend", tmp_path / "out", tmp_path / "work")
-    assert variant == tmp_path / "out" / "llava_attend"
+    variant = train.train_default("llava_variant", tmp_path / "out", tmp_path / "work")
+    assert variant == tmp_path / "out" / "llava_variant"
     a, b = _weights(base), _weights(variant)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # LR 0: the copy, unchanged
     manifest = json.loads((variant / "manifest.json").read_text())
-    assert (manifest["backbone"], manifest["name"], manifest["init_from"]) == ("llava", "llava_attend", "llava")
+    assert (manifest["backbone"], manifest["name"], manifest["init_from"]) == ("llava", "llava_variant", "llava")
