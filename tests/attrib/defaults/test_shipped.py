@@ -61,11 +61,11 @@ def test_attention_stages_make_llava_pick_the_object_in_the_named_region():
     names = ("llava", "llava_directions", "llava_grounded")
     if not set(names) <= set(SHIPPED):
         pytest.skip("needs the three LLaVA folders")
+    images, prompts, answers = _family_batch(WorldSampler(WorldConfig(), seed=515_151, min_objects=3),
+                                             "position", 80, "train")  # the same questions for every model
     accuracy = {}
     for name in names:
         backbone = load_backbone("llava", DEFAULTS_DIR / name)
-        images, prompts, answers = _family_batch(WorldSampler(WorldConfig(), seed=515_151, min_objects=3),
-                                                 "position", 80, "train")
         accuracy[name] = np.mean([row[0] for row in teacher_forced_hits(backbone, images, prompts, answers)])
     assert accuracy["llava_directions"] >= accuracy["llava"] + 0.08, accuracy
     assert accuracy["llava_grounded"] >= max(0.9, accuracy["llava_directions"] + 0.05), accuracy
