@@ -1,4 +1,4 @@
-"""``python -m attrib.defaults [--backbones llava,minigpt4,blip2,llava_directions,llava_grounded]``: train,
+"""``python -m attrib.defaults [--backbones llava_base,llava,minigpt4,blip2]``: train,
 evaluate, write the defaults."""
 from __future__ import annotations
 

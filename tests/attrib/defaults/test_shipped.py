@@ -18,7 +18,7 @@ MAX_MB = 12
 
 @pytest.fixture(scope="module", params=SHIPPED)
 def shipped(request):
-    """(folder name, backbone): llava_directions and llava_grounded are LLaVAs in their own folders."""
+    """(folder name, backbone): llava_base is a LLaVA in its own folder."""
     return request.param, load_backbone(RECIPES[request.param].backbone, DEFAULTS_DIR / request.param)
 
 
@@ -55,17 +55,15 @@ def test_manifest_accuracy_is_reproduced(shipped):
 
 
 def test_attention_stages_make_llava_pick_the_object_in_the_named_region():
-    """llava_directions is the LLaVA default plus the direction stage, llava_grounded that plus the object
-    attention stage: on 3-4-object scenes (fresh seed) each answers position questions better than the one
-    it started from, and llava_grounded nearly always right."""
-    names = ("llava", "llava_directions", "llava_grounded")
+    """The LLaVA default is llava_base plus the direction and object attention stages: on 3-4-object scenes
+    (fresh seed) it answers position questions far better than llava_base, and nearly always right."""
+    names = ("llava_base", "llava")
     if not set(names) <= set(SHIPPED):
-        pytest.skip("needs the three LLaVA folders")
+        pytest.skip("needs both LLaVA folders")
     images, prompts, answers = _family_batch(WorldSampler(WorldConfig(), seed=515_151, min_objects=3),
-                                             "position", 80, "train")  # the same questions for every model
+                                             "position", 80, "train")  # the same questions for both models
     accuracy = {}
     for name in names:
         backbone = load_backbone("llava", DEFAULTS_DIR / name)
         accuracy[name] = np.mean([row[0] for row in teacher_forced_hits(backbone, images, prompts, answers)])
-    assert accuracy["llava_directions"] >= accuracy["llava"] + 0.08, accuracy
-    assert accuracy["llava_grounded"] >= max(0.9, accuracy["llava_directions"] + 0.05), accuracy
+    assert accuracy["llava"] >= max(0.9, accuracy["llava_base"] + 0.2), accuracy
