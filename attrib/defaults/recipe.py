@@ -137,7 +137,7 @@ RECIPES: dict[str, Recipe] = {
     # The two attention stages on llava_base, with the vision tower frozen and the projector at 0.3x:
     # position 77.0 -> 97.5 %, and its edits are as good as llava_base's (README). With the projector at
     # 1.0x and the tower at 0.1x (stop 17's llava_grounded) position reached 98.0 % but the LM-input states
-    # of unrelated scenes grew alike (scene chamfer AUC 0.981 -> 0.908) and the edits lost 13 points of Rel
+    # of unrelated scenes grew alike (scene chamfer AUC 0.981 -> 0.908) and the edits lost 18 points of Rel
     # and 8 of M-Loc; with both frozen (LM only, 60 % hard negatives) position reached only 83.0 %.
     "llava": Recipe("llava", (
         Stage("directions", "language", 600, train=_LLAVA_GROUNDING, **_DIRECTIONS),
