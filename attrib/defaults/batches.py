@@ -6,6 +6,8 @@ logits as full sequences at a fraction of the cost. Facts run text-only through 
 """
 from __future__ import annotations
 
+import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -168,8 +170,9 @@ def training_question(scene, rng: np.random.Generator, family_weights: dict[str,
 
 
 def target_cells(box: tuple[int, int, int, int], grid: int, patch: int) -> list[int]:
-    """Row-major indices of the grid cells a patch-snapped pixel box covers."""
-    x0, y0, x1, y1 = (v // patch for v in box)
+    """Row-major indices of the grid cells a pixel box touches (on a patch-snapped box, those it covers)."""
+    x0, y0 = box[0] // patch, box[1] // patch
+    x1, y1 = -(-box[2] // patch), -(-box[3] // patch)
     return [row * grid + col for row in range(y0, y1) for col in range(x0, x1)]
 
 
@@ -213,6 +216,57 @@ def object_attention_loss(attentions: dict[int, torch.Tensor], prefix_ids: torch
     return torch.stack(terms).mean()
 
 
+def layout_cells(n_queries: int, grid: int) -> list[list[int]]:
+    """Each query token's block of the patch grid: the grid cut into a √n × √n layout of equal blocks,
+    queries in row-major order (16 queries on 8 × 8 patches: query 5 owns rows 2-3, columns 2-3)."""
+    side = math.isqrt(n_queries)
+    if side * side != n_queries or grid % side:
+        raise ValueError(f"{n_queries} query tokens do not tile a {grid} x {grid} patch grid")
+    block = grid // side
+    return [[row * grid + col for row in range(qr * block, (qr + 1) * block)
+             for col in range(qc * block, (qc + 1) * block)]
+            for qr in range(side) for qc in range(side)]
+
+
+def layout_loss(cross_attention: torch.Tensor, cells: list[list[int]], has_cls: bool) -> torch.Tensor:
+    """How far each query token's cross-attention over the image misses its own block of patches.
+
+    ``cross_attention`` [images, heads, queries, keys] (keys: the vision tower's outputs, CLS first when
+    ``has_cls``); per query and image, the share of the heads' summed attention that lands on the query's
+    cells; the loss is the mean of -log(share).
+    """
+    images, _, queries, keys = cross_attention.shape
+    if len(cells) != queries:
+        raise ValueError(f"{len(cells)} layout blocks for {queries} query tokens")
+    hit = torch.zeros(queries, keys, dtype=torch.bool)
+    for q, block in enumerate(cells):
+        hit[q, [c + int(has_cls) for c in block]] = True
+    weights = cross_attention.sum(1)  # [images, queries, keys]
+    share = (weights * hit).sum(-1) / weights.sum(-1).clamp(min=1e-9)
+    return -torch.log(share + 1e-6).mean()
+
+
+class CrossAttentionTap:
+    """Keeps the attention weights of a Q-Former cross-attention module's last forward (with gradient);
+    the module must run eager attention. A context manager: the hook goes when the block ends."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module, self.weights, self._handle = module, None, None
+
+    def __enter__(self) -> "CrossAttentionTap":
+        self._handle = self.module.register_forward_hook(self._keep)
+        return self
+
+    def _keep(self, module, inputs, output) -> None:
+        if output[1] is None:
+            raise ValueError("cross-attention weights asked for, but the Q-Former runs without them "
+                             "(use eager attention)")
+        self.weights = output[1]
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+
 def _token_ending_at(tokenizer, text: str, char_end: int) -> int:
     """Index of the token of ``text`` that ends at character ``char_end`` (a token boundary)."""
     head = tokenizer(text[:char_end], add_special_tokens=False).input_ids
@@ -245,8 +299,8 @@ def direction_looks(tokenizer, templates: Templates, prompt: str, question, row:
 def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sampler: WorldSampler,
                   n_images: int, questions_per_image: int, n_facts: int, fact_weight: float,
                   family_weights: dict[str, float] | None = None, attend_layers: tuple[int, ...] = (),
-                  attend_weight: float = 0.0, attend_from: str = "answer", hard_negatives: float = 0.0
-                  ) -> torch.Tensor:
+                  attend_weight: float = 0.0, attend_from: str = "answer", hard_negatives: float = 0.0,
+                  layout_weight: float = 0.0) -> torch.Tensor:
     """One language batch: VQA answers and captions on fresh scenes, plus text-only facts.
 
     ``family_weights`` (family → relative share) skews which question families are asked; families
@@ -256,15 +310,21 @@ def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sa
     word of a position question's region looking at the half it names (``"directions"``).
     ``hard_negatives``: the chance that an existence question answered "no" is asked again as a
     ``hard_negative`` (its shape present in another colour) where the scene has one; yes / no stay balanced.
+    ``layout_weight`` adds ``layout_loss`` on the Q-Former's first cross-attention (a Q-Former backbone,
+    eager attention): each query token pressed onto its own block of the patch grid (``layout_cells``).
     """
     if attend_from not in ("answer", "directions"):
         raise ValueError(f"attend_from must be 'answer' or 'directions', got {attend_from!r}")
     tokenizer = processor.tokenizer
     grid = None
-    if attend_layers:
-        if spec.grid_site != "lm":
-            raise ValueError(f"{spec.name}: the object attention term needs visual tokens that form the grid")
-        grid = spec.grid_shape(model.config)[1]
+    if attend_layers:  # the grid the LM's visual tokens form: LLaVA's patches, or a laid-out Q-Former's queries
+        if spec.grid_site == "lm":
+            grid = spec.grid_shape(model.config)[1]
+        elif layout_weight:
+            grid = math.isqrt(model.config.num_query_tokens)
+        else:
+            raise ValueError(f"{spec.name}: the object attention term needs visual tokens that form the grid "
+                             "(a Q-Former backbone's queries do with the layout term)")
     images, pairs, captions, cells, looks = [], [], [], [], []
     for _ in range(n_images):
         scene = sampler.scene()
@@ -283,8 +343,14 @@ def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sa
                 looks += direction_looks(tokenizer, templates, prompt, question, row, grid, scene.image_size)
         pairs.append(image_pairs)
         captions.append((PROMPTS["caption"].format(src="a photo of"), caption(scene)))
-    out = continuation_logits(model, processor, spec, templates, images, pairs, lead=captions,
-                              attention_layers=attend_layers)
+    tap = nullcontext()
+    if layout_weight:
+        if spec.grid_site != "vit":
+            raise ValueError(f"{spec.name}: the layout term needs a Q-Former between the patches and the LM")
+        tap = CrossAttentionTap(model.get_submodule(f"{spec.bridge[0]}.encoder.layer.0.crossattention.attention"))
+    with tap:
+        out = continuation_logits(model, processor, spec, templates, images, pairs, lead=captions,
+                                  attention_layers=attend_layers)
     sets = out.sets
     # Every sequence (question or caption) weighs the same, as one batch of full sequences would.
     rows = sum(len(labels) for _, labels in sets)
@@ -293,7 +359,11 @@ def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sa
         if attend_from == "answer":
             looks = answer_looks(sets[0][1], cells)
         loss = loss + attend_weight * object_attention_loss(out.attentions, out.prefix_ids,
-                                                            model.config.image_token_id, looks)
+                                                            _image_token_id(model.config), looks)
+    if layout_weight:
+        grid = spec.grid_shape(model.config)[1]
+        cells = layout_cells(model.config.num_query_tokens, grid)
+        loss = loss + layout_weight * layout_loss(tap.weights, cells, spec.vit_has_cls)
     if n_facts:
         text_lm = model.get_submodule(spec.text_lm)
         facts = [FACTS[int(k)] for k in sampler.rng.integers(len(FACTS), size=n_facts)]
@@ -304,6 +374,12 @@ def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sa
         fact_logits = text_lm(input_ids=ids, attention_mask=fact_mask).logits
         loss = loss + fact_weight * _sequence_loss(fact_logits, _right_pad([p[1] for p in pieces], IGNORE))
     return loss
+
+
+def _image_token_id(config) -> int:
+    """The id of the LM's visual tokens (BLIP-2 configs name it ``image_token_index``)."""
+    token = getattr(config, "image_token_id", None)
+    return config.image_token_index if token is None else token
 
 
 class PatchHeads(torch.nn.Module):

@@ -139,7 +139,8 @@ def train_default(name: str, out_root: Path = DEFAULTS_DIR, work_root: Path = Pa
             torch.set_rng_state(state["torch_rng"])
             first = state["step"]
         # Attention weights come from eager attention only (sdpa returns none); same maths, CPU cost alike.
-        model.set_attn_implementation("eager" if stage.attend_layers else default_attention)
+        eager = stage.attend_layers or stage.layout_weight
+        model.set_attn_implementation("eager" if eager else default_attention)
         bar = tqdm(range(first, steps), desc=f"{name}:{stage.name}", initial=first, total=steps,
                    file=sys.stderr, mininterval=5)
         metric = 0.0
@@ -155,7 +156,7 @@ def train_default(name: str, out_root: Path = DEFAULTS_DIR, work_root: Path = Pa
                 loss = language_loss(model, processor, spec, templates, sampler, stage.batch_images,
                                      stage.questions_per_image, stage.facts, stage.fact_weight,
                                      stage.family_weights, stage.attend_layers, stage.attend_weight,
-                                     stage.attend_from, stage.hard_negatives)
+                                     stage.attend_from, stage.hard_negatives, stage.layout_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)

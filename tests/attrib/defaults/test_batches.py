@@ -6,8 +6,9 @@ import torch
 
 from attrib.backbones.loader import load_backbone
 from attrib.defaults.batches import (
-    IGNORE, Look, Templates, answer_looks, continuation_logits, direction_looks, language_loss, object_attention_loss,
-    hard_negative, patch_labels, pick_family, split_prompt, target_cells, training_question,
+    IGNORE, CrossAttentionTap, Look, Templates, answer_looks, continuation_logits, direction_looks, language_loss,
+    layout_cells, layout_loss, object_attention_loss, hard_negative, patch_labels, pick_family, split_prompt,
+    target_cells, training_question,
 )
 from attrib.defaults.recipe import PROMPTS
 from attrib.defaults.recipe import Stage
@@ -104,6 +105,9 @@ def test_object_curriculum_limits_by_nominal_step():
 def test_target_cells_are_the_boxes_patches_row_major():
     assert target_cells((8, 16, 24, 40), grid=8, patch=8) == [17, 18, 25, 26, 33, 34]
     assert target_cells((0, 0, 64, 64), grid=8, patch=8) == list(range(64))
+    # On a coarser grid (a laid-out Q-Former's 4 x 4 queries over 16-px blocks): every block it touches.
+    assert target_cells((8, 8, 24, 24), grid=4, patch=16) == [0, 1, 4, 5]
+    assert target_cells((16, 0, 32, 16), grid=4, patch=16) == [1]
 
 
 def test_object_attention_loss_equals_a_loop_over_rows_and_layers():
@@ -184,3 +188,80 @@ def test_object_attention_term_joins_the_language_loss_of_a_grid_backbone(tiny_d
     with pytest.raises(ValueError, match="grid"):
         language_loss(blip2.model, blip2.processor, blip2.spec, templates, WorldSampler(seed=1),
                       attend_layers=(0,), attend_weight=1.0, **batch)
+
+
+def test_layout_cells_tile_the_patch_grid_in_row_major_blocks():
+    cells = layout_cells(16, 8)
+    assert cells[0] == [0, 1, 8, 9] and cells[5] == [18, 19, 26, 27] and cells[15] == [54, 55, 62, 63]
+    assert sorted(c for block in cells for c in block) == list(range(64))
+    assert layout_cells(4, 4) == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
+    with pytest.raises(ValueError, match="tile"):
+        layout_cells(12, 8)
+    with pytest.raises(ValueError, match="tile"):
+        layout_cells(9, 8)
+
+
+def test_layout_loss_equals_a_loop_over_images_and_queries():
+    rng = torch.Generator().manual_seed(0)
+    weights = torch.rand(3, 2, 4, 17, generator=rng).softmax(-1)  # CLS + a 4 x 4 patch grid
+    cells = layout_cells(4, 4)
+    expected = []
+    for image in range(3):
+        for query, block in enumerate(cells):
+            seen = weights[image, :, query].sum(0)
+            expected.append(-torch.log(seen[[c + 1 for c in block]].sum() / seen.sum() + 1e-6))
+    assert torch.allclose(layout_loss(weights, cells, has_cls=True), torch.stack(expected).mean(), atol=1e-6)
+    # Without CLS the keys are the patches themselves.
+    no_cls = weights[..., 1:]
+    expected = [-torch.log(no_cls[i, :, q].sum(0)[block].sum() / no_cls[i, :, q].sum() + 1e-6)
+                for i in range(3) for q, block in enumerate(cells)]
+    assert torch.allclose(layout_loss(no_cls, cells, has_cls=False), torch.stack(expected).mean(), atol=1e-6)
+    # Attention all on each query's own block: no loss.
+    exact = torch.zeros(1, 1, 4, 17)
+    for query, block in enumerate(cells):
+        exact[0, 0, query, [c + 1 for c in block]] = 0.25
+    assert layout_loss(exact, cells, has_cls=True).item() < 1e-5
+    with pytest.raises(ValueError, match="query tokens"):
+        layout_loss(weights, layout_cells(16, 8), has_cls=True)
+
+
+@pytest.mark.parametrize("name", ["blip2", "minigpt4"])
+def test_layout_term_joins_the_language_loss_of_a_qformer_backbone(tiny_dirs, name):
+    backbone = load_backbone(name, tiny_dirs[name])
+    model, spec = backbone.model, backbone.spec
+    templates = Templates(backbone.prompt_template, backbone.text_template)
+    args = (model, backbone.processor, spec, templates)
+    batch = dict(n_images=2, questions_per_image=2, n_facts=0, fact_weight=0.0)
+    cross = model.get_submodule(f"{spec.bridge[0]}.encoder.layer.0.crossattention.attention")
+    with pytest.raises(ValueError, match="eager"):  # sdpa gives no attention weights
+        language_loss(*args, WorldSampler(seed=1), layout_weight=1.0, **batch)
+    assert not cross._forward_hooks  # the tap leaves no hook behind, even on an error
+    model.set_attn_implementation("eager")
+    try:
+        plain = language_loss(*args, WorldSampler(seed=1), **batch)
+        with_term = language_loss(*args, WorldSampler(seed=1), layout_weight=1.0, **batch)
+        with CrossAttentionTap(cross) as tap:
+            model.qformer(query_embeds=model.query_tokens.expand(2, -1, -1),
+                          encoder_hidden_states=torch.randn(2, 17, model.config.vision_config.hidden_size))
+        weights = tap.weights
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert not cross._forward_hooks
+    assert weights.shape == (2, model.config.qformer_config.num_attention_heads, 4, 17)
+    # Attention of an untrained Q-Former spreads over the image: a positive -log(share) per query.
+    expected = layout_loss(weights, layout_cells(4, 4), has_cls=True)
+    assert expected.item() > 0.5 and with_term.item() > plain.item() + 0.5
+    # With the layout, the queries form the grid the object attention term looks over.
+    model.set_attn_implementation("eager")
+    try:
+        looked = language_loss(*args, WorldSampler(seed=1), layout_weight=1.0, attend_layers=(0, 1),
+                               attend_weight=1.0, **{**batch, "family_weights": {"color_of_shape": 1.0}})
+        unlooked = language_loss(*args, WorldSampler(seed=1), layout_weight=1.0,
+                                 **{**batch, "family_weights": {"color_of_shape": 1.0}})
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert looked.item() > unlooked.item() + 0.1
+    llava = load_backbone("llava", tiny_dirs["llava"])
+    with pytest.raises(ValueError, match="Q-Former"):
+        language_loss(llava.model, llava.processor, llava.spec, templates, WorldSampler(seed=1),
+                      layout_weight=1.0, **batch)
