@@ -55,7 +55,8 @@ class Stage:
     family_weights: dict[str, float] | None = None
     # Attention term (batches.object_attention_loss), at these LM layers and this weight: from "answer",
     # the answer position's attention within the image is pressed onto the asked-about object's tokens;
-    # from "directions", each direction word of a position question's region onto the half it names.
+    # from "directions", each direction word of a position question's region onto the half it names. The
+    # image tokens must form a grid: LLaVA's patches, or a Q-Former's queries laid out by layout_weight.
     attend_layers: tuple[int, ...] = ()
     attend_weight: float = 0.0
     attend_from: str = "answer"
