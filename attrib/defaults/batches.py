@@ -359,11 +359,10 @@ def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sa
         if attend_from == "answer":
             looks = answer_looks(sets[0][1], cells)
         loss = loss + attend_weight * object_attention_loss(out.attentions, out.prefix_ids,
-                                                            _image_token_id(model.config), looks)
-    if layout_weight:
-        grid = spec.grid_shape(model.config)[1]
-        cells = layout_cells(model.config.num_query_tokens, grid)
-        loss = loss + layout_weight * layout_loss(tap.weights, cells, spec.vit_has_cls)
+                                                            model.config.image_token_id, looks)
+    if layout_weight:  # blocks of the ViT patch grid, not the query grid the looks use
+        blocks = layout_cells(model.config.num_query_tokens, spec.grid_shape(model.config)[1])
+        loss = loss + layout_weight * layout_loss(tap.weights, blocks, spec.vit_has_cls)
     if n_facts:
         text_lm = model.get_submodule(spec.text_lm)
         facts = [FACTS[int(k)] for k in sampler.rng.integers(len(FACTS), size=n_facts)]
@@ -374,12 +373,6 @@ def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sa
         fact_logits = text_lm(input_ids=ids, attention_mask=fact_mask).logits
         loss = loss + fact_weight * _sequence_loss(fact_logits, _right_pad([p[1] for p in pieces], IGNORE))
     return loss
-
-
-def _image_token_id(config) -> int:
-    """The id of the LM's visual tokens (BLIP-2 configs name it ``image_token_index``)."""
-    token = getattr(config, "image_token_id", None)
-    return config.image_token_index if token is None else token
 
 
 class PatchHeads(torch.nn.Module):
