@@ -158,6 +158,25 @@ def hard_negative(scene, rng: np.random.Generator, split: str = "train"):
     return ask(scene, "exists", {"color": color, "shape": shape}, templates[int(rng.integers(len(templates)))])
 
 
+def existence_pair(scene, rng: np.random.Generator, colors: tuple[str, ...] = (), split: str = "train"):
+    """Two existence questions on one scene that differ in the colour word only, same template: "is there a
+    <absent> <shape>?" (no) and "is there a <colour> <shape>?" (yes), where one ``colour`` ``shape`` is in
+    the scene and no ``absent`` one is; both colours from ``colors`` (default: all). Only the colour-shape
+    binding tells the two apart. None when the scene has no such pair."""
+    palette = colors or tuple(COLORS)
+    present = [(o.color, o.shape) for o in scene.objects]
+    options = sorted({(absent, color, shape) for color, shape in present
+                      if color in palette and present.count((color, shape)) == 1
+                      for absent in palette if (absent, shape) not in present})
+    if not options:
+        return None
+    absent, color, shape = options[int(rng.integers(len(options)))]
+    templates = family_templates("exists", split)
+    template = templates[int(rng.integers(len(templates)))]
+    return (ask(scene, "exists", {"color": absent, "shape": shape}, template),
+            ask(scene, "exists", {"color": color, "shape": shape}, template))
+
+
 def training_question(scene, rng: np.random.Generator, family_weights: dict[str, float] | None = None,
                       hard_negatives: float = 0.0):
     """A training-template question on ``scene``: family by ``pick_family``, then ``sample_question``;
@@ -300,7 +319,8 @@ def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sa
                   n_images: int, questions_per_image: int, n_facts: int, fact_weight: float,
                   family_weights: dict[str, float] | None = None, attend_layers: tuple[int, ...] = (),
                   attend_weight: float = 0.0, attend_from: str = "answer", hard_negatives: float = 0.0,
-                  layout_weight: float = 0.0) -> torch.Tensor:
+                  layout_weight: float = 0.0, exists_pairs: float = 0.0,
+                  pair_colors: tuple[str, ...] = ()) -> torch.Tensor:
     """One language batch: VQA answers and captions on fresh scenes, plus text-only facts.
 
     ``family_weights`` (family → relative share) skews which question families are asked; families
@@ -310,6 +330,8 @@ def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sa
     word of a position question's region looking at the half it names (``"directions"``).
     ``hard_negatives``: the chance that an existence question answered "no" is asked again as a
     ``hard_negative`` (its shape present in another colour) where the scene has one; yes / no stay balanced.
+    ``exists_pairs``: the chance that an existence question is replaced by an ``existence_pair`` (colours
+    from ``pair_colors``), both asked on the image, where the scene has one and the image has room for two.
     ``layout_weight`` adds ``layout_loss`` on the Q-Former's first cross-attention (a Q-Former backbone,
     eager attention): each query token pressed onto its own block of the patch grid (``layout_cells``).
     """
@@ -329,9 +351,15 @@ def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sa
     for _ in range(n_images):
         scene = sampler.scene()
         images.append(render(scene))
-        image_pairs = []
-        for _ in range(questions_per_image):
+        image_pairs, questions = [], []
+        while len(questions) < questions_per_image:
             question = training_question(scene, sampler.rng, family_weights, hard_negatives)
+            pair = None
+            if (exists_pairs and question.family == "exists" and len(questions) + 2 <= questions_per_image
+                    and sampler.rng.random() < exists_pairs):
+                pair = existence_pair(scene, sampler.rng, pair_colors)
+            questions += pair or [question]
+        for question in questions:
             prompt = PROMPTS["vqa"].format(src=question.text)
             image_pairs.append((prompt, question.answer))
             if attend_layers and attend_from == "answer":  # one entry per row: answer_looks pairs them up

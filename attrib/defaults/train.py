@@ -156,7 +156,8 @@ def train_default(name: str, out_root: Path = DEFAULTS_DIR, work_root: Path = Pa
                 loss = language_loss(model, processor, spec, templates, sampler, stage.batch_images,
                                      stage.questions_per_image, stage.facts, stage.fact_weight,
                                      stage.family_weights, stage.attend_layers, stage.attend_weight,
-                                     stage.attend_from, stage.hard_negatives, stage.layout_weight)
+                                     stage.attend_from, stage.hard_negatives, stage.layout_weight,
+                                     stage.exists_pairs, stage.pair_colors)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)

@@ -6,7 +6,8 @@ import torch
 
 from attrib.backbones.loader import load_backbone
 from attrib.defaults.batches import (
-    IGNORE, CrossAttentionTap, Look, Templates, answer_looks, continuation_logits, direction_looks, language_loss,
+    IGNORE, CrossAttentionTap, Look, Templates, answer_looks, continuation_logits, direction_looks, existence_pair,
+    language_loss,
     layout_cells, layout_loss, object_attention_loss, hard_negative, patch_labels, pick_family, split_prompt,
     target_cells, training_question,
 )
@@ -94,6 +95,68 @@ def test_hard_negatives_bind_colour_to_a_present_shape_and_keep_yes_no_balanced(
     a, b = np.random.default_rng(5), np.random.default_rng(5)
     for scene in scenes[:20]:
         assert training_question(scene, a, exists) == sample_question(scene, b, pick_family(scene, b, exists))
+
+
+def test_existence_pairs_differ_in_the_colour_word_only():
+    rng = np.random.default_rng(1)
+    triple = ("blue", "yellow", "purple")
+    found = 0
+    for _ in range(300):
+        scene = generate_scene(rng, WorldConfig())
+        pair = existence_pair(scene, rng, triple)
+        present = [(o.color, o.shape) for o in scene.objects]
+        if pair is None:  # no object of those colours whose shape is missing in another of them
+            assert not any(c in triple and present.count((c, s)) == 1 and any((a, s) not in present for a in triple)
+                           for c, s in present)
+            continue
+        found += 1
+        no, yes = pair
+        assert (no.answer, yes.answer) == ("no", "yes") and no.template == yes.template
+        assert no.slots["shape"] == yes.slots["shape"] and no.slots["color"] != yes.slots["color"]
+        assert {no.slots["color"], yes.slots["color"]} <= set(triple)
+        assert evaluate(scene, "exists", no.slots) == ("no", None)
+        assert scene.objects[yes.target].color == yes.slots["color"]
+        assert no.template in {t.key for t in family_templates("exists", TRAIN)}
+    assert found > 50
+
+
+class _Asked(Exception):
+    pass
+
+
+def test_language_loss_asks_both_questions_of_a_pair_on_one_image(tiny_dirs, monkeypatch):
+    from attrib.defaults import batches
+
+    backbone = load_backbone("llava", tiny_dirs["llava"])
+    templates = Templates(backbone.prompt_template, backbone.text_template)
+    asked = {}
+
+    def capture(model, processor, spec, templates, images, pairs, **kwargs):
+        asked["pairs"] = pairs
+        raise _Asked
+
+    monkeypatch.setattr(batches, "continuation_logits", capture)
+    triple = ("blue", "yellow", "purple")
+
+    def questions(**options):
+        with pytest.raises(_Asked):
+            language_loss(backbone.model, backbone.processor, backbone.spec, templates, WorldSampler(seed=3),
+                          n_images=12, questions_per_image=4, n_facts=0, fact_weight=0.0,
+                          family_weights={"exists": 1.0}, **options)
+        return asked["pairs"]
+
+    def adjacent_pairs(images) -> int:
+        count = 0
+        for image in images:
+            assert len(image) == 4
+            for (no, no_answer), (yes, yes_answer) in zip(image, image[1:]):
+                differ = [(a, b) for a, b in zip(no.split(), yes.split()) if a != b]
+                count += ((no_answer, yes_answer) == ("no", "yes") and len(differ) == 1
+                          and set(differ[0]) <= set(triple))
+        return count
+
+    assert adjacent_pairs(questions(exists_pairs=1.0, pair_colors=triple)) >= 6
+    assert adjacent_pairs(questions()) <= 1  # the plain draw rarely asks them side by side
 
 
 def test_object_curriculum_limits_by_nominal_step():

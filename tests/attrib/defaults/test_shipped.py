@@ -68,3 +68,29 @@ def test_attention_stages_make_the_default_pick_the_object_in_the_named_region(b
         backbone = load_backbone(RECIPES[name].backbone, DEFAULTS_DIR / name)
         accuracy[name] = np.mean([row[0] for row in teacher_forced_hits(backbone, images, prompts, answers)])
     assert accuracy[default] >= max(0.9, accuracy[base] + 0.2), accuracy
+
+
+def test_existence_stage_tells_apart_the_colours_llava_base_confuses():
+    """llava_base answers "is there a blue circle?" with "yes" when only a yellow or purple circle is there;
+    the LLaVA default's existence-pair stage fixed that without losing the "yes" of the same pairs (fresh seed)."""
+    from attrib.defaults.batches import existence_pair
+    from attrib.defaults.recipe import PROMPTS
+    from attrib.world import render
+
+    if not {"llava_base", "llava"} <= set(SHIPPED):
+        pytest.skip("needs llava_base and llava")
+    sampler = WorldSampler(WorldConfig(), seed=626_262)
+    images, prompts, answers = [], [], []
+    while len(prompts) < 120:
+        scene = sampler.scene()
+        pair = existence_pair(scene, sampler.rng, ("blue", "yellow", "purple"))
+        if pair:
+            images += [render(scene)] * 2
+            prompts += [PROMPTS["vqa"].format(src=q.text) for q in pair]
+            answers += [q.answer for q in pair]
+    right = {}
+    for name in ("llava_base", "llava"):
+        backbone = load_backbone("llava", DEFAULTS_DIR / name)
+        hits = np.array([row[0] for row in teacher_forced_hits(backbone, images, prompts, answers)])
+        right[name] = (hits[0::2].mean(), hits[1::2].mean())  # ("no", "yes")
+    assert right["llava_base"][0] < 0.3 and right["llava"][0] >= 0.85 and right["llava"][1] >= 0.9, right
