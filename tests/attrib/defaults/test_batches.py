@@ -7,9 +7,8 @@ import torch
 from attrib.backbones.loader import load_backbone
 from attrib.defaults.batches import (
     IGNORE, CrossAttentionTap, Look, Templates, answer_looks, continuation_logits, direction_looks, existence_pair,
-    language_loss,
-    layout_cells, layout_loss, object_attention_loss, hard_negative, patch_labels, pick_family, split_prompt,
-    target_cells, training_question,
+    hard_negative, language_loss, layout_cells, layout_loss, object_attention_loss, patch_labels, pick_family,
+    split_prompt, target_cells, training_question,
 )
 from attrib.defaults.recipe import PROMPTS
 from attrib.defaults.recipe import Stage
