@@ -210,13 +210,18 @@ def answer_looks(labels: torch.Tensor, cells: list[list[int] | None]) -> list[Lo
 
 
 def object_attention_loss(attentions: dict[int, torch.Tensor], prefix_ids: torch.Tensor, image_token_id: int,
-                          looks: list[Look]) -> torch.Tensor:
+                          looks: list[Look], through: torch.Tensor | None = None) -> torch.Tensor:
     """How far text positions' looks at the image miss the cells they should look at.
 
     For each look, in every given layer: the share of the heads' summed attention on the image tokens
     that lands on the look's cells; the loss is the mean of -log(share) over layers and looks. Only where
     the model looks within the image is pressed, not how much it looks at the image at all. Zero without
     looks.
+
+    ``through`` [looks, image tokens, cells], when the image tokens are not the grid's cells (a Q-Former's
+    queries): how each image token's attention spreads over the cells, rows summing to 1; an image token
+    then counts toward a look by the share of it that lands on the look's cells, and gradient reaches both
+    the LM's attention and that spread.
     """
     image_at = (prefix_ids[0] == image_token_id).nonzero()[:, 0]
     if not ((prefix_ids == image_token_id).sum(1) == len(image_at)).all():
@@ -224,9 +229,15 @@ def object_attention_loss(attentions: dict[int, torch.Tensor], prefix_ids: torch
     if not looks:
         return torch.zeros(())
     rows, at = torch.tensor([k.row for k in looks]), torch.tensor([k.at for k in looks])
-    hit = torch.zeros(len(looks), len(image_at), dtype=torch.bool)
-    for k, look in enumerate(looks):
-        hit[k, look.cells] = True
+    if through is None:
+        hit = torch.zeros(len(looks), len(image_at), dtype=torch.bool)
+        for k, look in enumerate(looks):
+            hit[k, look.cells] = True
+    else:
+        if through.shape[:2] != (len(looks), len(image_at)):
+            raise ValueError(f"through {tuple(through.shape)} does not match {len(looks)} looks at "
+                             f"{len(image_at)} image tokens")
+        hit = torch.stack([through[k][:, look.cells].sum(-1) for k, look in enumerate(looks)])
     terms = []
     for weights in attentions.values():
         on_image = weights[rows, :, at][:, :, image_at].sum(1)  # [looks, image tokens], heads summed
@@ -263,6 +274,14 @@ def layout_loss(cross_attention: torch.Tensor, cells: list[list[int]], has_cls: 
     weights = cross_attention.sum(1)  # [images, queries, keys]
     share = (weights * hit).sum(-1) / weights.sum(-1).clamp(min=1e-9)
     return -torch.log(share + 1e-6).mean()
+
+
+def query_spread(cross_attention: torch.Tensor, has_cls: bool) -> torch.Tensor:
+    """[images, queries, patches]: how each query token's cross-attention (``cross_attention`` [images, heads,
+    queries, keys], CLS first when ``has_cls``) spreads over the patch grid, heads summed, the CLS share
+    left out and each row renormalised to 1."""
+    weights = cross_attention.sum(1)[..., int(has_cls):]
+    return weights / weights.sum(-1, keepdim=True).clamp(min=1e-9)
 
 
 class CrossAttentionTap:
@@ -325,7 +344,8 @@ def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sa
 
     ``family_weights`` (family → relative share) skews which question families are asked; families
     a scene cannot pose are left out and the rest renormalised. ``attend_layers`` / ``attend_weight`` add
-    ``object_attention_loss`` at those LM layers (a backbone whose LM sees the visual grid, eager attention):
+    ``object_attention_loss`` at those LM layers (eager attention; on a Q-Former backbone without the layout
+    term, routed through the queries' first cross-attention onto the ViT patch grid):
     the asked-about object looked at from the answer position (``attend_from="answer"``), or each direction
     word of a position question's region looking at the half it names (``"directions"``).
     ``hard_negatives``: the chance that an existence question answered "no" is asked again as a
@@ -339,14 +359,12 @@ def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sa
         raise ValueError(f"attend_from must be 'answer' or 'directions', got {attend_from!r}")
     tokenizer = processor.tokenizer
     grid = None
-    if attend_layers:  # the grid the LM's visual tokens form: LLaVA's patches, or a laid-out Q-Former's queries
-        if spec.grid_site == "lm":
-            grid = spec.grid_shape(model.config)[1]
-        elif layout_weight:
-            grid = math.isqrt(model.config.num_query_tokens)
-        else:
-            raise ValueError(f"{spec.name}: the object attention term needs visual tokens that form the grid "
-                             "(a Q-Former backbone's queries do with the layout term)")
+    # Where the looks' cells live: LLaVA's patches, a laid-out Q-Former's query grid, or, through the
+    # queries' cross-attention (object_attention_loss's ``through``), a plain Q-Former's ViT patch grid.
+    routed = bool(attend_layers) and spec.grid_site == "vit" and not layout_weight
+    if attend_layers:
+        grid = (math.isqrt(model.config.num_query_tokens) if spec.grid_site == "vit" and layout_weight
+                else spec.grid_shape(model.config)[1])
     images, pairs, captions, cells, looks = [], [], [], [], []
     for _ in range(n_images):
         scene = sampler.scene()
@@ -372,7 +390,7 @@ def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sa
         pairs.append(image_pairs)
         captions.append((PROMPTS["caption"].format(src="a photo of"), caption(scene)))
     tap = nullcontext()
-    if layout_weight:
+    if layout_weight or routed:
         if spec.grid_site != "vit":
             raise ValueError(f"{spec.name}: the layout term needs a Q-Former between the patches and the LM")
         tap = CrossAttentionTap(model.get_submodule(f"{spec.bridge[0]}.encoder.layer.0.crossattention.attention"))
@@ -386,8 +404,12 @@ def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sa
     if attend_layers:
         if attend_from == "answer":
             looks = answer_looks(sets[0][1], cells)
+        through = None
+        if routed:  # each look's row asks about image row // questions_per_image (pair rows are image-major)
+            spread = query_spread(tap.weights, spec.vit_has_cls)
+            through = spread[[look.row // questions_per_image for look in looks]] if looks else None
         loss = loss + attend_weight * object_attention_loss(out.attentions, out.prefix_ids,
-                                                            model.config.image_token_id, looks)
+                                                            model.config.image_token_id, looks, through)
     if layout_weight:  # blocks of the ViT patch grid, not the query grid the looks use
         blocks = layout_cells(model.config.num_query_tokens, spec.grid_shape(model.config)[1])
         loss = loss + layout_weight * layout_loss(tap.weights, blocks, spec.vit_has_cls)

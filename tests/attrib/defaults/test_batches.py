@@ -8,7 +8,7 @@ from attrib.backbones.loader import load_backbone
 from attrib.defaults.batches import (
     IGNORE, CrossAttentionTap, Look, Templates, answer_looks, continuation_logits, direction_looks, existence_pair,
     hard_negative, language_loss, layout_cells, layout_loss, object_attention_loss, patch_labels, pick_family,
-    split_prompt, target_cells, training_question,
+    query_spread, split_prompt, target_cells, training_question,
 )
 from attrib.defaults.recipe import PROMPTS
 from attrib.defaults.recipe import Stage
@@ -202,6 +202,30 @@ def test_object_attention_loss_equals_a_loop_over_rows_and_layers():
                 for seen in [weights[look.row, :, look.at, 1:5].sum(0)]]
     got = object_attention_loss(attentions, prefix_ids, image_token, looks)
     assert torch.allclose(got, torch.stack(expected).mean(), atol=1e-6)
+    # Through a spread of each image token over 9 cells (a Q-Former's queries over patches): an image
+    # token counts by the share of it on the look's cells.
+    through = torch.rand(len(looks), 4, 9, generator=rng).softmax(-1)
+    expected = [-torch.log((seen * through[k][:, look.cells].sum(-1)).sum() / seen.sum() + 1e-6)
+                for weights in attentions.values() for k, look in enumerate(looks)
+                for seen in [weights[look.row, :, look.at, 1:5].sum(0)]]
+    got = object_attention_loss(attentions, prefix_ids, image_token, looks, through)
+    assert torch.allclose(got, torch.stack(expected).mean(), atol=1e-6)
+    # A one-hot spread (token k on cell k) is the plain loss.
+    one_hot = torch.eye(4).expand(len(looks), 4, 4)
+    assert torch.allclose(object_attention_loss(attentions, prefix_ids, image_token, looks, one_hot),
+                          object_attention_loss(attentions, prefix_ids, image_token, looks), atol=1e-6)
+    with pytest.raises(ValueError, match="does not match"):
+        object_attention_loss(attentions, prefix_ids, image_token, looks, through[:, :3])
+
+
+def test_query_spread_is_each_querys_attention_over_the_patches():
+    weights = torch.rand(2, 3, 4, 10, generator=torch.Generator().manual_seed(1)).softmax(-1)  # CLS + 9 patches
+    spread = query_spread(weights, has_cls=True)
+    assert spread.shape == (2, 4, 9)
+    assert torch.allclose(spread.sum(-1), torch.ones(2, 4), atol=1e-6)
+    summed = weights[1, :, 2, 1:].sum(0)
+    assert torch.allclose(spread[1, 2], summed / summed.sum(), atol=1e-6)
+    assert torch.allclose(query_spread(weights[..., 1:], has_cls=False), spread, atol=1e-6)
 
 
 def test_direction_looks_send_each_direction_word_to_its_half(tiny_dirs):
@@ -246,10 +270,32 @@ def test_object_attention_term_joins_the_language_loss_of_a_grid_backbone(tiny_d
     # Position questions only: the same batch without the term is the plain loss of those rows.
     position_only = language_loss(*args, WorldSampler(seed=1), **{**batch, "family_weights": {"position": 1.0}})
     assert from_words.item() > position_only.item() + 0.1
-    blip2 = load_backbone("blip2", tiny_dirs["blip2"])
-    with pytest.raises(ValueError, match="grid"):
-        language_loss(blip2.model, blip2.processor, blip2.spec, templates, WorldSampler(seed=1),
-                      attend_layers=(0,), attend_weight=1.0, **batch)
+
+@pytest.mark.parametrize("name", ["blip2", "minigpt4"])
+def test_object_attention_term_reaches_the_patches_through_a_qformer(tiny_dirs, name):
+    backbone = load_backbone(name, tiny_dirs[name])
+    model, spec = backbone.model, backbone.spec
+    templates = Templates(backbone.prompt_template, backbone.text_template)
+    args = (model, backbone.processor, spec, templates)
+    batch = dict(n_images=2, questions_per_image=2, n_facts=0, fact_weight=0.0)
+    with pytest.raises(ValueError, match="eager"):
+        language_loss(*args, WorldSampler(seed=1), attend_layers=(0,), attend_weight=1.0, **batch)
+    model.set_attn_implementation("eager")
+    try:
+        for attend_from, family in (("answer", "color_of_shape"), ("directions", "position")):
+            plain = language_loss(*args, WorldSampler(seed=1), **{**batch, "family_weights": {family: 1.0}})
+            looked = language_loss(*args, WorldSampler(seed=1), attend_layers=(0, 1), attend_weight=1.0,
+                                   attend_from=attend_from, **{**batch, "family_weights": {family: 1.0}})
+            # An untrained Q-Former spreads every query over the image: a positive -log(share) per look.
+            assert looked.item() > plain.item() + 0.1, attend_from
+            (looked - plain).backward()  # the same batch: the difference is the term alone
+            cross = model.get_submodule(f"{spec.bridge[0]}.encoder.layer.0.crossattention.attention")
+            # The term reaches the Q-Former's cross-attention (the tiny one starts from zero query tokens, so
+            # only the query bias gets gradient through the scores at first).
+            assert sum(p.grad.abs().sum() for p in cross.parameters() if p.grad is not None) > 0
+            model.zero_grad(set_to_none=True)
+    finally:
+        model.set_attn_implementation("sdpa")
 
 
 def test_layout_cells_tile_the_patch_grid_in_row_major_blocks():

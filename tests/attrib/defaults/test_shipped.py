@@ -14,11 +14,17 @@ from attrib.world import VQA_FAMILIES, WorldConfig, WorldSampler
 
 SHIPPED = [name for name in ORDER if (DEFAULTS_DIR / name / "config.json").is_file()]
 MAX_MB = 12
+# minigpt4_routed on the position test's 80 questions (stop 21): 85.0 % (the MiniGPT-4 default 53.8 %).
+FLOOR_ROUTED = 0.8
+# Floors of the existence-pair test's "no" and "yes" (stop 21, minigpt4_routed: 98.3 / 100 %; the MiniGPT-4
+# default 1.7 / 98.3 %).
+PAIR_FLOORS = {"llava": (0.85, 0.9), "minigpt4_routed": (0.85, 0.9)}
 
 
 @pytest.fixture(scope="module", params=SHIPPED)
 def shipped(request):
-    """(folder name, backbone): llava_base is a LLaVA and minigpt4_grid a MiniGPT-4, each in its own folder."""
+    """(folder name, backbone): llava_base is a LLaVA, minigpt4_grid and minigpt4_routed are MiniGPT-4s, each
+    in its own folder."""
     return request.param, load_backbone(RECIPES[request.param].backbone, DEFAULTS_DIR / request.param)
 
 
@@ -54,11 +60,13 @@ def test_manifest_accuracy_is_reproduced(shipped):
     assert abs(np.mean(hits) - recorded) <= 0.10
 
 
-@pytest.mark.parametrize("base, default", [("llava_base", "llava"), ("minigpt4", "minigpt4_grid")])
-def test_attention_stages_make_the_default_pick_the_object_in_the_named_region(base, default):
-    """The LLaVA default is llava_base plus the direction and object attention stages, the minigpt4_grid
-    variant the MiniGPT-4 default plus the same stages on laid-out queries: on 3-4-object scenes (fresh
-    seed) each answers position questions far better than the model it starts from, and nearly always right."""
+@pytest.mark.parametrize("base, default, floor", [("llava_base", "llava", 0.9), ("minigpt4", "minigpt4_grid", 0.9),
+                                                  ("minigpt4", "minigpt4_routed", FLOOR_ROUTED)])
+def test_attention_stages_make_the_default_pick_the_object_in_the_named_region(base, default, floor):
+    """The LLaVA default is llava_base plus the direction and object attention stages; the minigpt4_grid
+    variant is the MiniGPT-4 default plus the same stages on laid-out queries, minigpt4_routed plus the same
+    stages routed through the Q-Former's cross-attention: on 3-4-object scenes (fresh seed) each answers
+    position questions far better than the model it starts from, and mostly right."""
     if not {base, default} <= set(SHIPPED):
         pytest.skip(f"needs both {base} and {default}")
     images, prompts, answers = _family_batch(WorldSampler(WorldConfig(), seed=515_151, min_objects=3),
@@ -67,18 +75,20 @@ def test_attention_stages_make_the_default_pick_the_object_in_the_named_region(b
     for name in (base, default):
         backbone = load_backbone(RECIPES[name].backbone, DEFAULTS_DIR / name)
         accuracy[name] = np.mean([row[0] for row in teacher_forced_hits(backbone, images, prompts, answers)])
-    assert accuracy[default] >= max(0.9, accuracy[base] + 0.2), accuracy
+    assert accuracy[default] >= max(floor, accuracy[base] + 0.2), accuracy
 
 
-def test_existence_stage_tells_apart_the_colours_llava_base_confuses():
-    """llava_base answers "is there a blue circle?" with "yes" when only a yellow or purple circle is there;
-    the LLaVA default's existence-pair stage fixed that without losing the "yes" of the same pairs (fresh seed)."""
+@pytest.mark.parametrize("base, default", [("llava_base", "llava"), ("minigpt4", "minigpt4_routed")])
+def test_existence_stage_tells_apart_the_colours_llava_base_confuses(base, default):
+    """llava_base's LM (and the MiniGPT-4 default, which starts from it) answers "is there a blue circle?"
+    with "yes" when only a yellow or purple circle is there; the existence-pair stages of the LLaVA default
+    and of minigpt4_routed fixed most of that without losing the "yes" of the same pairs (fresh seed)."""
     from attrib.defaults.batches import existence_pair
     from attrib.defaults.recipe import PROMPTS
     from attrib.world import render
 
-    if not {"llava_base", "llava"} <= set(SHIPPED):
-        pytest.skip("needs llava_base and llava")
+    if not {base, default} <= set(SHIPPED):
+        pytest.skip(f"needs {base} and {default}")
     sampler = WorldSampler(WorldConfig(), seed=626_262)
     images, prompts, answers = [], [], []
     while len(prompts) < 120:
@@ -89,8 +99,9 @@ def test_existence_stage_tells_apart_the_colours_llava_base_confuses():
             prompts += [PROMPTS["vqa"].format(src=q.text) for q in pair]
             answers += [q.answer for q in pair]
     right = {}
-    for name in ("llava_base", "llava"):
-        backbone = load_backbone("llava", DEFAULTS_DIR / name)
+    for name in (base, default):
+        backbone = load_backbone(RECIPES[name].backbone, DEFAULTS_DIR / name)
         hits = np.array([row[0] for row in teacher_forced_hits(backbone, images, prompts, answers)])
         right[name] = (hits[0::2].mean(), hits[1::2].mean())  # ("no", "yes")
-    assert right["llava_base"][0] < 0.3 and right["llava"][0] >= 0.85 and right["llava"][1] >= 0.9, right
+    no_floor, yes_floor = PAIR_FLOORS[default]
+    assert right[base][0] < 0.3 and right[default][0] >= no_floor and right[default][1] >= yes_floor, right
