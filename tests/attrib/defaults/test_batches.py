@@ -271,13 +271,19 @@ def test_object_attention_term_joins_the_language_loss_of_a_grid_backbone(tiny_d
     position_only = language_loss(*args, WorldSampler(seed=1), **{**batch, "family_weights": {"position": 1.0}})
     assert from_words.item() > position_only.item() + 0.1
 
-@pytest.mark.parametrize("name", ["blip2", "minigpt4"])
-def test_object_attention_term_reaches_the_patches_through_a_qformer(tiny_dirs, name):
+
+def _loss_setup(tiny_dirs, name):
+    """(model, spec, language_loss's leading arguments, a small batch) of a tiny backbone."""
     backbone = load_backbone(name, tiny_dirs[name])
     model, spec = backbone.model, backbone.spec
     templates = Templates(backbone.prompt_template, backbone.text_template)
-    args = (model, backbone.processor, spec, templates)
-    batch = dict(n_images=2, questions_per_image=2, n_facts=0, fact_weight=0.0)
+    return model, spec, (model, backbone.processor, spec, templates), dict(
+        n_images=2, questions_per_image=2, n_facts=0, fact_weight=0.0)
+
+
+@pytest.mark.parametrize("name", ["blip2", "minigpt4"])
+def test_object_attention_term_reaches_the_patches_through_a_qformer(tiny_dirs, name):
+    model, spec, args, batch = _loss_setup(tiny_dirs, name)
     with pytest.raises(ValueError, match="eager"):
         language_loss(*args, WorldSampler(seed=1), attend_layers=(0,), attend_weight=1.0, **batch)
     model.set_attn_implementation("eager")
@@ -335,11 +341,7 @@ def test_layout_loss_equals_a_loop_over_images_and_queries():
 
 @pytest.mark.parametrize("name", ["blip2", "minigpt4"])
 def test_layout_term_joins_the_language_loss_of_a_qformer_backbone(tiny_dirs, name):
-    backbone = load_backbone(name, tiny_dirs[name])
-    model, spec = backbone.model, backbone.spec
-    templates = Templates(backbone.prompt_template, backbone.text_template)
-    args = (model, backbone.processor, spec, templates)
-    batch = dict(n_images=2, questions_per_image=2, n_facts=0, fact_weight=0.0)
+    model, spec, args, batch = _loss_setup(tiny_dirs, name)
     cross = model.get_submodule(f"{spec.bridge[0]}.encoder.layer.0.crossattention.attention")
     with pytest.raises(ValueError, match="eager"):  # sdpa gives no attention weights
         language_loss(*args, WorldSampler(seed=1), layout_weight=1.0, **batch)
@@ -371,5 +373,5 @@ def test_layout_term_joins_the_language_loss_of_a_qformer_backbone(tiny_dirs, na
     assert looked.item() > unlooked.item() + 0.1
     llava = load_backbone("llava", tiny_dirs["llava"])
     with pytest.raises(ValueError, match="Q-Former"):
-        language_loss(llava.model, llava.processor, llava.spec, templates, WorldSampler(seed=1),
+        language_loss(llava.model, llava.processor, llava.spec, args[3], WorldSampler(seed=1),
                       layout_weight=1.0, **batch)
