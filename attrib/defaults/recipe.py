@@ -214,7 +214,7 @@ RECIPES: dict[str, Recipe] = {
     # minigpt4 -> after the direction stage position 73 % (200 questions: no gain by itself), after the
     # object stage 100 / 96.5 / 95.0 / 90.0 / 94.5 %, after the existence-pair stage (count asked 2x) 100 /
     # 98.5 / 93.5 / 90.5 / 96.0 %, after a stage asking count 3x at 2e-4: 99.5 / 97.5 / 97.0 / 89.0 / 96.5 %,
-    # captions 88.4 -> 90.0 % (colour of shape / shape of colour / count / position / exists; README).
+    # captions 88.4 -> 89.98 % (colour of shape / shape of colour / count / position / exists; README).
     # A variant, not the default: its edits generalise worse to the held-out count template (T-Gen on
     # count edits 30 %, all edits 85.3 against 100; M-Loc 98.3, the scene gate as selective as before).
     "minigpt4_routed": Recipe("minigpt4", (
