@@ -407,7 +407,7 @@ def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sa
         through = None
         if routed:  # each look's row asks about image row // questions_per_image (pair rows are image-major)
             spread = query_spread(tap.weights, spec.vit_has_cls)
-            through = spread[[look.row // questions_per_image for look in looks]] if looks else None
+            through = spread[[look.row // questions_per_image for look in looks]]
         loss = loss + attend_weight * object_attention_loss(out.attentions, out.prefix_ids,
                                                             model.config.image_token_id, looks, through)
     if layout_weight:  # blocks of the ViT patch grid, not the query grid the looks use

@@ -246,13 +246,18 @@ def test_direction_looks_send_each_direction_word_to_its_half(tiny_dirs):
     assert direction_looks(tokenizer, templates, PROMPTS["vqa"].format(src=count.text), count, 0, 8, 64) == []
 
 
-def test_object_attention_term_joins_the_language_loss_of_a_grid_backbone(tiny_dirs):
-    backbone = load_backbone("llava", tiny_dirs["llava"])
+def _loss_setup(tiny_dirs, name):
+    """(model, spec, language_loss's leading arguments, a small batch) of a tiny backbone."""
+    backbone = load_backbone(name, tiny_dirs[name])
     model, spec = backbone.model, backbone.spec
     templates = Templates(backbone.prompt_template, backbone.text_template)
-    args = (model, backbone.processor, spec, templates)
-    batch = dict(n_images=2, questions_per_image=2, n_facts=0, fact_weight=0.0,
-                 family_weights={"color_of_shape": 1.0})
+    return model, spec, (model, backbone.processor, spec, templates), dict(
+        n_images=2, questions_per_image=2, n_facts=0, fact_weight=0.0)
+
+
+def test_object_attention_term_joins_the_language_loss_of_a_grid_backbone(tiny_dirs):
+    model, _, args, batch = _loss_setup(tiny_dirs, "llava")
+    batch["family_weights"] = {"color_of_shape": 1.0}
     with pytest.raises(ValueError, match="eager"):  # sdpa gives no attention weights
         language_loss(*args, WorldSampler(seed=1), attend_layers=(0,), attend_weight=1.0, **batch)
     model.set_attn_implementation("eager")
@@ -270,15 +275,6 @@ def test_object_attention_term_joins_the_language_loss_of_a_grid_backbone(tiny_d
     # Position questions only: the same batch without the term is the plain loss of those rows.
     position_only = language_loss(*args, WorldSampler(seed=1), **{**batch, "family_weights": {"position": 1.0}})
     assert from_words.item() > position_only.item() + 0.1
-
-
-def _loss_setup(tiny_dirs, name):
-    """(model, spec, language_loss's leading arguments, a small batch) of a tiny backbone."""
-    backbone = load_backbone(name, tiny_dirs[name])
-    model, spec = backbone.model, backbone.spec
-    templates = Templates(backbone.prompt_template, backbone.text_template)
-    return model, spec, (model, backbone.processor, spec, templates), dict(
-        n_images=2, questions_per_image=2, n_facts=0, fact_weight=0.0)
 
 
 @pytest.mark.parametrize("name", ["blip2", "minigpt4"])
