@@ -17,7 +17,9 @@ pixel rectangle is image_size / grid side wide; a cell is *in the box* when its 
   the scored samples themselves, so it is optimistic; per-layer curves are in the JSON.
 
 Methods: every region method of the backbone at the configured window, and the primary noise method
-(attention_noise / vit_noise) once more on single cells as ``<name>_cell`` when that window is wider.
+(attention_noise / vit_noise) once more on single cells as ``<name>_cell`` when that window is wider;
+Q-Former backbones also get the ViT noise's other read on single cells (``vit_noise_propagated_cell``,
+see `attrib.regions.propagated`).
 
 Baselines, scored the same way:
 - integrated_gradients: captum IG on ``pixel_values`` (zero baseline = the processor's mean image) for the
@@ -59,6 +61,7 @@ from attrib.attribution import AttributionConfig, _atomic, _writable, region_met
 from attrib.backbones.loader import Backbone
 from attrib.prompts import load_prompts
 from attrib.regions.capture import capture_layers, last_query_attention
+from attrib.regions.propagated import VitNoise
 from attrib.regions.regions import grid_windows
 from attrib.regions.result import RegionResult
 from attrib.regions.sweep import region_sweep
@@ -418,10 +421,14 @@ def validate(backbone: Backbone, records: Sequence, config: AttributionConfig = 
     # grid, scaled to the grid) can be wider than the objects (the world's small ones are 2 x 2 cells of
     # 8 x 8), and a window centred beside an object then scores about as high as one centred on it.
     name, method, cells, _ = region_methods(backbone, replace(config, window=0))[0]
+    layers = sweep_plan(backbone, config, len(prompts), False)[1]
     if results[name].regions.window > 0:
-        results[f"{name}_cell"] = region_sweep(backbone, images, prompts, method, cells,
-                                               sweep_plan(backbone, config, len(prompts), False)[1],
+        results[f"{name}_cell"] = region_sweep(backbone, images, prompts, method, cells, layers,
                                                batch_size=config.batch_size, progress=progress)
+    if isinstance(method, VitNoise):  # the other read of the ViT noise, for comparison
+        other = replace(method, read="propagated" if method.read == "local" else "local")
+        results[f"{name}_{other.read}_cell"] = region_sweep(backbone, images, prompts, other, cells, layers,
+                                                            batch_size=config.batch_size, progress=progress)
     results["integrated_gradients"] = integrated_gradients_maps(backbone, images, prompts, ig_steps, config.batch_size)
     results["layer_integrated_gradients"] = layer_integrated_gradients_maps(backbone, images, prompts, ig_steps,
                                                                             config.batch_size)

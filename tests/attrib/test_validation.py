@@ -154,6 +154,9 @@ def test_validation_json_has_the_required_keys(tiny_backbone, world, tmp_path):
     primary = "attention_noise" if tiny_backbone.spec.grid_site == "lm" else "vit_noise"
     assert {primary, primary + "_cell"} <= set(data["methods"])  # window 1, so the single-cell run joins
     assert data["meta"]["methods"][primary + "_cell"]["window"] == 0
+    if primary == "vit_noise":  # Q-Former backbones: both reads of the ViT noise, on single patches
+        assert data["meta"]["methods"]["vit_noise_cell"]["read"] == "local"
+        assert data["meta"]["methods"]["vit_noise_propagated_cell"]["read"] == "propagated"
     for name, entry in data["methods"].items():
         assert set(entry) == METHOD_KEYS, name
         assert 0 <= entry["pointing_game"] <= 100 and 0 <= entry["mass_in_box"] <= 100

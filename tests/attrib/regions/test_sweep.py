@@ -105,6 +105,76 @@ def test_vit_noise_reads_every_layer(tiny_dirs, tiny_images):
         region_sweep(llava, tiny_images, ["a"], VitNoise(), vit_regions(llava), [0], progress=False)
 
 
+@pytest.mark.parametrize("name", ["blip2", "minigpt4"])
+def test_vit_noise_local_read_matches_manual_run(name, tiny_dirs, tiny_images):
+    """VisEdit's read on a Q-Former backbone: run the model with the noisy ViT patches, take the query
+    tokens' states at layer ℓ's attention input, put them into a clean run's layer-ℓ attention only, and
+    compare its last-position output with the clean one — the sweep's shortcut gives the same 1 − cos."""
+    from attrib.backbones.loader import load_backbone
+    from attrib.regions.methods import draw_noise, noise_generator
+    from attrib.regions.propagated import VitNoise
+    from attrib.regions.sweep import vit_regions
+
+    backbone = load_backbone(name, tiny_dirs[name])
+    regions, layers, draws = vit_regions(backbone, radius=0), [0, backbone.n_layers - 1], 2
+    method = VitNoise(sigma=0.5, draws=draws, seed=4, max_batch=1000)
+    result = region_sweep(backbone, tiny_images[:1], ["what color?"], method, regions, layers, progress=False)
+    inputs = backbone.encode(tiny_images[:1], ["what color?"])
+    visual = backbone.visual_positions(inputs["input_ids"])[0]
+    tower = backbone.module(backbone.spec.vision_tower)
+    patches = regions.members[:, 0] + (1 if backbone.spec.vit_has_cls else 0)
+    noise = draw_noise(noise_generator(4, 0, layers[0]), regions.n_regions, draws, 1, tower.config.hidden_size) * 0.5
+
+    def run(hooks):
+        handles = [module.register_forward_hook(hook, with_kwargs=True) if kind == "post" else
+                   module.register_forward_pre_hook(hook, with_kwargs=True) for module, kind, hook in hooks]
+        try:
+            backbone.forward(inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            attn = backbone.module(backbone.spec.layer_path(layer, "attn"))
+            seen = {}
+            keep = lambda key: (attn, "post", lambda m, a, k, out: seen.__setitem__(key, (k["hidden_states"][0].clone(),
+                                                                                        out[0][0, -1].clone())))
+            run([keep("clean")])
+            clean_states, clean_out = seen["clean"]
+            for c in (0, regions.n_regions - 1):
+                effects = []
+                for d in range(draws):
+                    def add(m, a, k, out, c=c, d=d):
+                        out[0][0, patches[c]] += noise[c, d, 0]
+                    run([(tower, "post", add), keep("noisy")])
+                    noisy_states = seen["noisy"][0]
+
+                    def swap(m, a, k):
+                        hidden = k["hidden_states"].clone()
+                        hidden[0, visual] = noisy_states[visual]
+                        return a, dict(k, hidden_states=hidden)
+                    run([(attn, "pre", swap), keep("swapped")])
+                    assert torch.equal(seen["swapped"][0][-1], clean_states[-1])  # the last token stays clean
+                    effects.append(1 - torch.cosine_similarity(seen["swapped"][1], clean_out, dim=0))
+                assert torch.allclose(result.maps[0, i, c], torch.stack(effects).mean(), atol=1e-5), (layer, c)
+
+
+def test_vit_noise_reads_differ_and_are_validated(tiny_dirs, tiny_images):
+    from attrib.backbones.loader import load_backbone
+    from attrib.regions.propagated import VitNoise
+    from attrib.regions.sweep import vit_regions
+
+    backbone = load_backbone("minigpt4", tiny_dirs["minigpt4"])
+    layers = [backbone.n_layers - 1]
+    maps = {read: region_sweep(backbone, tiny_images[:1], ["what color?"], VitNoise(draws=2, read=read),
+                               vit_regions(backbone), layers, progress=False) for read in ("local", "propagated")}
+    assert maps["local"].meta["method"]["read"] == "local"
+    assert not torch.allclose(maps["local"].maps, maps["propagated"].maps)
+    with pytest.raises(ValueError, match="read must be one of"):
+        VitNoise(read="output")
+
+
 @pytest.mark.parametrize("width, dim", [(1, 128), (9, 64), (3, 24), (2, 5)])
 def test_noise_drawn_at_once_equals_region_by_region(width, dim):
     """One call for all regions (used when a region's values are a multiple of 16) draws the same noise
