@@ -115,6 +115,7 @@ def _perturbed_run(backbone: Backbone, inputs, site: str, layer: int, token_inde
     return logprobs, outputs
 
 
+@torch.no_grad()
 def local_effects(attn: LastQueryAttention, positions: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
     """1 − cos [R] of the last query's attention output when the tokens at ``positions`` [P] enter this
     attention module with ``states[1:]`` [R, P, D] instead of the clean ``states[0]`` (the last token's
@@ -148,7 +149,8 @@ def propagated_sweep(backbone: Backbone, images, prompts, method, regions: Regio
         if local:
             visual = backbone.visual_positions(inputs["input_ids"])[0]
             captures = capture_layers(backbone, inputs, read)
-            clean = {layer: last_query_attention(backbone, layer, captures[layer], 0) for layer in read}
+            with torch.no_grad():  # maps must not hold an autograd graph per sample
+                clean = {layer: last_query_attention(backbone, layer, captures[layer], 0) for layer in read}
         for i, layer in passes:
             states = _site_states(backbone, inputs, site, max(layer, 0))
             scale = noise_scale(method.rule, method.sigma, states[site_tokens])
