@@ -49,6 +49,7 @@ class AttributionConfig:
     draws: int = 10
     seed: int = 0
     window: int | None = None  # radius in cells; None = VisEdit's r = 3 scaled to the grid
+    vit_read: str = "local"  # Q-Former backbones' ViT noise: "local" (VisEdit's) or "propagated"; see VitNoise
     causal_samples: int = 8  # the causal effect runs full forwards: fewer samples
     causal_draws: int = 3
     causal_layer_stride: int = 3  # the causal effect at every k-th layer: each layer is a batch of full forwards
@@ -169,7 +170,8 @@ def region_methods(backbone: Backbone, config: AttributionConfig) -> list[tuple[
         return [("attention_noise", noise, grid, False), ("attention_knockout", AttentionKnockout(), grid, False),
                 ("causal_noise", causal, grid, True)]
     patches = vit_regions(backbone, config.window)
-    return [("vit_noise", VitNoise(config.sigma, config.rule, max(2, config.draws // 2), config.seed), patches, False),
+    vit = VitNoise(config.sigma, config.rule, max(2, config.draws // 2), config.seed, config.vit_read)
+    return [("vit_noise", vit, patches, False),
             ("query_noise", noise, lm_regions(backbone), False), ("causal_noise", causal, patches, True)]
 
 

@@ -174,6 +174,9 @@ def test_vit_noise_reads_differ_and_are_validated(tiny_dirs, tiny_images):
     assert not torch.allclose(maps["local"].maps, maps["propagated"].maps)
     with pytest.raises(ValueError, match="read must be one of"):
         VitNoise(read="output")
+    from attrib.attribution import AttributionConfig, region_methods
+    assert region_methods(backbone, AttributionConfig())[0][1].read == "local"
+    assert region_methods(backbone, AttributionConfig(vit_read="propagated"))[0][1].read == "propagated"
 
 
 @pytest.mark.parametrize("width, dim", [(1, 128), (9, 64), (3, 24), (2, 5)])
