@@ -138,8 +138,11 @@ def test_vit_noise_local_read_matches_manual_run(name, tiny_dirs, tiny_images):
         for i, layer in enumerate(layers):
             attn = backbone.module(backbone.spec.layer_path(layer, "attn"))
             seen = {}
-            keep = lambda key: (attn, "post", lambda m, a, k, out: seen.__setitem__(key, (k["hidden_states"][0].clone(),
-                                                                                        out[0][0, -1].clone())))
+
+            def keep(key):  # records the attention's input states and its last-position output
+                def hook(m, a, k, out):
+                    seen[key] = (k["hidden_states"][0].clone(), out[0][0, -1].clone())
+                return attn, "post", hook
             run([keep("clean")])
             clean_states, clean_out = seen["clean"]
             for c in (0, regions.n_regions - 1):
