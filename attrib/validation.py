@@ -18,8 +18,8 @@ pixel rectangle is image_size / grid side wide; a cell is *in the box* when its 
 
 Methods: every region method of the backbone at the configured window, and the primary noise method
 (attention_noise / vit_noise) once more on single cells as ``<name>_cell`` when that window is wider;
-Q-Former backbones also get the ViT noise's other read on single cells (``vit_noise_propagated_cell``,
-see `attrib.regions.propagated`).
+Q-Former backbones also get the ViT noise's other read on single cells as ``vit_noise_<read>_cell``
+(``vit_noise_propagated_cell`` with the default read; see `attrib.regions.propagated`).
 
 Baselines, scored the same way:
 - integrated_gradients: captum IG on ``pixel_values`` (zero baseline = the processor's mean image) for the
@@ -61,7 +61,7 @@ from attrib.attribution import AttributionConfig, _atomic, _writable, region_met
 from attrib.backbones.loader import Backbone
 from attrib.prompts import load_prompts
 from attrib.regions.capture import capture_layers, last_query_attention
-from attrib.regions.propagated import VitNoise
+from attrib.regions.propagated import VIT_READS, VitNoise
 from attrib.regions.regions import grid_windows
 from attrib.regions.result import RegionResult
 from attrib.regions.sweep import region_sweep
@@ -426,7 +426,7 @@ def validate(backbone: Backbone, records: Sequence, config: AttributionConfig = 
         results[f"{name}_cell"] = region_sweep(backbone, images, prompts, method, cells, layers,
                                                batch_size=config.batch_size, progress=progress)
     if isinstance(method, VitNoise):  # the other read of the ViT noise, for comparison
-        other = replace(method, read="propagated" if method.read == "local" else "local")
+        other = replace(method, read=next(read for read in VIT_READS if read != method.read))
         results[f"{name}_{other.read}_cell"] = region_sweep(backbone, images, prompts, other, cells, layers,
                                                             batch_size=config.batch_size, progress=progress)
     results["integrated_gradients"] = integrated_gradients_maps(backbone, images, prompts, ig_steps, config.batch_size)

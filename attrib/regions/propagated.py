@@ -137,6 +137,7 @@ def propagated_sweep(backbone: Backbone, images, prompts, method, regions: Regio
     read = list(layers) if isinstance(method, VitNoise) else ([-1] if site == "vit" else list(layers))
     maps = torch.empty(len(prompts), len(read), regions.n_regions)
     chunk = max(1, method.max_batch // method.draws)
+    local = isinstance(method, VitNoise) and method.read == "local"
     bar = tqdm(total=len(prompts), desc=method.name, disable=not progress, mininterval=2)
     for n in range(len(prompts)):
         inputs = backbone.encode(images[n:n + 1], prompts[n:n + 1])
@@ -145,7 +146,6 @@ def propagated_sweep(backbone: Backbone, images, prompts, method, regions: Regio
                        else torch.arange(backbone.spec.grid_shape(backbone.config)[0] ** 2) + offset)
         index_all = torch.where(regions.valid, site_tokens[regions.members.clamp(min=0)], -1)  # [C, W]
         passes = [(i, layer) for i, layer in enumerate(read)] if (site == "lm") else [(None, read[0])]
-        local = isinstance(method, VitNoise) and method.read == "local"
         if local:
             visual = backbone.visual_positions(inputs["input_ids"])[0]
             captures = capture_layers(backbone, inputs, read)
