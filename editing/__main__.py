@@ -23,6 +23,7 @@ from pathlib import Path
 
 from attrib.data import DataError
 from editing.run import EditOptions, default_steps, run_edit
+from editing.vead import SCENE_SIMILARITIES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scene-gate", action=argparse.BooleanOptionalAction, default=EditOptions.scene_gate,
                    help="gate each input's edit by its scene match to the edit image (our extension; "
                         "--no-scene-gate: the paper's adapter)")
+    p.add_argument("--scene-similarity", choices=SCENE_SIMILARITIES, default=EditOptions.scene_similarity,
+                   help="what the scene gate compares: salient (states minus the training images' mean per "
+                        "position, weighted by distance from it) or chamfer (the raw states)")
     p.add_argument("--n-eval", type=int, default=None, help="evaluate the first N records only")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--no-progress", action="store_true")
@@ -100,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         backbone=args.backbone, model=args.model, data=args.data, train=args.train, eval=args.eval,
         images=args.images, attribution=args.attribution, checkpoint=args.checkpoint, steps=args.steps,
         out=args.out, resume=args.resume, skip_bad=args.skip_bad, batch_size=args.batch_size, lr=args.lr,
-        seed=args.seed, mid_dim=args.mid_dim, heads=args.heads, scene_gate=args.scene_gate, n_eval=args.n_eval,
+        seed=args.seed, mid_dim=args.mid_dim, heads=args.heads, scene_gate=args.scene_gate,
+        scene_similarity=args.scene_similarity, n_eval=args.n_eval,
         checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
     try:
         results = run_edit(options)

@@ -250,7 +250,7 @@ class VisEditEditor:
             expected = {"width": str(self.adapter.width), "config": self.config.to_json(),
                         "backbone": self.backbone.spec.name, "edit_layer": self.placement.edit_layer,
                         "im_read_layer": self.placement.read_layer}
-            found = {"width": meta.get("width"), "config": json.loads(meta.get("config", "{}")),
+            found = {"width": meta.get("width"), "config": _config_json(meta.get("config")),
                      "backbone": meta.get("backbone"), "edit_layer": placement.get("edit_layer"),
                      "im_read_layer": placement.get("im_read_layer")}
             wrong = [f"{k}: file has {found[k]!r}, editor has {expected[k]!r}"
@@ -260,6 +260,12 @@ class VisEditEditor:
             weights = load_file(str(weights))
         device = self.adapter.vead.begin.weight.device
         self.adapter.load_state_dict({k: v.to(device) for k, v in weights.items()})
+
+
+def _config_json(text: str | None) -> dict | None:
+    """A weights file's config as the editor writes it now (fields added since filled with what files
+    written before them meant); None when the file has none."""
+    return None if text is None else VeadConfig.from_json(json.loads(text)).to_json()
 
 
 def weights_metadata(path: str | Path) -> dict[str, str]:

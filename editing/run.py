@@ -56,6 +56,7 @@ class EditOptions:
     mid_dim: int | None = None
     heads: int | None = None
     scene_gate: bool = True  # our extension (editing.vead); False: the paper's adapter
+    scene_similarity: str = "salient"  # what the scene gate compares (editing.vead): "salient" | "chamfer"
     n_eval: int | None = None
     attribution_n: int = 24  # as many records as `make heatmaps` (8 moved BLIP-2's edit layer: 0 vs -1)
     ceiling_n: int = 48
@@ -82,14 +83,14 @@ def default_lr(width: int) -> float:
 
 
 def sized_vead_config(width: int, mid_dim: int | None = None, heads: int | None = None,
-                      scene_gate: bool = False) -> VeadConfig:
+                      scene_gate: bool = False, scene_similarity: str = "salient") -> VeadConfig:
     """Adapter sizes from the LM width: the paper's mid 1024 from width 2048 up (7B: 4096 → 1024,
     OPT-2.7B: 2560 → 1024), the width itself below (small LMs would otherwise get a wider adapter than
     model); heads: the largest of 8, 4, 2, 1 that divides."""
     mid = mid_dim or (1024 if width >= 2048 else width)
     pick = lambda n: next(h for h in (8, 4, 2, 1) if n % h == 0)  # noqa: E731
     return VeadConfig(mid_dim=mid, n_heads=heads or pick(mid), im_hidden=mid, im_heads=pick(width),
-                      scene_gate=scene_gate)
+                      scene_gate=scene_gate, scene_similarity=scene_similarity)
 
 
 def _backbone(options: EditOptions) -> Backbone:
@@ -194,7 +195,8 @@ def _markdown(results: dict) -> str:
                      f"{gate['unrelated_image']:.3f} on their unrelated M-Loc inputs.")
     scene = m.get("scene_gate_mean")
     if scene:
-        lines.append(f"Scene gate, mean: {scene['image_rephrase']:.3f} on the edits' re-rendered images, "
+        similarity = m.get("scene_similarity") or "chamfer"
+        lines.append(f"Scene gate ({similarity}), mean: {scene['image_rephrase']:.3f} on the edits' re-rendered images, "
                      f"{scene['m_loc']:.3f} on their unrelated M-Loc images.")
     if m.get("im_pointing_note"):
         lines.append(f"IM pointing game: {m['im_pointing_note']}.")
@@ -226,7 +228,8 @@ def run_edit(options: EditOptions) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     placement, placement_info = _placement(options, backbone, eval_file, eval_records, out)
     config = (weights_config(options.checkpoint) if options.checkpoint is not None
-              else sized_vead_config(lm_width(backbone.config), options.mid_dim, options.heads, options.scene_gate))
+              else sized_vead_config(lm_width(backbone.config), options.mid_dim, options.heads, options.scene_gate,
+                                options.scene_similarity))
     editor = VisEditEditor(backbone, placement, config, weights=options.checkpoint)
     train_s, train_info = None, None
     if options.checkpoint is None:
@@ -255,6 +258,7 @@ def run_edit(options: EditOptions) -> dict:
     visedit["im_pointing_note"] = maps.note
     visedit["im_gate_mean"] = maps.gate_means()
     visedit["scene_gate"] = config.scene_gate
+    visedit["scene_similarity"] = config.scene_similarity if config.scene_gate else None
     visedit["scene_gate_mean"] = maps.scene_means()
     default_world = options.train is None and options.eval is None
     results = {

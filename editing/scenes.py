@@ -6,7 +6,7 @@ must keep edited) than between the edit's image and the record's unrelated ``m_l
 must leave alone). This module measures that on any MMEdit file, untrained, before anything is fitted:
 
     separation = scene_separation(backbone, load_records("vqa_eval.json"), edit_layer=-1)
-    separation.auc["chamfer"], separation.best_split["chamfer"]
+    separation.auc["salient"], separation.best_split["salient"]  # also "chamfer", "mean_cosine"
 
 AUC is the probability that a random (image, rephrase) pair scores above a random (image, unrelated)
 pair (ties count half); ``best_split`` is the single threshold that keeps the most rephrase pairs above
@@ -23,7 +23,7 @@ from tqdm import tqdm
 from attrib.backbones.loader import Backbone
 from attrib.data import EditRecord
 from editing.split import SplitForward
-from editing.vead import chamfer_similarity
+from editing.vead import chamfer_similarity, salient_chamfer
 
 SIMILARITIES = {
     "chamfer": chamfer_similarity,
@@ -76,17 +76,36 @@ def visual_states(split: SplitForward, image) -> torch.Tensor:
     return split.prefix(split.backbone.encode([image], [""])).visual_states().float()
 
 
+@torch.no_grad()
+def reference_states(split: SplitForward, records: Sequence[EditRecord], n: int = 256, batch: int = 16,
+                     progress: bool = False) -> torch.Tensor:
+    """[P, d] the mean visual-token state per position at the split's edit site over the ``image`` of the
+    first ``n`` records (what the salient scene similarity subtracts; `editing.vead`)."""
+    images = [record.load_image("image") for record in records[:n]]
+    if not images:
+        raise ValueError("no records to take the scene gate's reference states from")
+    total = None
+    for start in tqdm(range(0, len(images), batch), desc="scene reference", disable=not progress):
+        chunk = images[start:start + batch]
+        states = split.prefix(split.backbone.encode(chunk, [""] * len(chunk))).visual_states().float().sum(0)
+        total = states if total is None else total + states
+    return total / len(images)
+
+
 def scene_separation(backbone: Backbone, records: Sequence[EditRecord], edit_layer: int = -1,
                      progress: bool = True) -> SceneSeparation:
-    """Similarities of every record's image to its ``image_rephrase`` and to its ``m_loc`` image."""
+    """Similarities of every record's image to its ``image_rephrase`` and to its ``m_loc`` image; the
+    salient similarity's reference is the mean over the same records' images (no labels are read)."""
     split = SplitForward(backbone, edit_layer)
-    rephrase: dict[str, list[float]] = {name: [] for name in SIMILARITIES}
-    unrelated: dict[str, list[float]] = {name: [] for name in SIMILARITIES}
+    reference = reference_states(split, records)
+    similarities = {**SIMILARITIES, "salient": lambda a, b: salient_chamfer(a, b, reference)}
+    rephrase: dict[str, list[float]] = {name: [] for name in similarities}
+    unrelated: dict[str, list[float]] = {name: [] for name in similarities}
     for record in tqdm(records, desc="scene similarity", disable=not progress):
         own = visual_states(split, record.load_image("image"))
         again = visual_states(split, record.load_image("image_rephrase"))
         other = visual_states(split, record.load_image("m_loc"))
-        for name, similarity in SIMILARITIES.items():
+        for name, similarity in similarities.items():
             rephrase[name].append(similarity(own, again).item())
             unrelated[name].append(similarity(own, other).item())
     as_tensor = lambda values: {k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()}  # noqa: E731

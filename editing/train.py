@@ -49,6 +49,7 @@ from editing.examples import (
     ALIGN_ROLES, ROLES, ExampleStore, answer_positions, example_row, example_rows, stack_signals,
 )
 from editing.inputs import teacher_forced_batch
+from editing.scenes import reference_states
 from editing.split import EditSite, SplitForward
 
 _ORDER_STREAM, _STEP_STREAM, _INIT_STREAM, _PARTNER_STREAM, _TOKEN_STREAM = 101, 102, 103, 104, 105  # seeded generators
@@ -68,7 +69,9 @@ class TrainConfig:
     ``product_chunk``: records whose per-record products are computed in one batched forward;
     ``scene_weight``: weight of the scene gate's own term (adapters with ``scene_gate`` only):
     −mean log σ(S) on the m_gen rows (the edit's re-rendered image) and −mean log(1 − σ(S)) on the
-    locality rows (unrelated images), averaged."""
+    locality rows (unrelated images), averaged;
+    ``scene_reference``: training images whose mean visual states the salient scene gate subtracts
+    (the first N records' ``image``; `editing.vead`)."""
 
     steps: int = 1000
     batch_size: int = 4
@@ -90,6 +93,7 @@ class TrainConfig:
     cache_mb: int = 2048
     task: str = "vqa"
     scene_weight: float = 1.0
+    scene_reference: int = 256
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -316,6 +320,9 @@ def train(editor: VisEditEditor, records: Sequence[EditRecord], config: TrainCon
         start, before_s, resumed = state["step"], state.get("train_s", 0.0), state["step"]
     else:
         reset_adapter(editor, config.seed)
+        scene = editor.adapter.scene
+        if scene is not None and scene.similarity == "salient":
+            scene.set_reference(reference_states(trainer.split, trainer.records, config.scene_reference))
     began = time.perf_counter()
     result = TrainResult(start, before_s, resumed_from=resumed)
     running: dict[str, float] = {}

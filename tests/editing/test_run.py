@@ -11,7 +11,7 @@ from editing.__main__ import main
 from editing.run import default_lr, sized_vead_config
 
 VISEDIT_KEYS = {"rel", "t_gen", "m_gen", "t_loc", "m_loc", "exact_match", "secondary", "m_loc_same_object",
-                "m_loc_other", "im_pointing_game", "im_gate_mean", "scene_gate", "scene_gate_mean"}
+                "m_loc_other", "im_pointing_game", "im_gate_mean", "scene_gate", "scene_similarity", "scene_gate_mean"}
 QUIET = ["--no-progress", "--mid-dim", "16"]
 
 
@@ -43,6 +43,7 @@ def test_results_have_the_required_keys(trained, tiny_dirs):
     assert set(gate) == {"edit_image", "unrelated_image"} and all(0 < v < 1 for v in gate.values())
     # The scene gate is on by default; its means are read on re-rendered and unrelated images.
     assert results["methods"]["visedit"]["scene_gate"] is True and results["adapter"]["config"]["scene_gate"]
+    assert results["methods"]["visedit"]["scene_similarity"] == "salient"
     scene = results["methods"]["visedit"]["scene_gate_mean"]
     assert set(scene) == {"image_rephrase", "m_loc"} and all(0 < v < 1 for v in scene.values())
 

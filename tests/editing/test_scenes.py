@@ -28,7 +28,7 @@ def test_scenes_command_on_a_tiny_world(tiny_dirs, tiny_world, tmp_path, capsys)
                  str(tiny_world / "vqa_eval.json"), "--out", str(out), "--no-progress"])
     assert code == 0
     summary = json.loads(out.read_text())
-    assert summary["n"] == 3 and set(summary["auc"]) == {"chamfer", "mean_cosine"}
+    assert summary["n"] == 3 and set(summary["auc"]) == {"chamfer", "mean_cosine", "salient"}
     assert all(0 <= v <= 1 for v in summary["auc"].values())
     assert all(-1 <= m[k] <= 1 for m in summary["mean"].values() for k in m)
     assert json.loads(capsys.readouterr().out) == summary

@@ -11,6 +11,8 @@ from attrib.backbones.loader import load_backbone
 from attrib.data import load_records
 from editing.checkpoint import STATE_FILE
 from editing.editor import EditPlacement
+from editing.scenes import visual_states
+from editing.split import SplitForward
 from editing.train import Trainer, TrainConfig, train
 from editing.vead import VeadConfig
 
@@ -113,6 +115,22 @@ def test_scene_gate_term_trains_the_scene_gate(tiny_backbone, records, make_edit
     config = VeadConfig(mid_dim=16, n_heads=2, im_hidden=16, im_heads=2, scene_gate=True)
     editor = make_editor(tiny_backbone, EditPlacement(-1, (0,), 0), config)
     before = editor.adapter.scene.threshold.item()
-    result = train(editor, records, TrainConfig(steps=3, batch_size=2, lr=1e-2, influence_draws=1), progress=False)
+    result = train(editor, records, TrainConfig(steps=3, batch_size=2, lr=1e-2, influence_draws=1,
+                                                scene_reference=3), progress=False)
     assert all("scene" in h and h["scene"] > 0 for h in result.history)
     assert editor.adapter.scene.threshold.item() != before
+    # The salient gate's reference is the mean LM-input state per visual token over the first 3 records'
+    # images, each run alone (the batched mean must equal it).
+    split = SplitForward(tiny_backbone, -1)
+    alone = [visual_states(split, record.load_image("image"))[0] for record in records[:3]]
+    torch.testing.assert_close(editor.adapter.scene.reference, torch.stack(alone).mean(0), atol=1e-5, rtol=1e-5)
+
+
+def test_salient_scene_reference_is_kept_across_a_resume(tiny_backbone, records, make_editor, tmp_path):
+    config = VeadConfig(mid_dim=16, n_heads=2, im_hidden=16, im_heads=2, scene_gate=True)
+    settings = dict(batch_size=2, lr=1e-2, influence_draws=1, scene_reference=2, checkpoint_every=1)
+    first = make_editor(tiny_backbone, EditPlacement(-1, (0,), 0), config)
+    train(first, records, TrainConfig(steps=2, **settings), tmp_path / "ck", progress=False)
+    again = make_editor(tiny_backbone, EditPlacement(-1, (0,), 0), config)
+    train(again, records, TrainConfig(steps=3, **settings), tmp_path / "ck", resume=True, progress=False)
+    torch.testing.assert_close(again.adapter.scene.reference, first.adapter.scene.reference)

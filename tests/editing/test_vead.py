@@ -9,7 +9,8 @@ import torch
 from attrib.backbones.reference import build_on_meta
 from attrib.backbones.spec import get_spec
 from editing.adapter import AdapterHook
-from editing.vead import EditAdapter, EditSignal, VeadConfig, chamfer_similarity, count_parameters, lm_width
+from editing.vead import (EditAdapter, EditSignal, SceneGate, VeadConfig, chamfer_similarity, count_parameters,
+                          lm_width, salient_chamfer)
 
 # The paper: 34.65 M per adapter on the 7B backbones, 22.05 M on BLIP2-OPT-2.7B. Exact values pin the
 # composition (biased Linears, LayerNorms with bias, IM hidden 1024); see editing/vead.py.
@@ -120,7 +121,7 @@ def test_chamfer_similarity_equals_the_loop_over_tokens():
 
 def test_scene_gate_scales_the_edit_of_each_input_by_its_match_to_the_edit_image():
     torch.manual_seed(0)
-    config = VeadConfig(mid_dim=16, n_heads=2, im_hidden=16, im_heads=2, scene_gate=True)
+    config = VeadConfig(mid_dim=16, n_heads=2, im_hidden=16, im_heads=2, scene_gate=True, scene_similarity="chamfer")
     adapter = EditAdapter(32, config)
     assert count_parameters(adapter) == count_parameters(EditAdapter(32, replace(config, scene_gate=False))) + 2
     signal = _signal(1, 7, 32)
@@ -143,4 +144,64 @@ def test_scene_gate_scales_the_edit_of_each_input_by_its_match_to_the_edit_image
 
 def test_configs_saved_before_the_scene_gate_load_without_it():
     old = {"mid_dim": 16, "n_heads": 2, "im_hidden": 16, "im_heads": 2, "dtype": "float32"}
-    assert VeadConfig.from_json(old) == VeadConfig(16, 2, 16, 2)
+    assert VeadConfig.from_json(old) == VeadConfig(16, 2, 16, 2, scene_similarity="chamfer")
+    # a scene-gated file from before the salient similarity was trained on the plain chamfer
+    assert VeadConfig.from_json({**old, "scene_gate": True}).scene_similarity == "chamfer"
+
+
+def test_salient_chamfer_equals_the_weighted_loop_over_centred_tokens():
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    reference = torch.randn(5, 8, generator=g)
+    cos = lambda x, y: float(x @ y / (x.norm() * y.norm()))  # noqa: E731
+    for row in range(2):
+        x, y = a[row] - reference, b[row] - reference
+        wx, wy = [float(t @ t) for t in x], [float(t @ t) for t in y]
+        best_x = [max(cos(x[i], y[j]) for j in range(5)) for i in range(5)]
+        best_y = [max(cos(x[i], y[j]) for i in range(5)) for j in range(5)]
+        weighted = lambda w, c: sum(wi * ci for wi, ci in zip(w, c)) / sum(w)  # noqa: E731
+        expected = 0.5 * (weighted(wx, best_x) + weighted(wy, best_y))
+        assert abs(salient_chamfer(a, b, reference)[row].item() - expected) < 1e-5
+    # What every image has at a position drops out: a per-position offset on both images and the reference
+    # changes nothing, though it changes the plain chamfer.
+    offset = 5 * torch.randn(5, 8, generator=g)
+    torch.testing.assert_close(salient_chamfer(a + offset, b + offset, reference + offset),
+                               salient_chamfer(a, b, reference))
+    assert not torch.allclose(chamfer_similarity(a + offset, b + offset), chamfer_similarity(a, b))
+    # A token at the reference carries no weight: background does not vote.
+    quiet = a.clone()
+    quiet[:, 0] = reference[0]
+    moved = quiet.clone()
+    moved[:, 0] = reference[0] + 1e-4 * torch.randn(8, generator=g)
+    torch.testing.assert_close(salient_chamfer(quiet, b, reference), salient_chamfer(moved, b, reference),
+                               atol=1e-5, rtol=0)
+
+
+def test_salient_scene_gate_needs_its_reference_and_keeps_it_with_the_weights():
+    torch.manual_seed(0)
+    config = VeadConfig(mid_dim=16, n_heads=2, im_hidden=16, im_heads=2, scene_gate=True)
+    assert config.scene_similarity == "salient"
+    adapter = EditAdapter(32, config)
+    signal = replace(_signal(1, 7, 32), visual=torch.tensor([[1, 2, 3, 4]]))
+    visual = torch.randn(2, 4, 32)
+    with pytest.raises(RuntimeError, match="no reference states"):
+        adapter(visual, signal)
+    reference = torch.randn(4, 32)
+    adapter.scene.set_reference(reference)
+    out = adapter(visual, signal)
+    edit_image = signal.visual_states().expand(2, -1, -1)
+    expected = adapter.scene.log_scale.exp() * (salient_chamfer(visual, edit_image, reference) - adapter.scene.threshold)
+    torch.testing.assert_close(out.scene_logits, expected)
+    # The reference travels in the state dict: a fresh adapter loads it, whatever the backbone's token count.
+    fresh = EditAdapter(32, config)
+    fresh.load_state_dict(adapter.state_dict())
+    torch.testing.assert_close(fresh.scene.reference, reference)
+    torch.testing.assert_close(fresh(visual, signal).scene_logits, out.scene_logits)
+    with pytest.raises(ValueError, match=r"do not match the reference \(4, 32\)"):
+        adapter(torch.randn(2, 5, 32), signal)
+    # The plain chamfer gate has no reference to save (files from before the salient gate still load).
+    plain = EditAdapter(32, replace(config, scene_similarity="chamfer"))
+    assert not any("reference" in k for k in plain.state_dict())
+    with pytest.raises(ValueError, match="scene_similarity 'cosine' is not one of"):
+        EditAdapter(32, replace(config, scene_similarity="cosine"))
+    assert SceneGate("salient").threshold.item() == pytest.approx(SceneGate.INIT_THRESHOLD["salient"])
