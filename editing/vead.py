@@ -27,9 +27,9 @@ object); the set of all visual tokens can. Two similarities (``VeadConfig.scene_
   most of an image is background that matches any other image's background, and the plain chamfer
   cannot see past it.
 
-Untrained, on the world's eval records (150 image-rephrase pairs against 150 M-Loc pairs, AUC; the LM
-input): chamfer / salient — LLaVA 0.977 / 0.997, MiniGPT-4 0.998 / 0.995, BLIP-2 0.9995 / 0.999, and the
-``minigpt4_grid`` variant (queries laid out as a 4 × 4 grid) 0.824 / 0.998.
+Untrained, on the world's 300 eval records (image-rephrase pairs against M-Loc pairs, AUC, LM input;
+``python -m editing scenes``): chamfer / salient — LLaVA 0.972 / 0.994, MiniGPT-4 0.995 / 0.991, BLIP-2
+0.998 / 0.998, and the ``minigpt4_grid`` variant (queries laid out as a 4 × 4 grid) 0.840 / 0.993.
 
 Parameter composition (matches the official code's modules: every Linear has a bias, every LayerNorm
 has weight and bias), with d the LM width, m = ``mid_dim`` and h = ``im_hidden``:
