@@ -31,9 +31,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def _load(args):
     from attrib.backbones.loader import load_backbone
     from attrib.data import load_records
-    from attrib.defaults.recipe import DEFAULTS_DIR
+    from attrib.defaults.recipe import default_model
 
-    model = args.model or DEFAULTS_DIR / args.backbone
+    model = args.model or default_model(args.backbone)
     if args.model is None and not (model / "config.json").is_file():
         raise DataError(f"{model}: the default {args.backbone} model is not there; run `make toy-models` or pass MODEL=")
     backbone = load_backbone(args.backbone, model)

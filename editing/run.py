@@ -94,9 +94,9 @@ def sized_vead_config(width: int, mid_dim: int | None = None, heads: int | None 
 
 
 def _backbone(options: EditOptions) -> Backbone:
-    from attrib.defaults.recipe import DEFAULTS_DIR
+    from attrib.defaults.recipe import default_model
 
-    model = options.model or DEFAULTS_DIR / options.backbone
+    model = options.model or default_model(options.backbone)
     if options.model is None and not (model / "config.json").is_file():
         raise DataError(f"{model}: the default {options.backbone} model is not there; run `make toy-models` "
                         "or pass MODEL=")

@@ -9,7 +9,7 @@ import pytest
 
 from attrib.backbones.loader import load_backbone
 from attrib.defaults.evaluate import _family_batch, teacher_forced_hits
-from attrib.defaults.recipe import DEFAULTS_DIR, ORDER, RECIPES
+from attrib.defaults.recipe import DEFAULTS_DIR, ORDER, RECIPES, default_model
 from attrib.world import VQA_FAMILIES, WorldConfig, WorldSampler
 
 SHIPPED = [name for name in ORDER if (DEFAULTS_DIR / name / "config.json").is_file()]
@@ -27,6 +27,14 @@ def shipped(request):
 
 def test_llava_default_is_shipped():
     assert "llava" in SHIPPED, "run make toy-models"
+
+
+def test_every_backbone_has_a_shipped_default_folder():
+    """What commands load with no MODEL: LLaVA and BLIP-2 their own folders, MiniGPT-4 the laid-out one."""
+    assert default_model("minigpt4") == DEFAULTS_DIR / "minigpt4_grid"
+    for backbone in ("llava", "blip2", "minigpt4"):
+        folder = default_model(backbone)
+        assert folder.name in SHIPPED and RECIPES[folder.name].backbone == backbone
 
 
 def test_folder_is_small_and_has_manifest(shipped):
@@ -60,10 +68,11 @@ def test_manifest_accuracy_is_reproduced(shipped):
 @pytest.mark.parametrize("base, default, floor", [("llava_base", "llava", 0.9), ("minigpt4", "minigpt4_grid", 0.9),
                                                   ("minigpt4", "minigpt4_routed", FLOOR_ROUTED)])
 def test_attention_stages_make_the_default_pick_the_object_in_the_named_region(base, default, floor):
-    """The LLaVA default is llava_base plus the direction and object attention stages; the minigpt4_grid
-    variant is the MiniGPT-4 default plus the same stages on laid-out queries, minigpt4_routed plus the same
-    stages routed through the Q-Former's cross-attention: on 3-4-object scenes (fresh seed) each answers
-    position questions far better than the model it starts from, and mostly right."""
+    """The LLaVA default is llava_base plus the direction and object attention stages; the MiniGPT-4
+    default (the minigpt4_grid folder) is its minigpt4 base plus the same stages on laid-out queries, the
+    minigpt4_routed variant the base plus the same stages routed through the Q-Former's cross-attention: on
+    3-4-object scenes (fresh seed) each answers position questions far better than the model it starts
+    from, and mostly right."""
     if not {base, default} <= set(SHIPPED):
         pytest.skip(f"needs both {base} and {default}")
     images, prompts, answers = _family_batch(WorldSampler(WorldConfig(), seed=515_151, min_objects=3),
@@ -75,11 +84,13 @@ def test_attention_stages_make_the_default_pick_the_object_in_the_named_region(b
     assert accuracy[default] >= max(floor, accuracy[base] + 0.2), accuracy
 
 
-@pytest.mark.parametrize("base, default", [("llava_base", "llava"), ("minigpt4", "minigpt4_routed")])
+@pytest.mark.parametrize("base, default", [("llava_base", "llava"), ("minigpt4", "minigpt4_grid"),
+                                           ("minigpt4", "minigpt4_routed")])
 def test_existence_stage_tells_apart_the_colours_llava_base_confuses(base, default):
-    """llava_base's LM (and the MiniGPT-4 default, which starts from it) answers "is there a blue circle?"
-    with "yes" when only a yellow or purple circle is there; the existence-pair stages of the LLaVA default
-    and of minigpt4_routed fixed most of that without losing the "yes" of the same pairs (fresh seed)."""
+    """llava_base's LM (and the minigpt4 base, which starts from it) answers "is there a blue circle?"
+    with "yes" when only a yellow or purple circle is there; the existence-pair stages of the LLaVA and
+    MiniGPT-4 defaults and of minigpt4_routed fixed most of that without losing the "yes" of the same pairs
+    (fresh seed)."""
     from attrib.defaults.batches import existence_pair
     from attrib.defaults.recipe import PROMPTS
     from attrib.world import render
