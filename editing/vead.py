@@ -229,7 +229,9 @@ def salient_chamfer(a: torch.Tensor, b: torch.Tensor, reference: torch.Tensor) -
     a, b = a - reference, b - reference
     cos = torch.nn.functional.normalize(a, dim=-1) @ torch.nn.functional.normalize(b, dim=-1).transpose(1, 2)
     wa, wb = a.pow(2).sum(-1), b.pow(2).sum(-1)
-    return 0.5 * ((cos.amax(2) * wa).sum(1) / wa.sum(1) + (cos.amax(1) * wb).sum(1) / wb.sum(1))
+    tiny = torch.finfo(wa.dtype).tiny  # an image at the reference everywhere has nothing salient: 0, not NaN
+    return 0.5 * ((cos.amax(2) * wa).sum(1) / wa.sum(1).clamp_min(tiny)
+                  + (cos.amax(1) * wb).sum(1) / wb.sum(1).clamp_min(tiny))
 
 
 SCENE_SIMILARITIES = ("salient", "chamfer")
