@@ -175,6 +175,10 @@ def test_salient_chamfer_equals_the_weighted_loop_over_centred_tokens():
     moved[:, 0] = reference[0] + 1e-4 * torch.randn(8, generator=g)
     torch.testing.assert_close(salient_chamfer(quiet, b, reference), salient_chamfer(moved, b, reference),
                                atol=1e-5, rtol=0)
+    # An image at the reference everywhere has nothing salient to match: similarity 0, never NaN.
+    plain = reference.expand(2, -1, -1)
+    torch.testing.assert_close(salient_chamfer(plain, plain, reference), torch.zeros(2))
+    torch.testing.assert_close(salient_chamfer(plain, b, reference), torch.zeros(2))
 
 
 def test_salient_scene_gate_needs_its_reference_and_keeps_it_with_the_weights():
