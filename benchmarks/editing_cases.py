@@ -39,16 +39,14 @@ def vead_case(bench: BenchModel, edit_layer: int, config: VeadConfig, repeats: i
     """
     backbone = bench.backbone
     editor = VisEditEditor(backbone, {"edit_layer": edit_layer}, config)
-    scene = editor.adapter.scene
-    if scene is not None and scene.similarity == "salient":
-        # Timing only: the reference's values do not change the cost (training sets the images' mean; the
-        # bench has too few images for one — a reference equal to an image leaves it nothing salient).
-        with torch.no_grad():
-            site = SplitForward(backbone, edit_layer, editor.hook).prefix(backbone.encode(bench.images[:1], [""]))
-        scene.set_reference(torch.zeros_like(site.visual_states()[0], dtype=torch.float32))
     try:
         images, prompts = bench.images[:batch_size], bench.prompts[:batch_size]
         editor.edit(EditRequest(bench.images[0], bench.prompts[0], target))
+        scene = editor.adapter.scene
+        if scene is not None and scene.similarity == "salient":
+            # Timing only: the reference's values do not change the cost (training sets the images' mean;
+            # the bench has too few images for one — a reference equal to an image leaves nothing salient).
+            scene.set_reference(torch.zeros_like(editor.hook.signal.visual_states()[0], dtype=torch.float32))
         signal = editor.hook.signal.for_batch(batch_size)
         editor.restore()
         inputs = backbone.encode(images, prompts)
