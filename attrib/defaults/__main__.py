@@ -1,4 +1,4 @@
-"""``python -m attrib.defaults [--backbones llava_base,llava,minigpt4,blip2,minigpt4_grid,minigpt4_routed]``:
+"""``python -m attrib.defaults [--backbones llava_base,llava,minigpt4,blip2,minigpt4_grid,minigpt4_routed,blip2_grid]``:
 train, evaluate, write the defaults."""
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ FLOOR_ROUTED = 0.8
 
 @pytest.fixture(scope="module", params=SHIPPED)
 def shipped(request):
-    """(folder name, backbone): llava_base is a LLaVA, minigpt4_grid and minigpt4_routed are MiniGPT-4s, each
+    """(folder name, backbone): llava_base is a LLaVA, minigpt4_grid and minigpt4_routed are MiniGPT-4s, blip2_grid a BLIP-2, each
     in its own folder."""
     return request.param, load_backbone(RECIPES[request.param].backbone, DEFAULTS_DIR / request.param)
 
@@ -30,8 +30,9 @@ def test_llava_default_is_shipped():
 
 
 def test_every_backbone_has_a_shipped_default_folder():
-    """What commands load with no MODEL: LLaVA and BLIP-2 their own folders, MiniGPT-4 the laid-out one."""
+    """What commands load with no MODEL: LLaVA its own folder, MiniGPT-4 and BLIP-2 their laid-out ones."""
     assert default_model("minigpt4") == DEFAULTS_DIR / "minigpt4_grid"
+    assert default_model("blip2") == DEFAULTS_DIR / "blip2_grid"
     for backbone in ("llava", "blip2", "minigpt4"):
         folder = default_model(backbone)
         assert folder.name in SHIPPED and RECIPES[folder.name].backbone == backbone
@@ -66,10 +67,12 @@ def test_manifest_accuracy_is_reproduced(shipped):
 
 
 @pytest.mark.parametrize("base, default, floor", [("llava_base", "llava", 0.9), ("minigpt4", "minigpt4_grid", 0.9),
+                                                  ("blip2", "blip2_grid", 0.9),
                                                   ("minigpt4", "minigpt4_routed", FLOOR_ROUTED)])
 def test_attention_stages_make_the_default_pick_the_object_in_the_named_region(base, default, floor):
     """The LLaVA default is llava_base plus the direction and object attention stages; the MiniGPT-4
     default (the minigpt4_grid folder) is its minigpt4 base plus the same stages on laid-out queries, the
+    BLIP-2 default (blip2_grid) likewise on its blip2 base, the
     minigpt4_routed variant the base plus the same stages routed through the Q-Former's cross-attention: on
     3-4-object scenes (fresh seed) each answers position questions far better than the model it starts
     from, and mostly right."""
