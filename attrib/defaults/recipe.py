@@ -162,6 +162,30 @@ _MINIGPT4_GRID = {"qformer": 1.0, "query_tokens": 1.0, "language_projection": 1.
 # The routed MiniGPT-4 stages: the Q-Former must move for its queries to take up regions, the projection only
 # gently (as LLaVA's projector), the LM fully.
 _ROUTED = {"qformer": 1.0, "query_tokens": 1.0, "language_projection": 0.3, "language_model": 1.0}
+def _layout_stages(look_layers: tuple[int, ...]) -> tuple[Stage, ...]:
+    """The laid-out Q-Former stages (minigpt4_grid, blip2_grid): every one keeps the layout term on; the
+    answer position's look (and the existence pairs') at ``look_layers``, the direction words' at 0-1."""
+    look = {"attend_layers": look_layers}
+    grid = {"train": _MINIGPT4_GRID, "layout_weight": 1.0}
+    return (
+        Stage("layout-directions", "language", 600, **grid,
+              **{**_DIRECTIONS, "family_weights": {**_QFORMER_FAMILIES, "position": 4.0}}),
+        Stage("layout-attend", "language", 600, **grid,
+              **{**_ATTEND, **look, "family_weights": {**_QFORMER_FAMILIES, "position": 4.0}}),
+        Stage("layout-joint", "language", 400, **grid,
+              **{**_ATTEND, **look, "lr": 2e-4,
+                 "family_weights": {**_QFORMER_FAMILIES, "count": 2.0, "position": 2.0}}),
+        Stage("layout-pairs", "language", 400, **grid,
+              **{**_EXISTS_PAIRS, **look, "lr": 2e-4,
+                 "family_weights": {**_QFORMER_FAMILIES, "exists": 3.0, "position": 2.0, "count": 3.0}}),
+        # Two questions per image: the caption (one row per image) is a third of the rows instead of a ninth,
+        # and a step sees four times the scenes per question (stop 24; README).
+        Stage("layout-captions", "language", 1200, **grid,
+              **{**_EXISTS_PAIRS, **look, "lr": 2e-4, "questions_per_image": 2,
+                 "family_weights": {**_QFORMER_FAMILIES, "exists": 2.0, "position": 2.0, "count": 3.0}}),
+    )
+
+
 _LLAVA_JOINT = {"model.vision_tower": 0.1, "model.multi_modal_projector": 1.0, **_LLAVA_LM}
 # The attention stages move the LM and, gently, the projector; the tower stays as llava_base left it.
 _LLAVA_GROUNDING = {"model.multi_modal_projector": 0.3, **_LLAVA_LM}
@@ -217,21 +241,8 @@ RECIPES: dict[str, Recipe] = {
     # questions per image, count asked 3x; resumed from the four-stage weights): 100 / 100 / 97.5 / 100 /
     # 98.0 %, captions 94.6 %; a 400-step stage of count asked 3x at eight questions per image had left count
     # at 96.0 % (97.0 against 96.75 % on 400 questions; captions 91.4 %).
-    "minigpt4_grid": Recipe("minigpt4", (
-        Stage("layout-directions", "language", 600, train=_MINIGPT4_GRID, layout_weight=1.0,
-              **{**_DIRECTIONS, "family_weights": {**_QFORMER_FAMILIES, "position": 4.0}}),
-        Stage("layout-attend", "language", 600, train=_MINIGPT4_GRID, layout_weight=1.0,
-              **{**_ATTEND, "family_weights": {**_QFORMER_FAMILIES, "position": 4.0}}),
-        Stage("layout-joint", "language", 400, train=_MINIGPT4_GRID, layout_weight=1.0,
-              **{**_ATTEND, "lr": 2e-4, "family_weights": {**_QFORMER_FAMILIES, "count": 2.0, "position": 2.0}}),
-        Stage("layout-pairs", "language", 400, train=_MINIGPT4_GRID, layout_weight=1.0,
-              **{**_EXISTS_PAIRS, "lr": 2e-4,
-                 "family_weights": {**_QFORMER_FAMILIES, "exists": 3.0, "position": 2.0, "count": 3.0}}),
-        Stage("layout-captions", "language", 1200, train=_MINIGPT4_GRID, layout_weight=1.0,
-              **{**_EXISTS_PAIRS, "lr": 2e-4, "questions_per_image": 2,
-                 "family_weights": {**_QFORMER_FAMILIES, "exists": 2.0, "position": 2.0, "count": 3.0}}),
-    ), init_from=("minigpt4", _ALL)),
-    # minigpt4_grid's four stages on the `blip2` folder (its OPT reads the image at layers 1-3 and answered
+    "minigpt4_grid": Recipe("minigpt4", _layout_stages((5, 6, 7)), init_from=("minigpt4", _ALL)),
+    # The laid-out stages on the `blip2` folder (its OPT reads the image at layers 1-3 and answered
     # position 68 %): the Q-Former's queries laid out as a 4 x 4 grid, the direction words grounded at OPT
     # layers 0-1, the answer position's look at layers 3-5 (MiniGPT-4's 5-7 of 12, scaled to 8 layers).
     # After those four (530 s; steps ran at 0.2-0.4 s here): 99.5 / 99.0 / 96.5 / 95.0 / 96.5 %, captions
@@ -240,22 +251,8 @@ RECIPES: dict[str, Recipe] = {
     # third of the rows instead of a ninth, twice the scenes per question): at 600 steps 98.5 / 99.5 / 96.5 /
     # 99.5 / 97.0 %, captions 89.2 %; at 1,200 (count asked 3x) 98.5 / 99.5 / 98.0 / 99.5 / 97.0 %, captions
     # 91.8 %, facts 100 %. The BLIP-2 default since stop 24.
-    "blip2_grid": Recipe("blip2", (
-        Stage("layout-directions", "language", 600, train=_MINIGPT4_GRID, layout_weight=1.0,
-              **{**_DIRECTIONS, "family_weights": {**_QFORMER_FAMILIES, "position": 4.0}}),
-        Stage("layout-attend", "language", 600, train=_MINIGPT4_GRID, layout_weight=1.0,
-              **{**_ATTEND, "attend_layers": (3, 4, 5),
-                 "family_weights": {**_QFORMER_FAMILIES, "position": 4.0}}),
-        Stage("layout-joint", "language", 400, train=_MINIGPT4_GRID, layout_weight=1.0,
-              **{**_ATTEND, "attend_layers": (3, 4, 5), "lr": 2e-4,
-                 "family_weights": {**_QFORMER_FAMILIES, "count": 2.0, "position": 2.0}}),
-        Stage("layout-pairs", "language", 400, train=_MINIGPT4_GRID, layout_weight=1.0,
-              **{**_EXISTS_PAIRS, "attend_layers": (3, 4, 5), "lr": 2e-4,
-                 "family_weights": {**_QFORMER_FAMILIES, "exists": 3.0, "position": 2.0, "count": 3.0}}),
-        Stage("layout-captions", "language", 1200, train=_MINIGPT4_GRID, layout_weight=1.0,
-              **{**_EXISTS_PAIRS, "attend_layers": (3, 4, 5), "lr": 2e-4, "questions_per_image": 2,
-                 "family_weights": {**_QFORMER_FAMILIES, "exists": 2.0, "position": 2.0, "count": 3.0}}),
-    ), init_from=("blip2", _ALL), sizes=replace(TOY_SIZES, text_layers=8)),
+    "blip2_grid": Recipe("blip2", _layout_stages((3, 4, 5)), init_from=("blip2", _ALL),
+                         sizes=replace(TOY_SIZES, text_layers=8)),
     # LLaVA's attention stages carried to the Q-Former without laying its queries out.
     # Each look's cells are on the ViT patch grid and reached through the queries' cross-attention
     # (batches.query_spread, object_attention_loss's `through`): a query counts toward a look by its share
