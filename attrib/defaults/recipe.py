@@ -245,10 +245,10 @@ RECIPES: dict[str, Recipe] = {
     # The laid-out stages on the `blip2` folder (its OPT reads the image at layers 1-3 and answered
     # position 68 %): the Q-Former's queries laid out as a 4 x 4 grid, the direction words grounded at OPT
     # layers 0-1, the answer position's look at layers 3-5 (MiniGPT-4's 5-7 of 12, scaled to 8 layers).
-    # After those four (530 s; steps ran at 0.2-0.4 s here): 99.5 / 99.0 / 96.5 / 95.0 / 96.5 %, captions
+    # After the first four (530 s; steps ran at 0.2-0.4 s here): 99.5 / 99.0 / 96.5 / 95.0 / 96.5 %, captions
     # 86.5 -> 84.3 %: the caption's colour words failed most (30-55 % of them, the first object's too), the
     # answer looks had asked for the named object only. A fifth stage with two questions per image (captions a
-    # third of the rows instead of a ninth, twice the scenes per question): at 600 steps 98.5 / 99.5 / 96.5 /
+    # third of the rows instead of a ninth, four times the scenes per question): at 600 steps 98.5 / 99.5 / 96.5 /
     # 99.5 / 97.0 %, captions 89.2 %; at 1,200 (count asked 3x) 98.5 / 99.5 / 98.0 / 99.5 / 97.0 %, captions
     # 91.8 %, facts 100 %. The BLIP-2 default since stop 24.
     "blip2_grid": Recipe("blip2", _layout_stages((3, 4, 5)), init_from=("blip2", _ALL),
