@@ -25,7 +25,7 @@ MODEL ?=
 DATA ?=
 IMAGES ?=
 OUT ?=
-BACKBONES ?= llava_base,llava,minigpt4,blip2,minigpt4_grid,minigpt4_routed
+BACKBONES ?=
 TRAIN ?=
 EVAL ?=
 ATTRIBUTION ?=
@@ -82,9 +82,10 @@ world: setup
 	$(PY) -m attrib.world --seed $(SEED) --out $(if $(OUT),$(OUT),runs/world-$(SEED)) \
 		$(if $(N_TRAIN),--n-train $(N_TRAIN),) $(if $(N_EVAL),--n-eval $(N_EVAL),)
 
-# Retrains the shipped defaults (resumable: checkpoints in runs/toy-models) and re-measures them.
+# Retrains the shipped defaults (resumable: checkpoints in runs/toy-models) and re-measures them; with
+# BACKBONES unset, every recipe in attrib.defaults.recipe.ORDER.
 toy-models: setup
-	$(PY) -m attrib.defaults --backbones $(BACKBONES)
+	$(PY) -m attrib.defaults $(if $(BACKBONES),--backbones $(BACKBONES),)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
