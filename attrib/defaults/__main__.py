@@ -1,5 +1,5 @@
-"""``python -m attrib.defaults [--backbones llava_base,llava,minigpt4,blip2,minigpt4_grid,minigpt4_routed,blip2_grid]``:
-train, evaluate, write the defaults."""
+"""``python -m attrib.defaults [--backbones NAME,...]``: train, evaluate, write the defaults (all of
+``recipe.ORDER`` unless named)."""
 from __future__ import annotations
 
 import argparse

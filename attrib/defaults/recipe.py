@@ -40,6 +40,8 @@ TOY_SIZES = BackboneSizes(
     text_hidden=128, text_layers=12, text_heads=4, text_mlp=512, num_query_tokens=16,
     qformer_hidden=128, qformer_layers=2, qformer_heads=4, qformer_mlp=512, max_positions=256,
 )
+# BLIP-2's OPT at 8 layers, the minimum that leaves attribution room (its own LM and its laid-out variant's).
+_BLIP2_SIZES = replace(TOY_SIZES, text_layers=8)
 TOKENIZER_VOCAB = 720
 TOKENIZER_EXTRA = ("USER: <image>\n ASSISTANT:", "###Human: <Img><image></Img> ###Assistant:",
                    " The answer is:", "nq question: ?")
@@ -156,9 +158,9 @@ _EXISTS_PAIRS = {**_ATTEND, "batch_images": 16, "facts": 16,
                  "family_weights": {**_FAMILIES, "exists": 3.0, "position": 2.0},
                  "exists_pairs": 0.5, "pair_colors": ("blue", "yellow", "purple")}
 _ALL = {"": ""}  # every parameter, same names
-# The laid-out MiniGPT-4 stages train everything but the vision tower (the layout moves the Q-Former; the
-# looks, the LM).
-_MINIGPT4_GRID = {"qformer": 1.0, "query_tokens": 1.0, "language_projection": 1.0, "language_model": 1.0}
+# The laid-out stages (both Q-Former defaults) train everything but the vision tower (the layout moves the
+# Q-Former; the looks, the LM).
+_GRID_TRAIN = {"qformer": 1.0, "query_tokens": 1.0, "language_projection": 1.0, "language_model": 1.0}
 # The routed MiniGPT-4 stages: the Q-Former must move for its queries to take up regions, the projection only
 # gently (as LLaVA's projector), the LM fully.
 _ROUTED = {"qformer": 1.0, "query_tokens": 1.0, "language_projection": 0.3, "language_model": 1.0}
@@ -166,7 +168,7 @@ def _layout_stages(look_layers: tuple[int, ...]) -> tuple[Stage, ...]:
     """The laid-out Q-Former stages (minigpt4_grid, blip2_grid): every one keeps the layout term on; the
     answer position's look (and the existence pairs') at ``look_layers``, the direction words' at 0-1."""
     look = {"attend_layers": look_layers}
-    grid = {"train": _MINIGPT4_GRID, "layout_weight": 1.0}
+    grid = {"train": _GRID_TRAIN, "layout_weight": 1.0}
     return (
         Stage("layout-directions", "language", 600, **grid,
               **{**_DIRECTIONS, "family_weights": {**_QFORMER_FAMILIES, "position": 4.0}}),
@@ -216,7 +218,7 @@ RECIPES: dict[str, Recipe] = {
               **{**_QFORMER_JOINT, "lr": 2e-4, "family_weights": _POSITION_FAMILIES}),
     ), init_from=("llava_base", {"model.language_model.": "language_model.model.",
                                  "lm_head.": "language_model.lm_head."})),
-    # OPT at 8 layers (the minimum that leaves attribution room): its LM trains from scratch here, under
+    # OPT at 8 layers (_BLIP2_SIZES): its LM trains from scratch here, under
     # MiniGPT-4's trained Q-Former, which stays frozen until the joint stage: trained along with a random
     # LM from the start, it ended at 59 % on colour of shape (MiniGPT-4, same Q-Former recipe: 99 %).
     "blip2": Recipe("blip2", (
@@ -226,7 +228,7 @@ RECIPES: dict[str, Recipe] = {
         Stage("joint-position", "language", 900, train=_BLIP2_ALL,
               **{**_QFORMER_JOINT, "lr": 2e-4, "family_weights": _POSITION_FAMILIES}),
     ), init_from=("minigpt4", {"vision_model.": "vision_model.", "qformer.": "qformer.",
-                               "query_tokens": "query_tokens"}), sizes=replace(TOY_SIZES, text_layers=8)),
+                               "query_tokens": "query_tokens"}), sizes=_BLIP2_SIZES),
     # LLaVA's two attention stages carried over to the Q-Former by laying its 16 queries out as a 4 x 4 grid
     # of 2 x 2-patch blocks (the layout term on its first cross-attention, kept on in every stage), so the
     # LM's query tokens form a grid the direction words and the answer position can look at; then a shorter
@@ -237,8 +239,8 @@ RECIPES: dict[str, Recipe] = {
     # (count asked 3x, peak LR 2e-4; resumed from the three-stage weights at the stage boundary): 100 / 99.5 /
     # 96.0 / 99.5 / 98.0 %, captions 92.2 %. The MiniGPT-4 default since stop 23 (`DEFAULT_MODELS`): the
     # plain chamfer scene gate could not tell its laid-out query states' scenes apart (M-Loc 86.3), the
-    # salient one can (96.7 on the three-stage weights; README). Stop 24 added blip2_grid's last stage (two
-    # questions per image, count asked 3x; resumed from the four-stage weights): 100 / 100 / 97.5 / 100 /
+    # salient one can (96.7 on the three-stage weights; README). Stop 24 added the last of `_layout_stages`
+    # (two questions per image, count asked 3x; resumed from the four-stage weights): 100 / 100 / 97.5 / 100 /
     # 98.0 %, captions 94.6 %; a 400-step stage of count asked 3x at eight questions per image had left count
     # at 96.0 % (97.0 against 96.75 % on 400 questions; captions 91.4 %).
     "minigpt4_grid": Recipe("minigpt4", _layout_stages((5, 6, 7)), init_from=("minigpt4", _ALL)),
@@ -251,8 +253,7 @@ RECIPES: dict[str, Recipe] = {
     # third of the rows instead of a ninth, four times the scenes per question): at 600 steps 98.5 / 99.5 / 96.5 /
     # 99.5 / 97.0 %, captions 89.2 %; at 1,200 (count asked 3x) 98.5 / 99.5 / 98.0 / 99.5 / 97.0 %, captions
     # 91.8 %, facts 100 %. The BLIP-2 default since stop 24.
-    "blip2_grid": Recipe("blip2", _layout_stages((3, 4, 5)), init_from=("blip2", _ALL),
-                         sizes=replace(TOY_SIZES, text_layers=8)),
+    "blip2_grid": Recipe("blip2", _layout_stages((3, 4, 5)), init_from=("blip2", _ALL), sizes=_BLIP2_SIZES),
     # LLaVA's attention stages carried to the Q-Former without laying its queries out.
     # Each look's cells are on the ViT patch grid and reached through the queries' cross-attention
     # (batches.query_spread, object_attention_loss's `through`): a query counts toward a look by its share

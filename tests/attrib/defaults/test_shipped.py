@@ -20,8 +20,8 @@ FLOOR_ROUTED = 0.8
 
 @pytest.fixture(scope="module", params=SHIPPED)
 def shipped(request):
-    """(folder name, backbone): llava_base is a LLaVA, minigpt4_grid and minigpt4_routed are MiniGPT-4s, blip2_grid a BLIP-2, each
-    in its own folder."""
+    """(folder name, backbone): llava_base is a LLaVA, minigpt4_grid and minigpt4_routed are MiniGPT-4s,
+    blip2_grid a BLIP-2, each in its own folder."""
     return request.param, load_backbone(RECIPES[request.param].backbone, DEFAULTS_DIR / request.param)
 
 
@@ -72,10 +72,9 @@ def test_manifest_accuracy_is_reproduced(shipped):
 def test_attention_stages_make_the_default_pick_the_object_in_the_named_region(base, default, floor):
     """The LLaVA default is llava_base plus the direction and object attention stages; the MiniGPT-4
     default (the minigpt4_grid folder) is its minigpt4 base plus the same stages on laid-out queries, the
-    BLIP-2 default (blip2_grid) likewise on its blip2 base, the
-    minigpt4_routed variant the base plus the same stages routed through the Q-Former's cross-attention: on
-    3-4-object scenes (fresh seed) each answers position questions far better than the model it starts
-    from, and mostly right."""
+    BLIP-2 default (blip2_grid) likewise on its blip2 base, the minigpt4_routed variant the minigpt4 base
+    plus the same stages routed through the Q-Former's cross-attention: on 3-4-object scenes (fresh seed)
+    each answers position questions far better than the model it starts from, and mostly right."""
     if not {base, default} <= set(SHIPPED):
         pytest.skip(f"needs both {base} and {default}")
     images, prompts, answers = _family_batch(WorldSampler(WorldConfig(), seed=515_151, min_objects=3),
