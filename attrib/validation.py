@@ -15,6 +15,9 @@ pixel rectangle is image_size / grid side wide; a cell is *in the box* when its 
 - mass in box: share of the map's mass, negatives clipped to 0, on cells in the box (flat if no mass).
 - best_layers: the contiguous band of up to 3 layers with the highest mean pointing game. It is chosen on
   the scored samples themselves, so it is optimistic; per-layer curves are in the JSON.
+- per_family: both scores at the best band split by the world's question family (``truth["family"]``), so
+  a method that misses one kind of question (LLaVA's layers 5-7 look at the same-shape object of another
+  colour on some existence questions) is told apart from one that misses at random.
 
 Methods: every region method of the backbone at the configured window, and the primary noise method
 (attention_noise / vit_noise) once more on single cells as ``<name>_cell`` when that window is wider;
@@ -122,7 +125,30 @@ def score_maps(result: RegionResult, records: Sequence, image_size: int | Size |
     pointing, mass = pointing_and_mass(result.maps[keep], inside)
     return {"layers": list(result.layers), "pointing_game": (100 * pointing.mean(0)).tolist(),
             "mass_in_box": (100 * mass.mean(0)).tolist(), "n_samples": len(keep),
-            "per_sample": {"pointing_game": pointing, "mass_in_box": mass}}
+            "per_sample": {"pointing_game": pointing, "mass_in_box": mass,
+                           "family": [_family(records[i]) for i in keep]}}
+
+
+def _family(record) -> str:
+    """The question family the world's truth names for ``record`` ("unknown" without one)."""
+    truth = getattr(record, "truth", None) or {}
+    return truth.get("family") or "unknown"
+
+
+def per_family(scores: dict, layers: slice | None = None) -> dict[str, dict]:
+    """Pointing game and mass in box (percent) per question family, on the layers ``layers`` selects (their
+    mean, as the best band's scores are): {family: {"n", "pointing_game", "mass_in_box"}}, families sorted."""
+    samples = scores["per_sample"]
+    pointing, mass = samples["pointing_game"], samples["mass_in_box"]
+    if layers is not None:
+        pointing, mass = pointing[:, layers], mass[:, layers]
+    pointing, mass = pointing.float().mean(1), mass.float().mean(1)
+    out = {}
+    for family in sorted(set(samples["family"])):
+        rows = torch.tensor([f == family for f in samples["family"]])
+        out[family] = {"n": int(rows.sum()), "pointing_game": 100 * float(pointing[rows].mean()),
+                       "mass_in_box": 100 * float(mass[rows].mean())}
+    return out
 
 
 def best_band(values: Sequence[float], width: int = BAND) -> tuple[int, int]:
@@ -138,11 +164,12 @@ def summarise(scores: dict) -> dict:
     layers, pointing, mass = scores["layers"], scores["pointing_game"], scores["mass_in_box"]
     if layers == [-1]:  # one map read at the output: no layer axis to choose from
         return {"layers": [], "pointing_game": pointing[0], "mass_in_box": mass[0], "best_layers": [],
-                "best_pointing_game": pointing[0], "best_mass_in_box": mass[0], "n_samples": scores["n_samples"]}
+                "best_pointing_game": pointing[0], "best_mass_in_box": mass[0], "n_samples": scores["n_samples"],
+                "per_family": per_family(scores)}
     lo, hi = best_band(pointing)
     return {"layers": layers, "pointing_game": pointing, "mass_in_box": mass, "best_layers": layers[lo:hi],
             "best_pointing_game": float(np.mean(pointing[lo:hi])), "best_mass_in_box": float(np.mean(mass[lo:hi])),
-            "n_samples": scores["n_samples"]}
+            "n_samples": scores["n_samples"], "per_family": per_family(scores, slice(lo, hi))}
 
 
 # ---- random baselines ------------------------------------------------------------------------------------
@@ -324,7 +351,8 @@ def raw_attention_maps(backbone: Backbone, images, prompts: Sequence[str], batch
 @dataclass
 class ValidationResult:
     """Scores in percent. methods[name]: "layers", "pointing_game" / "mass_in_box" ([per layer] or a float for
-    layer-less maps), "best_layers", "best_pointing_game", "best_mass_in_box", "n_samples"."""
+    layer-less maps), "best_layers", "best_pointing_game", "best_mass_in_box", "n_samples", "per_family"
+    ({family: {"n", "pointing_game", "mass_in_box"}} at the best layers)."""
 
     backbone: str
     n_samples: int
@@ -337,8 +365,10 @@ class ValidationResult:
             per_layer = None if not m["layers"] else {
                 "layers": m["layers"], "pointing_game": [round(v, 2) for v in m["pointing_game"]],
                 "mass_in_box": [round(v, 2) for v in m["mass_in_box"]]}
+            families = {family: {"n": v["n"], "pointing_game": round(v["pointing_game"], 2),
+                                 "mass_in_box": round(v["mass_in_box"], 2)} for family, v in m["per_family"].items()}
             return {"pointing_game": round(m["best_pointing_game"], 2), "mass_in_box": round(m["best_mass_in_box"], 2),
-                    "best_layers": m["best_layers"], "per_layer": per_layer}
+                    "best_layers": m["best_layers"], "per_layer": per_layer, "per_family": families}
         return {"backbone": self.backbone, "n_samples": self.n_samples,
                 "methods": {name: entry(m) for name, m in self.methods.items()},
                 "baselines": {k: round(v, 2) for k, v in self.baselines.items()}, "meta": self.meta}
@@ -369,6 +399,14 @@ class ValidationResult:
                          f"| {m['n_samples']} |")
         for name, value in self.baselines.items():
             lines.append(f"| {name} (baseline) | — | {value:.1f} | — | {self.n_samples} |")
+        families = sorted({f for m in self.methods.values() for f in m["per_family"]})
+        counts = {f: max(m["per_family"].get(f, {}).get("n", 0) for m in self.methods.values()) for f in families}
+        lines += ["", "Pointing game % per question family, at each method's best layers (samples):", "",
+                  "| method | " + " | ".join(f"{f} ({counts[f]})" for f in families) + " |",
+                  "|---|" + "---:|" * len(families)]
+        for name, m in self.methods.items():
+            cells = [f"{m['per_family'][f]['pointing_game']:.1f}" if f in m["per_family"] else "—" for f in families]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
 
 

@@ -18,23 +18,28 @@ from attrib.regions.regions import grid_windows
 from attrib.regions.result import RegionResult
 from attrib.validation import (
     _inputs, _key_logits, best_band, cells_in_box, count_objects, integrated_gradients_maps,
-    layer_integrated_gradients_maps, random_baselines, raw_attention_maps, score_maps, select_records, validate,
+    layer_integrated_gradients_maps, per_family, random_baselines, raw_attention_maps, score_maps, select_records, validate,
     validate_main, write_validation,
 )
 from attrib.world import WorldConfig, generate_scene, render, write_world
 
 FAST = AttributionConfig(draws=2, causal_samples=1, causal_draws=1, window=1)
-METHOD_KEYS = {"pointing_game", "mass_in_box", "best_layers", "per_layer"}
+METHOD_KEYS = {"pointing_game", "mass_in_box", "best_layers", "per_layer", "per_family"}
 
 
 @dataclass
 class Boxed:
-    """Stands in for an EditRecord: only the box is read."""
+    """Stands in for an EditRecord: only the box (and the truth's family) is read."""
 
     image_box: list | None
+    family: str | None = None
 
     def box(self, field: str = "image"):
         return self.image_box
+
+    @property
+    def truth(self):
+        return None if self.family is None else {"family": self.family, "image": self.image_box}
 
 
 def _result(maps: torch.Tensor, layers: list[int]) -> RegionResult:
@@ -77,6 +82,22 @@ def test_records_without_box_are_left_out_and_ties_share_credit():
     scores = score_maps(_result(maps, [-1]), [Boxed([0, 0, 32, 32]), Boxed(None)], (64, 64))
     assert scores["n_samples"] == 1
     assert scores["pointing_game"] == pytest.approx([25.0]) and scores["mass_in_box"] == pytest.approx([25.0])
+
+
+def test_per_family_splits_the_best_band_scores():
+    box = [0, 0, 32, 32]  # cells 0, 1, 4, 5
+    hit, miss = torch.zeros(16), torch.zeros(16)
+    hit[0], miss[15] = 1.0, 1.0
+    # Three layers; the band is layers 1-2 for summarise (width 2 asked below by slicing).
+    maps = torch.stack([torch.stack([miss, hit, hit]), torch.stack([miss, hit, miss]), torch.stack([hit, miss, miss])])
+    records = [Boxed(box, "exists"), Boxed(box, "exists"), Boxed(box, "count")]
+    scores = score_maps(_result(maps, [0, 1, 2]), records, 64)
+    families = per_family(scores, slice(1, 3))
+    assert families == {"count": {"n": 1, "pointing_game": 0.0, "mass_in_box": 0.0},
+                        "exists": {"n": 2, "pointing_game": 75.0, "mass_in_box": 75.0}}
+    # Over all layers the family means are the per-sample means over samples of that family.
+    assert per_family(scores)["count"]["pointing_game"] == pytest.approx(100 / 3)
+    assert per_family(score_maps(_result(maps, [0, 1, 2]), [Boxed(box)] * 3, 64)).keys() == {"unknown"}
 
 
 def test_best_band_is_the_best_contiguous_run():
