@@ -22,7 +22,7 @@ from attrib.prompts import load_prompts
 DEFAULTS_DIR = Path(__file__).parent / "models"
 # The folder each backbone's commands use when no MODEL is given. MiniGPT-4's is the laid-out variant with
 # its existence-pair stage (stop 23): it answers position 99.5 % against the `minigpt4` folder's 75.5 %, and
-# edits as well since the salient scene gate (README); the `minigpt4` folder stays as its base, the one
+# edits as well since the salient scene gate (EXPERIMENTS.md); the `minigpt4` folder stays as its base, the one
 # BLIP-2 and the routed variant start from. BLIP-2's is its laid-out variant (stop 24): position 68.0 ->
 # 99.5 %, captions 86.5 -> 91.8 %; the `blip2` folder stays as its base.
 DEFAULT_MODELS = {"llava": "llava", "blip2": "blip2_grid", "minigpt4": "minigpt4_grid"}
@@ -181,7 +181,7 @@ def _layout_stages(look_layers: tuple[int, ...]) -> tuple[Stage, ...]:
               **{**_EXISTS_PAIRS, **look, "lr": 2e-4,
                  "family_weights": {**_QFORMER_FAMILIES, "exists": 3.0, "position": 2.0, "count": 3.0}}),
         # Two questions per image: the caption (one row per image) is a third of the rows instead of a ninth,
-        # and a step sees four times the scenes per question (stop 24; README).
+        # and a step sees four times the scenes per question (stop 24; EXPERIMENTS.md).
         Stage("layout-captions", "language", 1200, **grid,
               **{**_EXISTS_PAIRS, **look, "lr": 2e-4, "questions_per_image": 2,
                  "family_weights": {**_QFORMER_FAMILIES, "exists": 2.0, "position": 2.0, "count": 3.0}}),
@@ -200,7 +200,7 @@ RECIPES: dict[str, Recipe] = {
         Stage("joint", "language", 400, train=_LLAVA_JOINT, **_JOINT),
     )),
     # The two attention stages on llava_base, with the vision tower frozen and the projector at 0.3x:
-    # position 77.0 -> 97.5 %, and its edits are as good as llava_base's (README). With the projector at
+    # position 77.0 -> 97.5 %, and its edits are as good as llava_base's (EXPERIMENTS.md). With the projector at
     # 1.0x and the tower at 0.1x (stop 17's llava_grounded) position reached 98.0 % but the LM-input states
     # of unrelated scenes grew alike (scene chamfer AUC 0.981 -> 0.908) and the edits lost 18 points of Rel
     # and 8 of M-Loc; with both frozen (LM only, 60 % hard negatives) position reached only 83.0 %.
@@ -239,7 +239,7 @@ RECIPES: dict[str, Recipe] = {
     # (count asked 3x, peak LR 2e-4; resumed from the three-stage weights at the stage boundary): 100 / 99.5 /
     # 96.0 / 99.5 / 98.0 %, captions 92.2 %. The MiniGPT-4 default since stop 23 (`DEFAULT_MODELS`): the
     # plain chamfer scene gate could not tell its laid-out query states' scenes apart (M-Loc 86.3), the
-    # salient one can (96.7 on the three-stage weights; README). Stop 24 added the last of `_layout_stages`
+    # salient one can (96.7 on the three-stage weights; EXPERIMENTS.md). Stop 24 added the last of `_layout_stages`
     # (two questions per image, count asked 3x; resumed from the four-stage weights): 100 / 100 / 97.5 / 100 /
     # 98.0 %, captions 94.6 %; a 400-step stage of count asked 3x at eight questions per image had left count
     # at 96.0 % (97.0 against 96.75 % on 400 questions; captions 91.4 %).
@@ -261,7 +261,7 @@ RECIPES: dict[str, Recipe] = {
     # minigpt4 -> after the direction stage position 73 % (200 questions: no gain by itself), after the
     # object stage 100 / 96.5 / 95.0 / 90.0 / 94.5 %, after the existence-pair stage (count asked 2x) 100 /
     # 98.5 / 93.5 / 90.5 / 96.0 %, after a stage asking count 3x at 2e-4: 99.5 / 97.5 / 97.0 / 89.0 / 96.5 %,
-    # captions 88.4 -> 89.98 % (colour of shape / shape of colour / count / position / exists; README).
+    # captions 88.4 -> 89.98 % (colour of shape / shape of colour / count / position / exists; EXPERIMENTS.md).
     # A variant, not the default: its edits generalise worse to the held-out count template (T-Gen on
     # count edits 30 %, all edits 85.3 against 100; M-Loc 98.3, the scene gate as selective as before).
     "minigpt4_routed": Recipe("minigpt4", (

@@ -18,8 +18,8 @@ from attrib.regions.regions import grid_windows
 from attrib.regions.result import RegionResult
 from attrib.validation import (
     _inputs, _key_logits, best_band, cells_in_box, count_objects, integrated_gradients_maps,
-    layer_integrated_gradients_maps, per_family, random_baselines, raw_attention_maps, score_maps, select_records, validate,
-    validate_main, write_validation,
+    layer_integrated_gradients_maps, per_family, random_baselines, raw_attention_maps, score_maps, select_records,
+    validate, validate_main, write_validation,
 )
 from attrib.world import WorldConfig, generate_scene, render, write_world
 
