@@ -401,12 +401,19 @@ class ValidationResult:
             lines.append(f"| {name} (baseline) | — | {value:.1f} | — | {self.n_samples} |")
         families = sorted({f for m in self.methods.values() for f in m["per_family"]})
         counts = {f: max(m["per_family"].get(f, {}).get("n", 0) for m in self.methods.values()) for f in families}
-        lines += ["", "Pointing game % per question family, at each method's best layers (samples):", "",
+        lines += ["", "Pointing game % per question family, at each method's best layers (samples; a method run on",
+                  "fewer, such as the causal one, gives its own count):", "",
                   "| method | " + " | ".join(f"{f} ({counts[f]})" for f in families) + " |",
                   "|---|" + "---:|" * len(families)]
+
+        def cell(m: dict, family: str) -> str:
+            if family not in m["per_family"]:
+                return "—"
+            score = m["per_family"][family]
+            return f"{score['pointing_game']:.1f}" + ("" if score["n"] == counts[family] else f" ({score['n']})")
+
         for name, m in self.methods.items():
-            cells = [f"{m['per_family'][f]['pointing_game']:.1f}" if f in m["per_family"] else "—" for f in families]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} | " + " | ".join(cell(m, f) for f in families) + " |")
         return "\n".join(lines) + "\n"
 
 

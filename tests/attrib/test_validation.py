@@ -19,7 +19,7 @@ from attrib.regions.result import RegionResult
 from attrib.validation import (
     _inputs, _key_logits, best_band, cells_in_box, count_objects, integrated_gradients_maps,
     layer_integrated_gradients_maps, per_family, random_baselines, raw_attention_maps, score_maps, select_records,
-    validate, validate_main, write_validation,
+    summarise, validate, validate_main, write_validation, ValidationResult,
 )
 from attrib.world import WorldConfig, generate_scene, render, write_world
 
@@ -98,6 +98,18 @@ def test_per_family_splits_the_best_band_scores():
     # Over all layers the family means are the per-sample means over samples of that family.
     assert per_family(scores)["count"]["pointing_game"] == pytest.approx(100 / 3)
     assert per_family(score_maps(_result(maps, [0, 1, 2]), [Boxed(box)] * 3, 64)).keys() == {"unknown"}
+
+
+def test_family_table_gives_a_smaller_methods_own_count():
+    box = [0, 0, 32, 32]
+    hit = torch.zeros(16)
+    hit[0] = 1.0
+    records = [Boxed(box, "exists"), Boxed(box, "exists"), Boxed(box, "count")]
+    everyone = summarise(score_maps(_result(hit.expand(3, 1, 16).clone(), [-1]), records, 64))
+    fewer = summarise(score_maps(_result(hit.expand(1, 1, 16).clone(), [-1]), records[1:2], 64))
+    table = ValidationResult("llava", 3, {"all": everyone, "causal": fewer}, {"random_cell": 25.0}).table_markdown()
+    assert "| method | count (1) | exists (2) |" in table
+    assert "| all | 100.0 | 100.0 |" in table and "| causal | — | 100.0 (1) |" in table
 
 
 def test_best_band_is_the_best_contiguous_run():
