@@ -164,6 +164,8 @@ _GRID_TRAIN = {"qformer": 1.0, "query_tokens": 1.0, "language_projection": 1.0, 
 # The routed MiniGPT-4 stages: the Q-Former must move for its queries to take up regions, the projection only
 # gently (as LLaVA's projector), the LM fully.
 _ROUTED = {"qformer": 1.0, "query_tokens": 1.0, "language_projection": 0.3, "language_model": 1.0}
+
+
 def _layout_stages(look_layers: tuple[int, ...]) -> tuple[Stage, ...]:
     """The laid-out Q-Former stages (minigpt4_grid, blip2_grid): every one keeps the layout term on; the
     answer position's look (and the existence pairs') at ``look_layers``, the direction words' at 0-1."""
