@@ -98,6 +98,9 @@ class Recipe:
     init_from: tuple[str, dict[str, str]] | None = None
     seed: int = 0
     sizes: BackboneSizes = TOY_SIZES
+    # "bf16": every stage runs eager attention under bf16 autocast (weights and optimizer stay fp32).
+    # None: fp32, with sdpa except where a stage reads attention weights.
+    autocast: str | None = None
 
 
 _LLAVA_LM = {"model.language_model": 1.0, "lm_head": 1.0}

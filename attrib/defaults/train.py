@@ -5,6 +5,7 @@ checkpoint in the work folder after every ``save_every`` steps lets a killed run
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -121,6 +122,10 @@ def train_default(name: str, out_root: Path = DEFAULTS_DIR, work_root: Path = Pa
         heads.load_state_dict(state["heads"])
     started = time.time() - log["wall_s"]
     default_attention = model.config._attn_implementation
+    if recipe.autocast not in (None, "bf16"):
+        raise ValueError(f"recipe {name!r}: autocast must be None or 'bf16', got {recipe.autocast!r}")
+    precision = (torch.autocast("cpu", dtype=torch.bfloat16) if recipe.autocast == "bf16"
+                 else contextlib.nullcontext())
     for index, stage in enumerate(recipe.stages):
         steps = max(1, round(stage.steps * scale))
         if state and index < state["stage"]:
@@ -138,8 +143,9 @@ def train_default(name: str, out_root: Path = DEFAULTS_DIR, work_root: Path = Pa
             sampler.rng.bit_generator.state = state["rng"]
             torch.set_rng_state(state["torch_rng"])
             first = state["step"]
-        # Attention weights come from eager attention only (sdpa returns none); same maths, CPU cost alike.
-        eager = stage.attend_layers or stage.layout_weight
+        # Attention weights come from eager attention only (sdpa returns none). Under bf16 autocast every
+        # stage runs eager: sdpa's bf16 backward on CPU took a third of a step (runs/notes: stop 26).
+        eager = stage.attend_layers or stage.layout_weight or recipe.autocast
         model.set_attn_implementation("eager" if eager else default_attention)
         bar = tqdm(range(first, steps), desc=f"{name}:{stage.name}", initial=first, total=steps,
                    file=sys.stderr, mininterval=5)
@@ -149,15 +155,15 @@ def train_default(name: str, out_root: Path = DEFAULTS_DIR, work_root: Path = Pa
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * _schedule(stage, nominal)
             sampler.config = replace(world, max_objects=stage.object_limit(nominal) or world.max_objects)
-            # fp32: on these CPUs bf16 autocast made the backward pass 4-10x slower.
-            if stage.kind == "vision":
-                loss, metric = vision_loss(model, processor, spec, heads, sampler, stage.batch_images)
-            else:
-                loss = language_loss(model, processor, spec, templates, sampler, stage.batch_images,
-                                     stage.questions_per_image, stage.facts, stage.fact_weight,
-                                     stage.family_weights, stage.attend_layers, stage.attend_weight,
-                                     stage.attend_from, stage.hard_negatives, stage.layout_weight,
-                                     stage.exists_pairs, stage.pair_colors)
+            with precision:
+                if stage.kind == "vision":
+                    loss, metric = vision_loss(model, processor, spec, heads, sampler, stage.batch_images)
+                else:
+                    loss = language_loss(model, processor, spec, templates, sampler, stage.batch_images,
+                                         stage.questions_per_image, stage.facts, stage.fact_weight,
+                                         stage.family_weights, stage.attend_layers, stage.attend_weight,
+                                         stage.attend_from, stage.hard_negatives, stage.layout_weight,
+                                         stage.exists_pairs, stage.pair_colors)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
@@ -183,6 +189,7 @@ def train_default(name: str, out_root: Path = DEFAULTS_DIR, work_root: Path = Pa
         "prompt_template": spec.prompt_template, "text_template": spec.text_template, "prompts": PROMPTS,
         "image_tokens": _image_token_note(spec),
         "init_from": recipe.init_from[0] if recipe.init_from else None, "scale": scale,
+        "autocast": recipe.autocast,
     }
     save_backbone(model.half(), processor, out_dir, manifest)  # fp16 on disk keeps each folder small
     return out_dir

@@ -371,3 +371,29 @@ def test_layout_term_joins_the_language_loss_of_a_qformer_backbone(tiny_dirs, na
     with pytest.raises(ValueError, match="Q-Former"):
         language_loss(llava.model, llava.processor, llava.spec, args[3], WorldSampler(seed=1),
                       layout_weight=1.0, **batch)
+
+
+@pytest.mark.parametrize("name", ["llava", "blip2", "minigpt4"])
+def test_bf16_autocast_loss_and_gradients_follow_the_fp32_ones(tiny_dirs, name):
+    """The bf16 recipes' shortcut (eager attention under bf16 autocast) against fp32 sdpa on one batch."""
+    model, _, args, batch = _loss_setup(tiny_dirs, name)
+    batch["n_facts"], batch["fact_weight"] = 2, 0.5
+
+    def loss_and_grad():
+        model.zero_grad(set_to_none=True)
+        loss = language_loss(*args, WorldSampler(seed=3), **batch)
+        loss.backward()
+        grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        return loss.item(), grad
+
+    exact, exact_grad = loss_and_grad()
+    model.set_attn_implementation("eager")
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast, fast_grad = loss_and_grad()
+    finally:
+        model.set_attn_implementation("sdpa")
+        model.zero_grad(set_to_none=True)
+    assert fast != exact  # bf16 matmuls did run
+    assert fast == pytest.approx(exact, rel=2e-2)
+    assert torch.nn.functional.cosine_similarity(fast_grad, exact_grad, dim=0).item() > 0.99

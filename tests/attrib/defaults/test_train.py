@@ -73,3 +73,27 @@ def test_a_named_variant_starts_from_another_default(tmp_path, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # LR 0: the copy, unchanged
     manifest = json.loads((variant / "manifest.json").read_text())
     assert (manifest["backbone"], manifest["name"], manifest["init_from"]) == ("llava", "llava_variant", "llava")
+
+
+def test_a_bf16_recipe_trains_eagerly_under_autocast_and_says_so(tmp_path, monkeypatch):
+    seen = []
+    real_loss = train.language_loss
+
+    def watching(model, *args, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), model.config._attn_implementation))
+        return real_loss(model, *args, **kwargs)
+
+    monkeypatch.setattr(train, "language_loss", watching)
+    monkeypatch.setitem(RECIPES, "llava", replace(RECIPE, autocast="bf16"))
+    folder = train.train_default("llava", tmp_path / "out", tmp_path / "work")
+    assert seen and all(state == (True, "eager") for state in seen)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["autocast"] == "bf16"
+    assert train.load_backbone("llava", folder).model.config._attn_implementation == "sdpa"
+
+
+def test_an_unknown_autocast_is_refused_before_training(tmp_path, monkeypatch):
+    monkeypatch.setitem(RECIPES, "llava", replace(RECIPE, autocast="fp8"))
+    with pytest.raises(ValueError, match="autocast must be None or 'bf16'"):
+        train.train_default("llava", tmp_path / "out", tmp_path / "work")
+    assert not (tmp_path / "out" / "llava").exists()
