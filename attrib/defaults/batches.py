@@ -339,7 +339,7 @@ def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sa
                   family_weights: dict[str, float] | None = None, attend_layers: tuple[int, ...] = (),
                   attend_weight: float = 0.0, attend_from: str = "answer", hard_negatives: float = 0.0,
                   layout_weight: float = 0.0, exists_pairs: float = 0.0,
-                  pair_colors: tuple[str, ...] = ()) -> torch.Tensor:
+                  pair_colors: tuple[str, ...] = (), direction_layers: tuple[int, ...] = ()) -> torch.Tensor:
     """One language batch: VQA answers and captions on fresh scenes, plus text-only facts.
 
     ``family_weights`` (family → relative share) skews which question families are asked; families
@@ -348,6 +348,8 @@ def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sa
     term, routed through the queries' first cross-attention onto the ViT patch grid):
     the asked-about object looked at from the answer position (``attend_from="answer"``), or each direction
     word of a position question's region looking at the half it names (``"directions"``).
+    ``direction_layers`` adds the direction words' looks at those layers beside ``attend_from="answer"``'s
+    (same weight), so one stage can ground both.
     ``hard_negatives``: the chance that an existence question answered "no" is asked again as a
     ``hard_negative`` (its shape present in another colour) where the scene has one; yes / no stay balanced.
     ``exists_pairs``: the chance that an existence question is replaced by an ``existence_pair`` (colours
@@ -361,11 +363,13 @@ def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sa
     grid = None
     # Where the looks' cells live: LLaVA's patches, a laid-out Q-Former's query grid, or, through the
     # queries' cross-attention (object_attention_loss's ``through``), a plain Q-Former's ViT patch grid.
+    if direction_layers and (not attend_layers or attend_from != "answer"):
+        raise ValueError("direction_layers go beside the answer's looks (attend_layers, attend_from='answer')")
     routed = bool(attend_layers) and spec.grid_site == "vit" and not layout_weight
     if attend_layers:
         grid = (math.isqrt(model.config.num_query_tokens) if spec.grid_site == "vit" and layout_weight
                 else spec.grid_shape(model.config)[1])
-    images, pairs, captions, cells, looks = [], [], [], [], []
+    images, pairs, captions, cells, looks, word_looks = [], [], [], [], [], []
     for _ in range(n_images):
         scene = sampler.scene()
         images.append(render(scene))
@@ -380,13 +384,15 @@ def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sa
         for question in questions:
             prompt = PROMPTS["vqa"].format(src=question.text)
             image_pairs.append((prompt, question.answer))
+            row = len(pairs) * questions_per_image + len(image_pairs) - 1
             if attend_layers and attend_from == "answer":  # one entry per row: answer_looks pairs them up
                 target = question.target
                 cells.append(None if target is None else
                              target_cells(scene.objects[target].box, grid, scene.image_size // grid))
             elif attend_layers:
-                row = len(pairs) * questions_per_image + len(image_pairs) - 1
                 looks += direction_looks(tokenizer, templates, prompt, question, row, grid, scene.image_size)
+            if direction_layers:
+                word_looks += direction_looks(tokenizer, templates, prompt, question, row, grid, scene.image_size)
         pairs.append(image_pairs)
         captions.append((PROMPTS["caption"].format(src="a photo of"), caption(scene)))
     tap = nullcontext()
@@ -396,7 +402,7 @@ def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sa
         tap = CrossAttentionTap(model.get_submodule(f"{spec.bridge[0]}.encoder.layer.0.crossattention.attention"))
     with tap:
         out = continuation_logits(model, processor, spec, templates, images, pairs, lead=captions,
-                                  attention_layers=attend_layers)
+                                  attention_layers=tuple(sorted({*attend_layers, *direction_layers})))
     sets = out.sets
     # Every sequence (question or caption) weighs the same, as one batch of full sequences would.
     rows = sum(len(labels) for _, labels in sets)
@@ -404,12 +410,15 @@ def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sa
     if attend_layers:
         if attend_from == "answer":
             looks = answer_looks(sets[0][1], cells)
-        through = None
-        if routed:  # each look's row asks about image row // questions_per_image (pair rows are image-major)
-            spread = query_spread(tap.weights, spec.vit_has_cls)
-            through = spread[[look.row // questions_per_image for look in looks]]
-        loss = loss + attend_weight * object_attention_loss(out.attentions, out.prefix_ids,
-                                                            model.config.image_token_id, looks, through)
+        spread = query_spread(tap.weights, spec.vit_has_cls) if routed else None
+        for layers, these in ((attend_layers, looks), (direction_layers, word_looks)):
+            if not layers:
+                continue
+            # each look's row asks about image row // questions_per_image (pair rows are image-major)
+            through = None if spread is None else spread[[look.row // questions_per_image for look in these]]
+            loss = loss + attend_weight * object_attention_loss({layer: out.attentions[layer] for layer in layers},
+                                                                out.prefix_ids, model.config.image_token_id,
+                                                                these, through)
     if layout_weight:  # blocks of the ViT patch grid, not the query grid the looks use
         blocks = layout_cells(model.config.num_query_tokens, spec.grid_shape(model.config)[1])
         loss = loss + layout_weight * layout_loss(tap.weights, blocks, spec.vit_has_cls)

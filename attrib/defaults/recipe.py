@@ -75,6 +75,8 @@ class Stage:
     attend_layers: tuple[int, ...] = ()
     attend_weight: float = 0.0
     attend_from: str = "answer"
+    # With attend_from "answer": the direction words' looks too, at these LM layers (one stage grounds both).
+    direction_layers: tuple[int, ...] = ()
     # Chance that an existence question answered "no" is re-asked with its shape present in another colour.
     hard_negatives: float = 0.0
     # Q-Former layout term (batches.layout_loss): each query token's cross-attention onto its own block.

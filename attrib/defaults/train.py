@@ -145,7 +145,7 @@ def train_default(name: str, out_root: Path = DEFAULTS_DIR, work_root: Path = Pa
             first = state["step"]
         # Attention weights come from eager attention only (sdpa returns none). Under bf16 autocast every
         # stage runs eager: sdpa's bf16 backward on CPU took a third of a step (runs/notes: stop 26).
-        eager = stage.attend_layers or stage.layout_weight or recipe.autocast
+        eager = stage.attend_layers or stage.direction_layers or stage.layout_weight or recipe.autocast
         model.set_attn_implementation("eager" if eager else default_attention)
         bar = tqdm(range(first, steps), desc=f"{name}:{stage.name}", initial=first, total=steps,
                    file=sys.stderr, mininterval=5)
@@ -163,7 +163,7 @@ def train_default(name: str, out_root: Path = DEFAULTS_DIR, work_root: Path = Pa
                                          stage.questions_per_image, stage.facts, stage.fact_weight,
                                          stage.family_weights, stage.attend_layers, stage.attend_weight,
                                          stage.attend_from, stage.hard_negatives, stage.layout_weight,
-                                         stage.exists_pairs, stage.pair_colors)
+                                         stage.exists_pairs, stage.pair_colors, stage.direction_layers)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)

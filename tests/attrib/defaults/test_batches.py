@@ -397,3 +397,25 @@ def test_bf16_autocast_loss_and_gradients_follow_the_fp32_ones(tiny_dirs, name):
     assert fast != exact  # bf16 matmuls did run
     assert fast == pytest.approx(exact, rel=2e-2)
     assert torch.nn.functional.cosine_similarity(fast_grad, exact_grad, dim=0).item() > 0.99
+
+
+def test_direction_layers_add_the_direction_words_term_beside_the_answers(tiny_dirs):
+    """One stage grounding both: the answer's looks at some layers plus the direction words' at others is
+    the plain loss plus each term as its own stage computes it (same draws)."""
+    model, _, args, batch = _loss_setup(tiny_dirs, "llava")
+    batch["family_weights"] = {"position": 1.0, "color_of_shape": 1.0}
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            def loss(**kw):
+                return language_loss(*args, WorldSampler(seed=5), **batch, **kw).item()
+            plain = loss()
+            answer = loss(attend_layers=(1,), attend_weight=1.0)
+            words = loss(attend_layers=(0,), attend_weight=1.0, attend_from="directions")
+            both = loss(attend_layers=(1,), attend_weight=1.0, direction_layers=(0,))
+        with pytest.raises(ValueError, match="direction_layers"):
+            loss(attend_layers=(0,), attend_weight=1.0, attend_from="directions", direction_layers=(1,))
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert words > plain + 0.01 and answer > plain + 0.01
+    assert both == pytest.approx(plain + (answer - plain) + (words - plain), abs=1e-5)
