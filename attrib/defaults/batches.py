@@ -360,11 +360,11 @@ def language_loss(model, processor, spec: BackboneSpec, templates: Templates, sa
     if attend_from not in ("answer", "directions"):
         raise ValueError(f"attend_from must be 'answer' or 'directions', got {attend_from!r}")
     tokenizer = processor.tokenizer
+    if direction_layers and (not attend_layers or attend_from != "answer"):
+        raise ValueError("direction_layers go beside the answer's looks (attend_layers, attend_from='answer')")
     grid = None
     # Where the looks' cells live: LLaVA's patches, a laid-out Q-Former's query grid, or, through the
     # queries' cross-attention (object_attention_loss's ``through``), a plain Q-Former's ViT patch grid.
-    if direction_layers and (not attend_layers or attend_from != "answer"):
-        raise ValueError("direction_layers go beside the answer's looks (attend_layers, attend_from='answer')")
     routed = bool(attend_layers) and spec.grid_site == "vit" and not layout_weight
     if attend_layers:
         grid = (math.isqrt(model.config.num_query_tokens) if spec.grid_site == "vit" and layout_weight

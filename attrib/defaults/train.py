@@ -99,6 +99,8 @@ def train_default(name: str, out_root: Path = DEFAULTS_DIR, work_root: Path = Pa
     ``scale`` multiplies every stage's step count (tests use a tiny fraction).
     """
     recipe = RECIPES[name]
+    if recipe.autocast not in (None, "bf16"):
+        raise ValueError(f"recipe {name!r}: autocast must be None or 'bf16', got {recipe.autocast!r}")
     spec = get_spec(recipe.backbone)
     work = work_root / name
     work.mkdir(parents=True, exist_ok=True)
@@ -122,8 +124,6 @@ def train_default(name: str, out_root: Path = DEFAULTS_DIR, work_root: Path = Pa
         heads.load_state_dict(state["heads"])
     started = time.time() - log["wall_s"]
     default_attention = model.config._attn_implementation
-    if recipe.autocast not in (None, "bf16"):
-        raise ValueError(f"recipe {name!r}: autocast must be None or 'bf16', got {recipe.autocast!r}")
     precision = (torch.autocast("cpu", dtype=torch.bfloat16) if recipe.autocast == "bf16"
                  else contextlib.nullcontext())
     for index, stage in enumerate(recipe.stages):
@@ -144,7 +144,7 @@ def train_default(name: str, out_root: Path = DEFAULTS_DIR, work_root: Path = Pa
             torch.set_rng_state(state["torch_rng"])
             first = state["step"]
         # Attention weights come from eager attention only (sdpa returns none). Under bf16 autocast every
-        # stage runs eager: sdpa's bf16 backward on CPU took a third of a step (runs/notes: stop 26).
+        # stage runs eager: sdpa's bf16 backward on CPU took a third of a step (EXPERIMENTS.md, stop 26).
         eager = stage.attend_layers or stage.direction_layers or stage.layout_weight or recipe.autocast
         model.set_attn_implementation("eager" if eager else default_attention)
         bar = tqdm(range(first, steps), desc=f"{name}:{stage.name}", initial=first, total=steps,
