@@ -219,8 +219,8 @@ RECIPES: dict[str, Recipe] = {
         Stage("attend", "language", 600, train=_LLAVA_GROUNDING, **_ATTEND),
         Stage("exists-pairs", "language", 400, train=_LLAVA_GROUNDING, **_EXISTS_PAIRS),
     ), init_from=("llava_base", _ALL)),
-    # A variant, not the default: llava_base's stages under bf16 autocast (eager attention; 1.2-1.4x faster a
-    # step here), then the existence-pair stage, in one folder from scratch. Stop 27: 1,901 s, 100 / 100 /
+    # A variant, not the default: llava_base's stages under bf16 autocast (eager attention; 1.2-1.4x faster per
+    # chain here), then the existence-pair stage, in one folder from scratch. Stop 27: 1,901 s, 100 / 100 /
     # 100 / 100 / 99.0 %, captions 94.6 % -- position, 77 % on every fp32 llava_base and the reason for the
     # default's two attention stages, came out of the base stages under bf16 -- but its edits fall short
     # (Rel 92.7, M-Loc 94.0 against the default's 100 / 97.3), and cut to 29 min it lost position (75.5 %).
