@@ -7,7 +7,7 @@ per-patch heads, then LM + bridge on a frozen tower, then everything with the to
 position question is pressed to look at the half of the image it names (LM layers 0-1), then the answer
 position onto the asked-about object (layers 5-7) — position 77 -> 97.5 %, and its image lookup happens
 at known layers, which the region methods are validated on. The ``llava_bf16`` variant trains
-``llava_base``'s stages under bf16 autocast and only the last of those stages, in one folder. MiniGPT-4
+``llava_base``'s stages under bf16 autocast and then the existence-pair stage alone, in one folder. MiniGPT-4
 reuses ``llava_base``'s trained Llama; BLIP-2 reuses MiniGPT-4's vision tower and Q-Former but trains its
 OPT LM itself. The ``minigpt4_grid`` and ``blip2_grid`` variants (the two Q-Former defaults) lay the
 Q-Former's 16 queries out as a 4 x 4 grid of patch blocks and add the same attention stages on that grid.
@@ -207,6 +207,8 @@ _LLAVA_BASE = (
           max_objects=_CURRICULUM, family_weights=_FAMILIES, **_LANGUAGE),
     Stage("joint", "language", 400, train=_LLAVA_JOINT, **_JOINT),
 )
+# The existence-pair stage, last in both the default and llava_bf16.
+_LLAVA_PAIRS = Stage("exists-pairs", "language", 400, train=_LLAVA_GROUNDING, **_EXISTS_PAIRS)
 RECIPES: dict[str, Recipe] = {
     "llava_base": Recipe("llava", _LLAVA_BASE),
     # The two attention stages on llava_base, with the vision tower frozen and the projector at 0.3x:
@@ -217,17 +219,14 @@ RECIPES: dict[str, Recipe] = {
     "llava": Recipe("llava", (
         Stage("directions", "language", 600, train=_LLAVA_GROUNDING, **_DIRECTIONS),
         Stage("attend", "language", 600, train=_LLAVA_GROUNDING, **_ATTEND),
-        Stage("exists-pairs", "language", 400, train=_LLAVA_GROUNDING, **_EXISTS_PAIRS),
+        _LLAVA_PAIRS,
     ), init_from=("llava_base", _ALL)),
     # A variant, not the default: llava_base's stages under bf16 autocast (eager attention; 1.2-1.4x faster per
-    # chain here), then the existence-pair stage, in one folder from scratch. Stop 27: 1,901 s, 100 / 100 /
+    # chain, estimated from per-step times), then the existence-pair stage, in one folder from scratch. Stop 27: 1,901 s, 100 / 100 /
     # 100 / 100 / 99.0 %, captions 94.6 % -- position, 77 % on every fp32 llava_base and the reason for the
     # default's two attention stages, came out of the base stages under bf16 -- but its edits fall short
     # (Rel 92.7, M-Loc 94.0 against the default's 100 / 97.3), and cut to 29 min it lost position (75.5 %).
-    "llava_bf16": Recipe("llava", (
-        *_LLAVA_BASE,
-        Stage("exists-pairs", "language", 400, train=_LLAVA_GROUNDING, **_EXISTS_PAIRS),
-    ), autocast="bf16"),
+    "llava_bf16": Recipe("llava", (*_LLAVA_BASE, _LLAVA_PAIRS), autocast="bf16"),
     "minigpt4": Recipe("minigpt4", (
         Stage("vision", "vision", 300, 2e-3, {"vision_model": 1.0}, warmup=20, batch_images=64),
         Stage("bridge", "language", 700, train={"qformer": 1.0, "query_tokens": 1.0, "language_projection": 1.0},
