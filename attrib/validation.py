@@ -22,7 +22,10 @@ pixel rectangle is image_size / grid side wide; a cell is *in the box* when its 
 Methods: every region method of the backbone at the configured window, and the primary noise method
 (attention_noise / vit_noise) once more on single cells as ``<name>_cell`` when that window is wider;
 Q-Former backbones also get the ViT noise's other read on single cells as ``vit_noise_<read>_cell``
-(``vit_noise_propagated_cell`` with the default read; see `attrib.regions.propagated`).
+(``vit_noise_propagated_cell`` with the default read; see `attrib.regions.propagated`), and
+``query_noise_patches``: VisEdit's noise on each LM query token (the per-query view) spread over the ViT
+patches by the Q-Former's cross-attention, the composition the raw-attention baseline uses
+(`through_cross_attention`), so the two differ only in what the LM side measures.
 
 Baselines, scored the same way:
 - integrated_gradients: captum IG on ``pixel_values`` (zero baseline = the processor's mean image) for the
@@ -319,6 +322,20 @@ def _cross_attention(backbone: Backbone, inputs) -> torch.Tensor:
     return torch.stack(weights).mean(0)
 
 
+def through_cross_attention(backbone: Backbone, per_query: torch.Tensor, images, prompts: Sequence[str],
+                            batch_size: int = 8) -> torch.Tensor:
+    """Per-query maps [N, L, Q] of a Q-Former backbone → patch maps [N, L, rows*cols]: each query's value
+    spread over the ViT patches by `_cross_attention` (mean over heads and cross-attention layers); the
+    CLS token's share is dropped, so a map's mass can only shrink."""
+    rows, cols = backbone.spec.grid_shape(backbone.config)
+    out = []
+    for lo in range(0, len(prompts), batch_size):
+        inputs, _ = _inputs(backbone, images[lo:lo + batch_size], prompts[lo:lo + batch_size])
+        cross = _cross_attention(backbone, inputs)[..., -rows * cols:]  # [b, Q, patches]
+        out.append(torch.einsum("blq,bqc->blc", per_query[lo:lo + batch_size].float(), cross.float().cpu()))
+    return torch.cat(out)
+
+
 @torch.no_grad()
 def raw_attention_maps(backbone: Backbone, images, prompts: Sequence[str], batch_size: int = 8) -> RegionResult:
     """Maps [N, n_layers, rows*cols] of the last token's head-mean attention (see the module docstring).
@@ -326,21 +343,18 @@ def raw_attention_maps(backbone: Backbone, images, prompts: Sequence[str], batch
     Attention probabilities are rebuilt from each layer's captured attention input by
     `LastQueryAttention`, so the LM keeps its fast attention kernel.
     """
-    rows, cols = backbone.spec.grid_shape(backbone.config)
     layers = list(range(backbone.n_layers))
-    maps = torch.empty(len(prompts), len(layers), rows * cols)
+    maps = torch.empty(len(prompts), len(layers), backbone.n_visual_tokens)
     for lo in range(0, len(prompts), batch_size):
         inputs, _ = _inputs(backbone, images[lo:lo + batch_size], prompts[lo:lo + batch_size])
         site = backbone.visual_positions(inputs["input_ids"])  # [b, P]
         captures = capture_layers(backbone, inputs, layers)
-        cross = _cross_attention(backbone, inputs) if backbone.spec.grid_site == "vit" else None
         for row in range(site.shape[0]):
             for i, layer in enumerate(layers):
                 attn = last_query_attention(backbone, layer, captures[layer], row)
-                probs = (attn.weights / attn.denominator).mean(-1).float()[site[row]]  # [P]
-                if cross is not None:
-                    probs = probs @ cross[row]  # queries → ViT tokens (CLS first)
-                maps[lo + row, i] = probs[-rows * cols:]
+                maps[lo + row, i] = (attn.weights / attn.denominator).mean(-1).float()[site[row]]  # [P]
+    if backbone.spec.grid_site == "vit":
+        maps = through_cross_attention(backbone, maps, images, prompts, batch_size)
     view = "visual tokens" if backbone.spec.grid_site == "lm" else "queries × Q-Former cross-attention to patches"
     return _grid_result(backbone, maps, layers, "raw_attention",
                         {"method": {"name": "raw_attention", "view": f"last token → {view}", "heads": "mean"}})
@@ -457,11 +471,15 @@ def validate(backbone: Backbone, records: Sequence, config: AttributionConfig = 
     sizes = [im.size for im in images]
     results = {}
     for name, method, region_set, causal in region_methods(backbone, config):
-        if region_set.shape[0] < 2:  # the per-query-token view of Q-Former backbones has no geometry
-            continue
         n, method_layers = sweep_plan(backbone, config, len(prompts), causal)
-        results[name] = region_sweep(backbone, images[:n], prompts[:n], method, region_set, method_layers,
-                                     batch_size=config.batch_size, progress=progress)
+        result = region_sweep(backbone, images[:n], prompts[:n], method, region_set, method_layers,
+                              batch_size=config.batch_size, progress=progress)
+        if region_set.shape[0] < 2:  # the per-query view of Q-Former backbones: placed by the cross-attention
+            maps = through_cross_attention(backbone, result.maps, images[:n], prompts[:n], config.batch_size)
+            meta = {**result.meta["method"], "view": "per-query noise × Q-Former cross-attention to patches"}
+            name, result = f"{name}_patches", _grid_result(backbone, maps, method_layers, f"{name}_patches",
+                                                           {"method": meta})
+        results[name] = result
     # The primary noise method once more on single cells: VisEdit's window (r = 3 on LLaVA-1.5's 24 x 24
     # grid, scaled to the grid) can be wider than the objects (the world's small ones are 2 x 2 cells of
     # 8 x 8), and a window centred beside an object then scores about as high as one centred on it.

@@ -17,9 +17,9 @@ from attrib.prompts import load_prompts
 from attrib.regions.regions import grid_windows
 from attrib.regions.result import RegionResult
 from attrib.validation import (
-    _inputs, _key_logits, best_band, cells_in_box, count_objects, integrated_gradients_maps,
+    _cross_attention, _inputs, _key_logits, best_band, cells_in_box, count_objects, integrated_gradients_maps,
     layer_integrated_gradients_maps, per_family, random_baselines, raw_attention_maps, score_maps, select_records,
-    summarise, validate, validate_main, write_validation, ValidationResult,
+    summarise, through_cross_attention, validate, validate_main, write_validation, ValidationResult,
 )
 from attrib.world import WorldConfig, generate_scene, render, write_world
 
@@ -155,6 +155,49 @@ def test_baseline_maps_have_the_grid_shape_and_see_the_image(tiny_backbone, samp
     assert (attention.maps >= 0).all() and (attention.maps.sum(-1) <= 1 + 1e-5).all()
 
 
+@pytest.mark.parametrize("name", ["blip2", "minigpt4"])
+def test_cross_attention_is_the_qformers_own(tiny_dirs, samples, name):
+    """The hook-captured cross-attention equals what the Q-Former returns with output_attentions, run by hand."""
+    from attrib.backbones.loader import load_backbone
+
+    backbone = load_backbone(name, tiny_dirs[name])
+    _, images, prompts = samples
+    inputs, _ = _inputs(backbone, images, prompts)
+    model = backbone.model.model if hasattr(backbone.model, "model") else backbone.model
+    qformer = model.qformer
+    previous = qformer.config._attn_implementation
+    qformer.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            patches = model.vision_model(pixel_values=inputs["pixel_values"]).last_hidden_state
+            out = qformer(query_embeds=model.query_tokens.expand(len(images), -1, -1), encoder_hidden_states=patches,
+                          encoder_attention_mask=torch.ones(patches.shape[:2], dtype=torch.long),
+                          output_attentions=True)
+    finally:
+        qformer.set_attn_implementation(previous)
+    expected = torch.stack([a.mean(1) for a in out.cross_attentions]).mean(0)  # heads, then layers
+    assert torch.allclose(_cross_attention(backbone, inputs), expected, atol=1e-6)
+
+
+def test_per_query_maps_are_spread_by_the_cross_attention(tiny_dirs, samples):
+    from attrib.backbones.loader import load_backbone
+
+    backbone = load_backbone("minigpt4", tiny_dirs["minigpt4"])
+    _, images, prompts = samples
+    rows, cols = backbone.spec.grid_shape(backbone.config)
+    cross = _cross_attention(backbone, _inputs(backbone, images, prompts)[0])[..., -rows * cols:]
+    n_query = backbone.n_visual_tokens
+    one_hot = torch.eye(n_query).expand(len(images), -1, -1)  # "layer" i: all weight on query i
+    spread = through_cross_attention(backbone, one_hot, images, prompts, batch_size=1)
+    assert torch.allclose(spread, cross, atol=1e-6)  # query i's map is its own cross-attention row
+    weights = torch.rand(len(images), 3, n_query, generator=torch.Generator().manual_seed(0))
+    spread = through_cross_attention(backbone, weights, images, prompts)
+    for n in range(len(images)):  # straightforward: a weighted sum of the rows
+        for layer in range(3):
+            expected = sum(weights[n, layer, q] * cross[n, q] for q in range(n_query))
+            assert torch.allclose(spread[n, layer], expected, atol=1e-5)
+
+
 def test_integrated_gradients_completeness(tiny_dirs, samples):
     from attrib.backbones.loader import load_backbone
 
@@ -190,6 +233,10 @@ def test_validation_json_has_the_required_keys(tiny_backbone, world, tmp_path):
     if primary == "vit_noise":  # Q-Former backbones: both reads of the ViT noise, on single patches
         assert data["meta"]["methods"]["vit_noise_cell"]["read"] == "local"
         assert data["meta"]["methods"]["vit_noise_propagated_cell"]["read"] == "propagated"
+        assert data["meta"]["methods"]["query_noise_patches"]["name"] == "attention_noise"  # per-query, placed
+        assert len(data["methods"]["query_noise_patches"]["per_layer"]["layers"]) == tiny_backbone.n_layers
+    else:
+        assert not any(name.startswith("query_noise") for name in data["methods"])
     for name, entry in data["methods"].items():
         assert set(entry) == METHOD_KEYS, name
         assert 0 <= entry["pointing_game"] <= 100 and 0 <= entry["mass_in_box"] <= 100
