@@ -124,9 +124,9 @@ def train_default(name: str, out_root: Path = DEFAULTS_DIR, work_root: Path = Pa
         heads.load_state_dict(state["heads"])
     started = time.time() - log["wall_s"]
     default_attention = model.config._attn_implementation
-    precision = (torch.autocast("cpu", dtype=torch.bfloat16) if recipe.autocast == "bf16"
-                 else contextlib.nullcontext())
     for index, stage in enumerate(recipe.stages):
+        bf16 = recipe.autocast == "bf16" and not stage.fp32
+        precision = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         steps = max(1, round(stage.steps * scale))
         if state and index < state["stage"]:
             continue
@@ -145,7 +145,7 @@ def train_default(name: str, out_root: Path = DEFAULTS_DIR, work_root: Path = Pa
             first = state["step"]
         # Attention weights come from eager attention only (sdpa returns none). Under bf16 autocast every
         # stage runs eager: sdpa's bf16 backward on CPU took a third of a step (EXPERIMENTS.md, stop 26).
-        eager = stage.attend_layers or stage.layout_weight or recipe.autocast  # direction_layers need attend_layers
+        eager = stage.attend_layers or stage.layout_weight or bf16  # direction_layers need attend_layers
         model.set_attn_implementation("eager" if eager else default_attention)
         bar = tqdm(range(first, steps), desc=f"{name}:{stage.name}", initial=first, total=steps,
                    file=sys.stderr, mininterval=5)
@@ -190,6 +190,7 @@ def train_default(name: str, out_root: Path = DEFAULTS_DIR, work_root: Path = Pa
         "image_tokens": _image_token_note(spec),
         "init_from": recipe.init_from[0] if recipe.init_from else None, "scale": scale,
         "autocast": recipe.autocast,
+        **({"fp32_stages": [s.name for s in recipe.stages if s.fp32]} if recipe.autocast else {}),
     }
     save_backbone(model.half(), processor, out_dir, manifest)  # fp16 on disk keeps each folder small
     return out_dir

@@ -68,7 +68,7 @@ def test_manifest_accuracy_is_reproduced(shipped):
 
 @pytest.mark.parametrize("base, default, floor", [("llava_base", "llava", 0.9), ("llava_base", "llava_bf16", 0.9),
                                                   ("minigpt4", "minigpt4_grid", 0.9),
-                                                  ("blip2", "blip2_grid", 0.9),
+                                                  ("blip2", "blip2_grid", 0.9), ("blip2", "blip2_laid", 0.9),
                                                   ("minigpt4", "minigpt4_routed", FLOOR_ROUTED)])
 def test_attention_stages_make_the_default_pick_the_object_in_the_named_region(base, default, floor):
     """The LLaVA default is llava_base plus the direction and object attention stages; the MiniGPT-4
@@ -77,7 +77,8 @@ def test_attention_stages_make_the_default_pick_the_object_in_the_named_region(b
     plus the same stages routed through the Q-Former's cross-attention: on 3-4-object scenes (fresh seed)
     each answers position questions far better than the model it starts from, and mostly right. The
     llava_bf16 variant trains from scratch (llava_base's stages under bf16, then the existence-pair stage
-    with its answer looks alone) and is held to the same margin over llava_base, its stages in fp32."""
+    with its answer looks alone) and is held to the same margin over llava_base, its stages in fp32; the
+    blip2_laid variant (its OPT trained on minigpt4_grid's laid-out Q-Former) to the same over blip2."""
     if not {base, default} <= set(SHIPPED):
         pytest.skip(f"needs both {base} and {default}")
     images, prompts, answers = _family_batch(WorldSampler(WorldConfig(), seed=515_151, min_objects=3),

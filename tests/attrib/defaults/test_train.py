@@ -92,6 +92,23 @@ def test_a_bf16_recipe_trains_eagerly_under_autocast_and_says_so(tmp_path, monke
     assert train.load_backbone("llava", folder).model.config._attn_implementation == "sdpa"
 
 
+def test_a_stage_marked_fp32_leaves_the_recipes_autocast(tmp_path, monkeypatch):
+    seen = []
+    real_loss = train.language_loss
+
+    def watching(model, *args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return real_loss(model, *args, **kwargs)
+
+    monkeypatch.setattr(train, "language_loss", watching)
+    vision, language, attend = RECIPE.stages
+    recipe = replace(RECIPE, stages=(vision, language, replace(attend, fp32=True)), autocast="bf16")
+    monkeypatch.setitem(RECIPES, "llava", recipe)
+    folder = train.train_default("llava", tmp_path / "out", tmp_path / "work")
+    assert seen == [True] * language.steps + [False] * attend.steps
+    assert json.loads((folder / "manifest.json").read_text())["fp32_stages"] == ["attend"]
+
+
 def test_an_unknown_autocast_is_refused_before_training(tmp_path, monkeypatch):
     monkeypatch.setitem(RECIPES, "llava", replace(RECIPE, autocast="fp8"))
     with pytest.raises(ValueError, match="autocast must be None or 'bf16'"):
