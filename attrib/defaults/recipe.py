@@ -287,8 +287,8 @@ RECIPES: dict[str, Recipe] = {
     # "yes": binding. So colour of shape is asked twice as often after the first two laid-out stages, the
     # existence pairs take any two colours, and three stages are shortened to make room (colour 98.5 %,
     # existence still 93.5 %, 1,388 s); with `blip2`'s first joint stage back (bf16): 1,870 s (31.2 min here),
-    # 99.0 / 100 / 99.0 / 100 / 96.5 %, captions 94.4 % -- a variant, not the default: existence half a point
-    # and the time a minute over the bar (EXPERIMENTS.md).
+    # 99.0 / 100 / 99.0 / 100 / 96.5 %, captions 94.4 %, edits 99.3 / 100 / 98.3 / 100 / 98.3 -- a variant, not
+    # the default: existence half a point and the time a minute over the bar (EXPERIMENTS.md).
     "blip2_laid": Recipe("blip2", (
         Stage("language", "language", 3000, train={"language_projection": 1.0, "language_model": 1.0},
               max_objects=_CURRICULUM, family_weights=_QFORMER_FAMILIES, **_LANGUAGE),
