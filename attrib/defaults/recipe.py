@@ -10,7 +10,8 @@ at known layers, which the region methods are validated on. The ``llava_bf16`` v
 ``llava_base``'s stages under bf16 autocast and then the existence-pair stage alone, in one folder. MiniGPT-4
 reuses ``llava_base``'s trained Llama; BLIP-2 reuses MiniGPT-4's vision tower and Q-Former but trains its
 OPT LM itself. The ``minigpt4_grid`` and ``blip2_grid`` variants (the two Q-Former defaults) lay the
-Q-Former's 16 queries out as a 4 x 4 grid of patch blocks and add the same attention stages on that grid.
+Q-Former's 16 queries out as a 4 x 4 grid of patch blocks and add the same attention stages on that grid;
+the ``blip2_laid`` variant trains BLIP-2's OPT on ``minigpt4_grid``'s already laid-out Q-Former, in one folder.
 """
 from __future__ import annotations
 
@@ -280,8 +281,8 @@ RECIPES: dict[str, Recipe] = {
     # 91.8 %, facts 100 %. The BLIP-2 default since stop 24.
     "blip2_grid": Recipe("blip2", _layout_stages((3, 4, 5)), init_from=("blip2", _ALL), sizes=_BLIP2_SIZES),
     # BLIP-2 in one folder from `minigpt4_grid`'s tower and already laid-out Q-Former: `blip2`'s language stage
-    # (the Q-Former frozen, under bf16) straight onto the laid-out queries, then the laid-out stages in fp32;
-    # `blip2`'s two joint stages are left out (the laid-out stages train the Q-Former and the OPT together).
+    # (the Q-Former frozen, under bf16) straight onto the laid-out queries and its first joint stage (bf16),
+    # then the laid-out stages in fp32; `blip2`'s second joint stage is left out.
     # With `_layout_stages` unchanged (stop 28): 1,806 s, position 99.5 %, captions 93.6 %, but colour of shape
     # 91.5 % and existence 93.5 % -- every colour error another object's colour, the existence errors mostly
     # "yes": binding. So colour of shape is asked twice as often after the first two laid-out stages, the

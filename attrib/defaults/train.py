@@ -143,8 +143,8 @@ def train_default(name: str, out_root: Path = DEFAULTS_DIR, work_root: Path = Pa
             sampler.rng.bit_generator.state = state["rng"]
             torch.set_rng_state(state["torch_rng"])
             first = state["step"]
-        # Attention weights come from eager attention only (sdpa returns none). Under bf16 autocast every
-        # stage runs eager: sdpa's bf16 backward on CPU took a third of a step (EXPERIMENTS.md, stop 26).
+        # Attention weights come from eager attention only (sdpa returns none). Every stage under bf16
+        # autocast runs eager: sdpa's bf16 backward on CPU took a third of a step (EXPERIMENTS.md, stop 26).
         eager = stage.attend_layers or stage.layout_weight or bf16  # direction_layers need attend_layers
         model.set_attn_implementation("eager" if eager else default_attention)
         bar = tqdm(range(first, steps), desc=f"{name}:{stage.name}", initial=first, total=steps,
