@@ -215,11 +215,17 @@ def random_baselines(records: Sequence, images: Sequence[Image.Image], shape: tu
 
 # ---- gradient and attention baselines --------------------------------------------------------------------
 
-def _inputs(backbone: Backbone, images, prompts):
-    """Encoded batch on the model's device, pixels in the model's dtype, and the key tokens [B]."""
+def _encoded(backbone: Backbone, images, prompts):
+    """Encoded batch on the model's device, pixels in the model's dtype."""
     param = next(backbone.model.parameters())
     inputs = backbone.encode(images, prompts).to(param.device)
     inputs["pixel_values"] = inputs["pixel_values"].to(param.dtype)
+    return inputs
+
+
+def _inputs(backbone: Backbone, images, prompts):
+    """`_encoded` and the key tokens [B] (the model's own top-1 next token)."""
+    inputs = _encoded(backbone, images, prompts)
     with torch.no_grad():
         keys = backbone.forward(inputs).logits[:, -1].argmax(-1)
     return inputs, keys
@@ -330,7 +336,7 @@ def through_cross_attention(backbone: Backbone, per_query: torch.Tensor, images,
     rows, cols = backbone.spec.grid_shape(backbone.config)
     out = []
     for lo in range(0, len(prompts), batch_size):
-        inputs, _ = _inputs(backbone, images[lo:lo + batch_size], prompts[lo:lo + batch_size])
+        inputs = _encoded(backbone, images[lo:lo + batch_size], prompts[lo:lo + batch_size])
         cross = _cross_attention(backbone, inputs)[..., -rows * cols:]  # [b, Q, patches]
         out.append(torch.einsum("blq,bqc->blc", per_query[lo:lo + batch_size].float(), cross.float().cpu()))
     return torch.cat(out)
@@ -346,7 +352,7 @@ def raw_attention_maps(backbone: Backbone, images, prompts: Sequence[str], batch
     layers = list(range(backbone.n_layers))
     maps = torch.empty(len(prompts), len(layers), backbone.n_visual_tokens)
     for lo in range(0, len(prompts), batch_size):
-        inputs, _ = _inputs(backbone, images[lo:lo + batch_size], prompts[lo:lo + batch_size])
+        inputs = _encoded(backbone, images[lo:lo + batch_size], prompts[lo:lo + batch_size])
         site = backbone.visual_positions(inputs["input_ids"])  # [b, P]
         captures = capture_layers(backbone, inputs, layers)
         for row in range(site.shape[0]):

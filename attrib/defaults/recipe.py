@@ -214,9 +214,27 @@ _LLAVA_BASE = (
 )
 # The existence-pair stage, last in both the default and llava_bf16.
 _LLAVA_PAIRS = Stage("exists-pairs", "language", 400, train=_LLAVA_GROUNDING, **_EXISTS_PAIRS)
+# What BLIP-2 takes from a MiniGPT-4 folder: its tower and Q-Former (the OPT is its own).
+_QFORMER_PARTS = {"vision_model.": "vision_model.", "qformer.": "qformer.", "query_tokens": "query_tokens"}
+# BLIP-2's language stage (its OPT from scratch under the frozen Q-Former) and first joint stage, the start of
+# both `blip2` and `blip2_laid`.
+_BLIP2_FIRST = (
+    Stage("language", "language", 3000, train={"language_projection": 1.0, "language_model": 1.0},
+          max_objects=_CURRICULUM, family_weights=_QFORMER_FAMILIES, **_LANGUAGE),
+    Stage("joint", "language", 600, train=_BLIP2_ALL, **_QFORMER_JOINT),
+)
 # blip2_laid's laid-out stages: the shortened ones, and those that ask colour of shape more and pair any colours.
 _LAID_STEPS = {"layout-directions": 450, "layout-joint": 300, "layout-captions": 1100}
 _LAID_BINDING = ("layout-joint", "layout-pairs", "layout-captions")
+
+
+def _laid(stage: Stage) -> Stage:
+    """A laid-out stage as blip2_laid runs it: in fp32, shortened per `_LAID_STEPS`, and in the `_LAID_BINDING`
+    stages colour of shape asked twice as often and existence pairs over any two colours."""
+    stage = replace(stage, fp32=True, steps=_LAID_STEPS.get(stage.name, stage.steps))
+    if stage.name not in _LAID_BINDING:
+        return stage
+    return replace(stage, family_weights={**stage.family_weights, "color_of_shape": 2.0}, pair_colors=())
 RECIPES: dict[str, Recipe] = {
     "llava_base": Recipe("llava", _LLAVA_BASE),
     # The two attention stages on llava_base, with the vision tower frozen and the projector at 0.3x:
@@ -248,13 +266,10 @@ RECIPES: dict[str, Recipe] = {
     # MiniGPT-4's trained Q-Former, which stays frozen until the joint stage: trained along with a random
     # LM from the start, it ended at 59 % on colour of shape (MiniGPT-4, same Q-Former recipe: 99 %).
     "blip2": Recipe("blip2", (
-        Stage("language", "language", 3000, train={"language_projection": 1.0, "language_model": 1.0},
-              max_objects=_CURRICULUM, family_weights=_QFORMER_FAMILIES, **_LANGUAGE),
-        Stage("joint", "language", 600, train=_BLIP2_ALL, **_QFORMER_JOINT),
+        *_BLIP2_FIRST,
         Stage("joint-position", "language", 900, train=_BLIP2_ALL,
               **{**_QFORMER_JOINT, "lr": 2e-4, "family_weights": _POSITION_FAMILIES}),
-    ), init_from=("minigpt4", {"vision_model.": "vision_model.", "qformer.": "qformer.",
-                               "query_tokens": "query_tokens"}), sizes=_BLIP2_SIZES),
+    ), init_from=("minigpt4", _QFORMER_PARTS), sizes=_BLIP2_SIZES),
     # LLaVA's two attention stages carried over to the Q-Former by laying its 16 queries out as a 4 x 4 grid
     # of 2 x 2-patch blocks (the layout term on its first cross-attention, kept on in every stage), so the
     # LM's query tokens form a grid the direction words and the answer position can look at; then a shorter
@@ -290,16 +305,8 @@ RECIPES: dict[str, Recipe] = {
     # existence still 93.5 %, 1,388 s); with `blip2`'s first joint stage back (bf16): 1,870 s (31.2 min here),
     # 99.0 / 100 / 99.0 / 100 / 96.5 %, captions 94.4 %, edits 99.3 / 100 / 98.3 / 100 / 98.3 -- a variant, not
     # the default: existence half a point and the time a minute over the bar (EXPERIMENTS.md).
-    "blip2_laid": Recipe("blip2", (
-        Stage("language", "language", 3000, train={"language_projection": 1.0, "language_model": 1.0},
-              max_objects=_CURRICULUM, family_weights=_QFORMER_FAMILIES, **_LANGUAGE),
-        Stage("joint", "language", 600, train=_BLIP2_ALL, **_QFORMER_JOINT),
-        *(replace(stage, fp32=True, steps=_LAID_STEPS.get(stage.name, stage.steps),
-                  **({"family_weights": {**stage.family_weights, "color_of_shape": 2.0}, "pair_colors": ()}
-                     if stage.name in _LAID_BINDING else {}))
-          for stage in _layout_stages((3, 4, 5))),
-    ), init_from=("minigpt4_grid", {"vision_model.": "vision_model.", "qformer.": "qformer.",
-                                    "query_tokens": "query_tokens"}), sizes=_BLIP2_SIZES, autocast="bf16"),
+    "blip2_laid": Recipe("blip2", (*_BLIP2_FIRST, *map(_laid, _layout_stages((3, 4, 5)))),
+                         init_from=("minigpt4_grid", _QFORMER_PARTS), sizes=_BLIP2_SIZES, autocast="bf16"),
     # LLaVA's attention stages carried to the Q-Former without laying its queries out.
     # Each look's cells are on the ViT patch grid and reached through the queries' cross-attention
     # (batches.query_spread, object_attention_loss's `through`): a query counts toward a look by its share
