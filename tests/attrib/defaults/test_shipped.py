@@ -21,7 +21,7 @@ FLOOR_ROUTED = 0.8
 @pytest.fixture(scope="module", params=SHIPPED)
 def shipped(request):
     """(folder name, backbone): llava_base is a LLaVA, minigpt4_grid and minigpt4_routed are MiniGPT-4s,
-    blip2_grid a BLIP-2, each in its own folder."""
+    blip2_grid and blip2_laid BLIP-2s, each in its own folder."""
     return request.param, load_backbone(RECIPES[request.param].backbone, DEFAULTS_DIR / request.param)
 
 
@@ -32,7 +32,7 @@ def test_llava_default_is_shipped():
 def test_every_backbone_has_a_shipped_default_folder():
     """What commands load with no MODEL: LLaVA its own folder, MiniGPT-4 and BLIP-2 their laid-out ones."""
     assert default_model("minigpt4") == DEFAULTS_DIR / "minigpt4_grid"
-    assert default_model("blip2") == DEFAULTS_DIR / "blip2_grid"
+    assert default_model("blip2") == DEFAULTS_DIR / "blip2_laid"
     for backbone in ("llava", "blip2", "minigpt4"):
         folder = default_model(backbone)
         assert folder.name in SHIPPED and RECIPES[folder.name].backbone == backbone
@@ -73,12 +73,13 @@ def test_manifest_accuracy_is_reproduced(shipped):
 def test_attention_stages_make_the_default_pick_the_object_in_the_named_region(base, default, floor):
     """The LLaVA default is llava_base plus the direction and object attention stages; the MiniGPT-4
     default (the minigpt4_grid folder) is its minigpt4 base plus the same stages on laid-out queries, the
-    BLIP-2 default (blip2_grid) likewise on its blip2 base, the minigpt4_routed variant the minigpt4 base
+    blip2_grid variant likewise on its blip2 base, the minigpt4_routed variant the minigpt4 base
     plus the same stages routed through the Q-Former's cross-attention: on 3-4-object scenes (fresh seed)
     each answers position questions far better than the model it starts from, and mostly right. The
     llava_bf16 variant trains from scratch (llava_base's stages under bf16, then the existence-pair stage
     with its answer looks alone) and is held to the same margin over llava_base, its stages in fp32; the
-    blip2_laid variant (its OPT trained on minigpt4_grid's laid-out Q-Former) to the same over blip2."""
+    BLIP-2 default (blip2_laid: its OPT trained on minigpt4_grid's laid-out Q-Former, blip2's first stages
+    among its own) to the same over blip2."""
     if not {base, default} <= set(SHIPPED):
         pytest.skip(f"needs both {base} and {default}")
     images, prompts, answers = _family_batch(WorldSampler(WorldConfig(), seed=515_151, min_objects=3),
