@@ -90,7 +90,8 @@ class Stage:
     exists_pairs: float = 0.0
     pair_colors: tuple[str, ...] = ()
     # True: this stage runs in fp32 even when the recipe's autocast is on (BLIP-2's laid-out stages did not
-    # train under bf16 autocast, stop 27, though one batch's loss and gradient match fp32's).
+    # train under bf16 autocast, stop 27, though one batch's loss and gradient match fp32's; at stop 29 they
+    # failed the same way in fp32 from a shortened start, so the start may matter as much as the precision).
     fp32: bool = False
 
     def object_limit(self, step: int) -> int | None:
@@ -224,23 +225,20 @@ _BLIP2_FIRST = (
           max_objects=_CURRICULUM, family_weights=_QFORMER_FAMILIES, **_LANGUAGE),
     Stage("joint", "language", 600, train=_BLIP2_ALL, **_QFORMER_JOINT),
 )
-# blip2_laid's laid-out stages: the shortened ones, and those that ask colour of shape more and pair any colours
-# (the captions stage asks existence 3x, not 2x).
+# blip2_laid's laid-out stages: the shortened ones, and the binding ones, whose family weights change (colour of
+# shape asked twice as often; existence 3x in the captions stage) and whose existence pairs take any two colours.
 _LAID_STEPS = {"layout-directions": 450, "layout-joint": 300, "layout-captions": 1100}
-_LAID_BINDING = ("layout-joint", "layout-pairs", "layout-captions")
+_LAID_BINDING = {"layout-joint": {"color_of_shape": 2.0}, "layout-pairs": {"color_of_shape": 2.0},
+                 "layout-captions": {"color_of_shape": 2.0, "exists": 3.0}}
 
 
 def _laid(stage: Stage) -> Stage:
     """A laid-out stage as blip2_laid runs it: in fp32, shortened per `_LAID_STEPS`, and in the `_LAID_BINDING`
-    stages colour of shape asked twice as often and existence pairs over any two colours (existence asked 3x
-    in the captions stage)."""
+    stages with those family weights and existence pairs over any two colours."""
     stage = replace(stage, fp32=True, steps=_LAID_STEPS.get(stage.name, stage.steps))
     if stage.name not in _LAID_BINDING:
         return stage
-    weights = {**stage.family_weights, "color_of_shape": 2.0}
-    if stage.name == "layout-captions":
-        weights["exists"] = 3.0
-    return replace(stage, family_weights=weights, pair_colors=())
+    return replace(stage, family_weights={**stage.family_weights, **_LAID_BINDING[stage.name]}, pair_colors=())
 
 
 RECIPES: dict[str, Recipe] = {
