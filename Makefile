@@ -73,7 +73,8 @@ edit: setup $(if $(or $(TRAIN),$(EVAL)),,$(WORLD_EVAL))
 		$(if $(STEPS),--steps $(STEPS),) --out $(if $(OUT),$(OUT),runs/$(BACKBONE)) \
 		$(if $(filter 1 yes true,$(RESUME)),--resume,) $(if $(filter 1 yes true,$(SKIP_BAD)),--skip-bad,) \
 		$(if $(filter 1 yes true,$(SCENE_GATE)),--scene-gate,) $(if $(filter 0 no false,$(SCENE_GATE)),--no-scene-gate,) \
-		$(if $(SCENE_SIMILARITY),--scene-similarity $(SCENE_SIMILARITY),)
+		$(if $(SCENE_SIMILARITY),--scene-similarity $(SCENE_SIMILARITY),) \
+		$(if $(filter 0 no false,$(TARGET_ROLE)),--no-target-role,)
 
 bench: setup
 	$(PY) -m benchmarks --threads 1 --out $(if $(OUT),$(OUT),runs/bench)

@@ -6,11 +6,12 @@
     editor.restore()                      # bit-identical to the unedited model again
     scores = evaluate_edits(editor, records).to_json()
 
-Modules: `vead` (the adapter, its optional scene gate, its config), `adapter` (hooks and bypass rules), `inputs`
-(teacher-forced rows), `editor` (edit / restore / weights), `metrics` and `evaluation` (SPEC §7),
-`same_object` (the M-Loc split rule for world data); training: `split` (no-grad prefix / differentiable
-top), `examples` (per-record no-grad products, IM alignment targets), `losses`, `checkpoint`, `train`;
-`localisation` (IM maps, pointing game), `checks` (named record errors), `run` + `__main__` (the CLI).
+Modules: `vead` (the adapter, its optional scene gate and target role, its config), `adapter` (hooks
+and bypass rules), `inputs` (teacher-forced rows), `editor` (edit / restore / weights), `metrics` and
+`evaluation` (SPEC §7), `same_object` (the M-Loc split rule for world data); training: `split` (no-grad
+prefix / differentiable top), `examples` (per-record no-grad products, IM alignment targets), `losses`,
+`checkpoint`, `train`; `localisation` (IM maps, pointing game), `checks` (named record errors), `run` +
+`__main__` (the CLI).
 
     result = train(editor, load_records("vqa_train.json"), TrainConfig(steps=2000), "runs/llava/checkpoint")
 """

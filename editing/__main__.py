@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scene-similarity", choices=SCENE_SIMILARITIES, default=EditOptions.scene_similarity,
                    help="what the scene gate compares: salient (states minus the training images' mean per "
                         "position, weighted by distance from it) or chamfer (the raw states)")
+    p.add_argument("--target-role", action=argparse.BooleanOptionalAction, default=EditOptions.target_role,
+                   help="mark the edit sample's target tokens for VEAD's keys and values (our extension; "
+                        "--no-target-role: the paper's adapter)")
     p.add_argument("--n-eval", type=int, default=None, help="evaluate the first N records only")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--no-progress", action="store_true")
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         images=args.images, attribution=args.attribution, checkpoint=args.checkpoint, steps=args.steps,
         out=args.out, resume=args.resume, skip_bad=args.skip_bad, batch_size=args.batch_size, lr=args.lr,
         seed=args.seed, mid_dim=args.mid_dim, heads=args.heads, scene_gate=args.scene_gate,
-        scene_similarity=args.scene_similarity, n_eval=args.n_eval,
+        scene_similarity=args.scene_similarity, target_role=args.target_role, n_eval=args.n_eval,
         checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
     try:
         results = run_edit(options)

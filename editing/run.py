@@ -57,6 +57,7 @@ class EditOptions:
     heads: int | None = None
     scene_gate: bool = True  # our extension (editing.vead); False: the paper's adapter
     scene_similarity: str = "salient"  # what the scene gate compares (editing.vead): "salient" | "chamfer"
+    target_role: bool = True  # our extension (editing.vead): VEAD's keys mark the edit's target tokens
     n_eval: int | None = None
     attribution_n: int = 24  # as many records as `make heatmaps` (8 moved BLIP-2's edit layer: 0 vs -1)
     ceiling_n: int = 48
@@ -83,14 +84,15 @@ def default_lr(width: int) -> float:
 
 
 def sized_vead_config(width: int, mid_dim: int | None = None, heads: int | None = None,
-                      scene_gate: bool = False, scene_similarity: str = "salient") -> VeadConfig:
+                      scene_gate: bool = False, scene_similarity: str = "salient",
+                      target_role: bool = False) -> VeadConfig:
     """Adapter sizes from the LM width: the paper's mid 1024 from width 2048 up (7B: 4096 → 1024,
     OPT-2.7B: 2560 → 1024), the width itself below (small LMs would otherwise get a wider adapter than
     model); heads: the largest of 8, 4, 2, 1 that divides."""
     mid = mid_dim or (1024 if width >= 2048 else width)
     pick = lambda n: next(h for h in (8, 4, 2, 1) if n % h == 0)  # noqa: E731
     return VeadConfig(mid_dim=mid, n_heads=heads or pick(mid), im_hidden=mid, im_heads=pick(width),
-                      scene_gate=scene_gate, scene_similarity=scene_similarity)
+                      scene_gate=scene_gate, scene_similarity=scene_similarity, target_role=target_role)
 
 
 def _backbone(options: EditOptions) -> Backbone:
@@ -198,6 +200,8 @@ def _markdown(results: dict) -> str:
         similarity = m.get("scene_similarity") or "chamfer"
         lines.append(f"Scene gate ({similarity}), mean: {scene['image_rephrase']:.3f} on the edits' re-rendered images, "
                      f"{scene['m_loc']:.3f} on their unrelated M-Loc images.")
+    if m.get("target_role"):
+        lines.append("VEAD marks the edit sample's target tokens (target role).")
     if m.get("im_pointing_note"):
         lines.append(f"IM pointing game: {m['im_pointing_note']}.")
     return "\n".join(lines) + "\n"
@@ -229,7 +233,7 @@ def run_edit(options: EditOptions) -> dict:
     placement, placement_info = _placement(options, backbone, eval_file, eval_records, out)
     config = (weights_config(options.checkpoint) if options.checkpoint is not None
               else sized_vead_config(lm_width(backbone.config), options.mid_dim, options.heads, options.scene_gate,
-                                options.scene_similarity))
+                                     options.scene_similarity, options.target_role))
     editor = VisEditEditor(backbone, placement, config, weights=options.checkpoint)
     train_s, train_info = None, None
     if options.checkpoint is None:
@@ -260,6 +264,7 @@ def run_edit(options: EditOptions) -> dict:
     visedit["scene_gate"] = config.scene_gate
     visedit["scene_similarity"] = config.scene_similarity if config.scene_gate else None
     visedit["scene_gate_mean"] = maps.scene_means()
+    visedit["target_role"] = config.target_role
     default_world = options.train is None and options.eval is None
     results = {
         "backbone": options.backbone,

@@ -11,7 +11,8 @@ from editing.__main__ import main
 from editing.run import default_lr, sized_vead_config
 
 VISEDIT_KEYS = {"rel", "t_gen", "m_gen", "t_loc", "m_loc", "exact_match", "secondary", "m_loc_same_object",
-                "m_loc_other", "im_pointing_game", "im_gate_mean", "scene_gate", "scene_similarity", "scene_gate_mean"}
+                "m_loc_other", "im_pointing_game", "im_gate_mean", "scene_gate", "scene_similarity", "scene_gate_mean",
+                "target_role"}
 QUIET = ["--no-progress", "--mid-dim", "16"]
 
 
@@ -46,6 +47,8 @@ def test_results_have_the_required_keys(trained, tiny_dirs):
     assert results["methods"]["visedit"]["scene_similarity"] == "salient"
     scene = results["methods"]["visedit"]["scene_gate_mean"]
     assert set(scene) == {"image_rephrase", "m_loc"} and all(0 < v < 1 for v in scene.values())
+    # So is the target role (VEAD's keys mark the edit's target tokens).
+    assert results["methods"]["visedit"]["target_role"] is True and results["adapter"]["config"]["target_role"]
 
 
 def test_checkpoint_evaluates_without_training_and_captions(trained, tiny_dirs, tiny_world, tmp_path):
@@ -61,14 +64,15 @@ def test_checkpoint_evaluates_without_training_and_captions(trained, tiny_dirs, 
     assert results["methods"]["visedit"]["scene_gate"] is True  # read from the adapter file, not the flag
 
 
-def test_no_scene_gate_trains_the_papers_adapter(trained, tiny_dirs, tiny_world, tmp_path):
+def test_no_scene_gate_no_target_role_trains_the_papers_adapter(trained, tiny_dirs, tiny_world, tmp_path):
     code = main(["edit", "--backbone", "llava", "--model", str(tiny_dirs["llava"]), "--train",
                  str(tiny_world / "vqa_train.json"), "--eval", str(tiny_world / "vqa_eval.json"), "--steps", "1",
-                 "--batch-size", "2", "--attribution", str(trained / "attribution"), "--no-scene-gate",
+                 "--batch-size", "2", "--attribution", str(trained / "attribution"), "--no-scene-gate", "--no-target-role",
                  "--out", str(tmp_path / "plain"), *QUIET])
     assert code == 0
     visedit = json.loads((tmp_path / "plain" / "results.json").read_text())["methods"]["visedit"]
     assert visedit["scene_gate"] is False and visedit["scene_gate_mean"] is None
+    assert visedit["target_role"] is False
 
 
 def test_placement_from_a_given_artifact(trained, tiny_dirs, tiny_world, tmp_path):

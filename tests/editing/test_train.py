@@ -11,9 +11,11 @@ from attrib.backbones.loader import load_backbone
 from attrib.data import load_records
 from editing.checkpoint import STATE_FILE
 from editing.editor import EditPlacement
+from editing.examples import example_rows
+from editing.inputs import target_lengths
 from editing.scenes import visual_states
 from editing.split import SplitForward
-from editing.train import Trainer, TrainConfig, train
+from editing.train import Trainer, TrainConfig, reset_adapter, train
 from editing.vead import VeadConfig
 
 FAST = TrainConfig(steps=6, batch_size=2, lr=1e-2, influence_draws=1, checkpoint_every=2)
@@ -134,3 +136,24 @@ def test_salient_scene_reference_is_kept_across_a_resume(tiny_backbone, records,
     again = make_editor(tiny_backbone, EditPlacement(-1, (0,), 0), config)
     train(again, records, TrainConfig(steps=3, **settings), tmp_path / "ck", resume=True, progress=False)
     torch.testing.assert_close(again.adapter.scene.reference, first.adapter.scene.reference)
+
+
+def test_target_role_is_drawn_from_the_seed_and_trained(tiny_backbone, records, make_editor):
+    """The target-role vector is re-drawn from the seed like the other weights, reaches the batched
+    training signals (right-padded per record) and gets gradients."""
+    config = VeadConfig(mid_dim=16, n_heads=2, im_hidden=16, im_heads=2, target_role=True)
+    drawn = []
+    for seed in (0, 0, 1):
+        editor = make_editor(tiny_backbone, EditPlacement(-1, (0,), 0), config)
+        reset_adapter(editor, seed)
+        drawn.append(editor.adapter.vead.target_role.detach().clone())
+    assert torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[0], drawn[2])
+    trainer = Trainer(editor, records, TrainConfig(batch_size=2, lr=1e-2, influence_draws=1))
+    signal = trainer.store.signal(0)
+    target = signal.target_mask()
+    image, prompt, alt = example_rows(records[0], "vqa", trainer.formats)["rel"]
+    n_target = target_lengths(tiny_backbone, [prompt], [alt], with_image=True)[0]
+    assert target.sum() == n_target and target[0, -n_target:].all()  # the last real tokens, right after the prompt
+    before = editor.adapter.vead.target_role.detach().clone()
+    trainer.step(1)
+    assert not torch.equal(editor.adapter.vead.target_role, before)

@@ -209,3 +209,46 @@ def test_salient_scene_gate_needs_its_reference_and_keeps_it_with_the_weights():
     with pytest.raises(ValueError, match="scene_similarity 'cosine' is not one of"):
         EditAdapter(32, replace(config, scene_similarity="cosine"))
     assert SceneGate("salient").threshold.item() == pytest.approx(SceneGate.INIT_THRESHOLD["salient"])
+
+
+def test_target_mask_marks_the_real_tokens_after_the_prompt():
+    signal = _signal(2, 6, 8, pad=1)  # prompt_end = 4: token 5 is the target
+    signal = replace(signal, prompt_end=torch.tensor([4, 2]))
+    assert signal.target_mask().tolist() == [[False] * 5 + [True], [False] * 3 + [True] * 3]
+    signal.mask[1, 5] = False  # padding after the target is not target
+    assert signal.target_mask()[1].tolist() == [False] * 3 + [True, True, False]
+
+
+def test_target_role_marks_the_target_tokens_keys_and_values_only():
+    torch.manual_seed(0)
+    config = VeadConfig(mid_dim=16, n_heads=2, im_hidden=16, im_heads=2, target_role=True)
+    adapter = EditAdapter(32, config)
+    plain = EditAdapter(32, replace(config, target_role=False))
+    assert count_parameters(adapter) == count_parameters(plain) + 32
+    plain.load_state_dict({k: v for k, v in adapter.state_dict().items() if k != "vead.target_role"})
+    signal = _signal(1, 7, 32)
+    target = signal.target_mask()
+    assert target[0].tolist() == [False] * 6 + [True]
+    k, v = adapter.vead.keys_values(signal.states, target)
+    k0, v0 = plain.vead.keys_values(signal.states)
+    # Prompt and image tokens are keyed as in the paper's VEAD; the target token is moved by the role vector.
+    torch.testing.assert_close(k[:, :6], k0[:, :6])
+    torch.testing.assert_close(v[:, :6], v0[:, :6])
+    role = adapter.vead.target_role
+    expected = adapter.vead.k(adapter.vead.norm_edit(signal.states[:, 6]) + role).view(1, 2, -1)
+    torch.testing.assert_close(k[:, 6], expected)
+    # The forward marks them itself, and a prepared (cached) edit gives the same output.
+    visual = torch.randn(2, 4, 32)
+    out = adapter(visual, signal).visual
+    with torch.no_grad():
+        torch.testing.assert_close(adapter(visual, adapter.prepare(signal)).visual, out)
+    assert not torch.allclose(out, plain(visual, signal).visual)
+    with pytest.raises(ValueError, match="target mask"):
+        adapter.vead.keys_values(signal.states)
+    # The role vector is re-drawn with the adapter and saved with the weights; files without it load as before.
+    assert VeadConfig.from_json(plain.config.to_json() | {"target_role": True}).target_role
+    assert not VeadConfig.from_json({k: v for k, v in config.to_json().items() if k != "target_role"}).target_role
+    fresh = EditAdapter(32, config)
+    assert not torch.equal(fresh.vead.target_role, role)
+    fresh.load_state_dict(adapter.state_dict())
+    torch.testing.assert_close(fresh(visual, signal).visual, out)
