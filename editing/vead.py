@@ -30,11 +30,12 @@ object); the set of all visual tokens can. Two similarities (``VeadConfig.scene_
 The target role (``target_role=True``, our extension) adds one learnt vector r to the edit sample's
 *target* tokens (the new answer, after the last prompt token) on VEAD's edit side, after its LayerNorm:
 K, V = W_k, W_v(LN_e(H_e) + r·t), t = 1 at target tokens. At the LM input (the default placements' edit
-layer −1) the target token is a bare word embedding, and VEAD can find it only by what the word is: on the
-BLIP-2 default, one adapter seed in three (the paper's VEAD, 8 runs) ended with no head attending to the
-target on colour edits (the best head's share on the colour word 0.003–0.14 against 0.81–0.84 in the runs
-that edit colours; on shape edits 0.83–0.97 in all) and left them undone (Rel ~72). Marked by its role, the
-target is found whatever the word: the best head's share 0.99+ on every family (EXPERIMENTS.md, stop 30).
+layer −1) the target token is a bare word embedding, and VEAD can find it only by what the word is: three
+of eight runs of the paper's VEAD (BLIP-2 default and `llava_bf16`, several seeds and LRs) left the colour
+edits undone (Rel 72–93); in the failed BLIP-2 ones no head attended to the colour word (the best head's
+share on it 0.003–0.14 against 0.81–0.84 in runs that edit colours; on shape edits 0.83–0.97 in all).
+Marked by its role, the target is found whatever the word (the best head's share 0.99+ on every family),
+and every run tried with it edits every family (EXPERIMENTS.md, "The target role").
 
 Untrained, on the world's 300 eval records (image-rephrase pairs against M-Loc pairs, AUC, LM input;
 ``python -m editing scenes``): chamfer / salient — LLaVA 0.972 / 0.994, MiniGPT-4 0.995 / 0.991, BLIP-2
