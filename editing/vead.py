@@ -35,7 +35,8 @@ of eight runs of the paper's VEAD (BLIP-2 default and `llava_bf16`, several seed
 edits undone (Rel 72–93); in the failed BLIP-2 ones no head attended to the colour word (the best head's
 share on it 0.003–0.14 against 0.81–0.84 in runs that edit colours; on shape edits 0.83–0.97 in all).
 Marked by its role, the target is found whatever the word (the best head's share 0.99+ on every family),
-and every run tried with it edits every family (EXPERIMENTS.md, "The target role").
+and all eleven runs on the defaults edit every family; on `llava_bf16` one seed still left a fifth of its
+count edits undone, so the role removes this plateau, not every one (EXPERIMENTS.md, "The target role").
 
 Untrained, on the world's 300 eval records (image-rephrase pairs against M-Loc pairs, AUC, LM input;
 ``python -m editing scenes``): chamfer / salient — LLaVA 0.972 / 0.994, MiniGPT-4 0.995 / 0.991, BLIP-2
@@ -106,7 +107,7 @@ class VeadConfig:
 
     @classmethod
     def from_json(cls, data: dict) -> "VeadConfig":
-        # Files written before the scene gate existed, or before the salient similarity did.
+        # Files written before the scene gate existed, before the salient similarity did, or before the target role.
         return cls(**{"scene_gate": False, "scene_similarity": "chamfer", "target_role": False, **data})
 
     @property
