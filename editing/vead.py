@@ -30,9 +30,9 @@ object); the set of all visual tokens can. Two similarities (``VeadConfig.scene_
 The target role (``target_role=True``, our extension) adds one learnt vector r to the edit sample's
 *target* tokens (the new answer, after the last prompt token) on VEAD's edit side, after its LayerNorm:
 K, V = W_k, W_v(LN_e(H_e) + r·t), t = 1 at target tokens. At the LM input (the default placements' edit
-layer −1) the target token is a bare word embedding, and VEAD can find it only by what the word is: three
-of eight runs of the paper's VEAD (BLIP-2 default and `llava_bf16`, several seeds and LRs) left the colour
-edits undone (Rel 72–93); in the failed BLIP-2 ones no head attended to the colour word (the best head's
+layer −1) the target token is a bare word embedding, and VEAD can find it only by what the word is: four
+of nine runs of the paper's VEAD (BLIP-2 and MiniGPT-4 defaults and `llava_bf16`, several seeds and LRs)
+left colour edits undone (Rel 72–96); in the failed BLIP-2 ones no head attended to the colour word (the best head's
 share on it 0.003–0.14 against 0.81–0.84 in runs that edit colours; on shape edits 0.83–0.97 in all).
 Marked by its role, the target is found whatever the word (the best head's share 0.99+ on every family),
 and all eleven runs on the defaults edit every family; on `llava_bf16` one seed still left a fifth of its
