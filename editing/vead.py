@@ -400,7 +400,8 @@ class EditAdapter(nn.Module):
         dtype = self.vead.begin.weight.dtype
         device = self.vead.begin.weight.device
         states, query = signal.states.to(device, dtype), signal.query.to(device, dtype)
-        keys, values = self.vead.keys_values(states, signal.target_mask().to(device))
+        target = self._target(signal)
+        keys, values = self.vead.keys_values(states, None if target is None else target.to(device))
         cache = EditCache(keys, values, self.im.map_query(query), self._versions())
         return replace(signal, cache=cache)
 
@@ -413,13 +414,17 @@ class EditAdapter(nn.Module):
             cache = None
         x = visual.to(dtype)
         logits = self.im(x, signal.query, None if cache is None else cache.query)  # [B, P]
-        change = self.vead(x, signal.states, signal.mask, None if cache is None else (cache.keys, cache.values),
-                           signal.target_mask())
+        change = (self.vead(x, signal.states, signal.mask, target=self._target(signal)) if cache is None
+                  else self.vead(x, signal.states, signal.mask, (cache.keys, cache.values)))
         change = change * torch.sigmoid(logits)[..., None]
         scene = self.scene_logits(x, signal)
         if scene is not None:
             change = change * torch.sigmoid(scene)[:, None, None]
         return AdapterOutput(visual + change.to(visual.dtype), logits, scene)
+
+    def _target(self, signal: EditSignal) -> torch.Tensor | None:
+        """``signal``'s target mask where VEAD has a target role to add, else None (nothing to compute)."""
+        return None if self.vead.target_role is None else signal.target_mask()
 
     def scene_logits(self, visual: torch.Tensor, signal: EditSignal) -> torch.Tensor | None:
         """[B] scene-gate logits of inputs ``visual`` [B, P, d] under ``signal`` (1 or B edits), or None
