@@ -11,7 +11,8 @@ at known layers, which the region methods are validated on. The ``llava_bf16`` v
 reuses ``llava_base``'s trained Llama; BLIP-2 reuses MiniGPT-4's vision tower and Q-Former but trains its
 OPT LM itself. ``minigpt4_grid`` (the MiniGPT-4 default) and the ``blip2_grid`` variant lay the Q-Former's
 16 queries out as a 4 x 4 grid of patch blocks and add the same attention stages on that grid; the BLIP-2
-default, ``blip2_laid``, trains BLIP-2's OPT on ``minigpt4_grid``'s already laid-out Q-Former, in one folder.
+default, ``blip2_laid``, trains BLIP-2's OPT on ``minigpt4_grid``'s already laid-out Q-Former, in one folder;
+the ``minigpt4_laid`` variant trains MiniGPT-4 in one folder the same way, its Q-Former laid out from the bridge on.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def default_model(backbone: str) -> Path:
     return DEFAULTS_DIR / DEFAULT_MODELS.get(backbone, backbone)
 
 # Each may start from the ones before it.
-ORDER = ("llava_base", "llava", "llava_bf16", "minigpt4", "blip2", "minigpt4_grid", "minigpt4_routed", "blip2_grid",
+ORDER = ("llava_base", "llava", "llava_bf16", "minigpt4_laid", "minigpt4", "blip2", "minigpt4_grid", "minigpt4_routed", "blip2_grid",
          "blip2_laid")
 
 TOY_SIZES = BackboneSizes(
@@ -232,13 +233,26 @@ _LAID_BINDING = {"layout-joint": {"color_of_shape": 2.0}, "layout-pairs": {"colo
                  "layout-captions": {"color_of_shape": 2.0, "exists": 3.0}}
 
 
-def _laid(stage: Stage) -> Stage:
-    """A laid-out stage as blip2_laid runs it: in fp32, shortened per `_LAID_STEPS`, and in the `_LAID_BINDING`
-    stages with those family weights and existence pairs over any two colours."""
-    stage = replace(stage, fp32=True, steps=_LAID_STEPS.get(stage.name, stage.steps))
+def _laid(stage: Stage, fp32: bool = True) -> Stage:
+    """A laid-out stage as blip2_laid runs it: in fp32 (unless ``fp32`` is False), shortened per `_LAID_STEPS`,
+    and in the `_LAID_BINDING` stages with those family weights and existence pairs over any two colours."""
+    stage = replace(stage, fp32=fp32, steps=_LAID_STEPS.get(stage.name, stage.steps))
     if stage.name not in _LAID_BINDING:
         return stage
     return replace(stage, family_weights={**stage.family_weights, **_LAID_BINDING[stage.name]}, pair_colors=())
+
+
+# minigpt4_laid counts more often: its first run (count asked as the other Q-Former defaults ask it) ended
+# at count 95.5 %, most errors four objects counted as three; its Q-Former learns what to encode in the
+# bridge, where count was asked as often as colour of shape.
+_COUNT_FAMILIES = {**_QFORMER_FAMILIES, "count": 2.0}
+
+
+def _counted(stage: Stage) -> Stage:
+    """minigpt4_laid's laid-out captions stage asks count 4x instead of 3x."""
+    if stage.name != "layout-captions":
+        return stage
+    return replace(stage, family_weights={**stage.family_weights, "count": 4.0})
 
 
 RECIPES: dict[str, Recipe] = {
@@ -316,6 +330,22 @@ RECIPES: dict[str, Recipe] = {
     # stages never took hold (position 82 %, captions 84.9 %; EXPERIMENTS.md).
     "blip2_laid": Recipe("blip2", (*_BLIP2_FIRST, *map(_laid, _layout_stages((3, 4, 5)))),
                          init_from=("minigpt4_grid", _QFORMER_PARTS), sizes=_BLIP2_SIZES, autocast="bf16"),
+    # MiniGPT-4 in one folder on llava_base's Llama, under bf16 (stop 31) -- its own tower, then the bridge with
+    # the layout term on from the start (the Q-Former's queries a 4 x 4 grid before the LM ever reads them),
+    # then blip2_laid's shortened laid-out stages (looks at layers 5-7); `minigpt4`'s joint stages are left out,
+    # the laid-out ones do that work. Three runs took 24-26 min here (the two-folder chain ~50) and met every bar
+    # but count's (95.5-96.5 %); count is asked more often (_COUNT_FAMILIES, _counted) and the vision stage runs
+    # 600 steps, not 300 (at 300 MiniGPT-4's tower ends with 91 % of patch shapes right, and no joint stage
+    # trains it further here): 1,741 s (29.0 min), 99.5 / 100 / 99.5 / 100 / 99.0 %, facts 100 %, captions
+    # 96.8 % (EXPERIMENTS.md, "MiniGPT-4 in one folder").
+    "minigpt4_laid": Recipe("minigpt4", (
+        Stage("vision", "vision", 600, 2e-3, {"vision_model": 1.0}, warmup=20, batch_images=64),
+        Stage("bridge-layout", "language", 600, layout_weight=1.0,
+              train={"qformer": 1.0, "query_tokens": 1.0, "language_projection": 1.0},
+              max_objects=((100, 1), (200, 2)), family_weights=_COUNT_FAMILIES, **_LANGUAGE),
+        *(_counted(_laid(stage, fp32=False)) for stage in _layout_stages((5, 6, 7))),
+    ), init_from=("llava_base", {"model.language_model.": "language_model.model.",
+                                 "lm_head.": "language_model.lm_head."}), autocast="bf16"),
     # LLaVA's attention stages carried to the Q-Former without laying its queries out.
     # Each look's cells are on the ViT patch grid and reached through the queries' cross-attention
     # (batches.query_spread, object_attention_loss's `through`): a query counts toward a look by its share
