@@ -23,13 +23,13 @@ from attrib.backbones.build import BackboneSizes
 from attrib.prompts import load_prompts
 
 DEFAULTS_DIR = Path(__file__).parent / "models"
-# The folder each backbone's commands use when no MODEL is given. MiniGPT-4's is the laid-out variant with
-# its existence-pair stage (stop 23): it answers position 99.5 % against the `minigpt4` folder's 75.5 %, and
-# edits as well since the salient scene gate (EXPERIMENTS.md); the `minigpt4` folder stays as its base, the one
-# BLIP-2 and the routed variant start from. BLIP-2's is `blip2_laid` (stop 29): one folder on `minigpt4_grid`'s
-# laid-out Q-Former, 28.8 min here, every family at 97-100 %; from stop 24 it was `blip2_grid` (two folders,
-# `blip2` + laid-out stages: position 68.0 -> 99.5 %), which stays as a variant with its base.
-DEFAULT_MODELS = {"llava": "llava", "blip2": "blip2_laid", "minigpt4": "minigpt4_grid"}
+# The folder each backbone's commands use when no MODEL is given. MiniGPT-4's is `minigpt4_laid` (stop 31): one
+# folder on llava_base's Llama, 29.0 min here, every family at 99-100 %; from stop 23 it was `minigpt4_grid`
+# (two folders, `minigpt4` + laid-out stages: position 75.5 -> 99.5 %), which stays as a variant with its base,
+# the one BLIP-2 and the routed variant start from. BLIP-2's is `blip2_laid` (stop 29): one folder on
+# `minigpt4_grid`'s laid-out Q-Former, 28.8 min here, every family at 97-100 %; from stop 24 it was `blip2_grid`
+# (two folders, `blip2` + laid-out stages: position 68.0 -> 99.5 %), which stays as a variant with its base.
+DEFAULT_MODELS = {"llava": "llava", "blip2": "blip2_laid", "minigpt4": "minigpt4_laid"}
 
 
 def default_model(backbone: str) -> Path:
