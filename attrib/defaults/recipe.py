@@ -9,10 +9,11 @@ position onto the asked-about object (layers 5-7) — position 77 -> 97.5 %, and
 at known layers, which the region methods are validated on. The ``llava_bf16`` variant trains
 ``llava_base``'s stages under bf16 autocast and then the existence-pair stage alone, in one folder. MiniGPT-4
 reuses ``llava_base``'s trained Llama; BLIP-2 reuses MiniGPT-4's vision tower and Q-Former but trains its
-OPT LM itself. ``minigpt4_grid`` (the MiniGPT-4 default) and the ``blip2_grid`` variant lay the Q-Former's
-16 queries out as a 4 x 4 grid of patch blocks and add the same attention stages on that grid; the BLIP-2
-default, ``blip2_laid``, trains BLIP-2's OPT on ``minigpt4_grid``'s already laid-out Q-Former, in one folder;
-the ``minigpt4_laid`` variant trains MiniGPT-4 in one folder the same way, its Q-Former laid out from the bridge on.
+OPT LM itself. The ``minigpt4_grid`` and ``blip2_grid`` variants lay the Q-Former's 16 queries out as a 4 x 4
+grid of patch blocks and add the same attention stages on that grid; the BLIP-2 default, ``blip2_laid``, trains
+BLIP-2's OPT on ``minigpt4_grid``'s already laid-out Q-Former, in one folder; the MiniGPT-4 default,
+``minigpt4_laid``, trains MiniGPT-4 in one folder on ``llava_base``'s Llama, its Q-Former laid out from the
+bridge on.
 """
 from __future__ import annotations
 
@@ -37,8 +38,8 @@ def default_model(backbone: str) -> Path:
     return DEFAULTS_DIR / DEFAULT_MODELS.get(backbone, backbone)
 
 # Each may start from the ones before it.
-ORDER = ("llava_base", "llava", "llava_bf16", "minigpt4_laid", "minigpt4", "blip2", "minigpt4_grid", "minigpt4_routed", "blip2_grid",
-         "blip2_laid")
+ORDER = ("llava_base", "llava", "llava_bf16", "minigpt4_laid", "minigpt4", "blip2", "minigpt4_grid", "minigpt4_routed",
+         "blip2_grid", "blip2_laid")
 
 TOY_SIZES = BackboneSizes(
     image_size=64, patch_size=8, vision_hidden=128, vision_layers=4, vision_heads=4, vision_mlp=512,
@@ -217,6 +218,8 @@ _LLAVA_BASE = (
 )
 # The existence-pair stage, last in both the default and llava_bf16.
 _LLAVA_PAIRS = Stage("exists-pairs", "language", 400, train=_LLAVA_GROUNDING, **_EXISTS_PAIRS)
+# What MiniGPT-4 takes from llava_base: its trained Llama (LLaVA's names -> BLIP-2's classes' names).
+_LLAVA_LLAMA = {"model.language_model.": "language_model.model.", "lm_head.": "language_model.lm_head."}
 # What BLIP-2 takes from a MiniGPT-4 folder: its tower and Q-Former (the OPT is its own).
 _QFORMER_PARTS = {"vision_model.": "vision_model.", "qformer.": "qformer.", "query_tokens": "query_tokens"}
 # BLIP-2's language stage (its OPT from scratch under the frozen Q-Former) and first joint stage, the start of
@@ -242,9 +245,9 @@ def _laid(stage: Stage, fp32: bool = True) -> Stage:
     return replace(stage, family_weights={**stage.family_weights, **_LAID_BINDING[stage.name]}, pair_colors=())
 
 
-# minigpt4_laid counts more often: its first run (count asked as the other Q-Former defaults ask it) ended
-# at count 95.5 %, most errors four objects counted as three; its Q-Former learns what to encode in the
-# bridge, where count was asked as often as colour of shape.
+# minigpt4_laid counts more often: its first two runs (count asked as the other Q-Former recipes ask it) ended
+# at count 96.0 / 95.5 %, the errors between three and four objects; its Q-Former learns what to encode in the
+# bridge, where count had been asked as often as colour of shape.
 _COUNT_FAMILIES = {**_QFORMER_FAMILIES, "count": 2.0}
 
 
@@ -280,8 +283,7 @@ RECIPES: dict[str, Recipe] = {
         Stage("joint", "language", 600, train=_MINIGPT4_ALL, **_QFORMER_JOINT),
         Stage("joint-position", "language", 700, train=_MINIGPT4_ALL, hard_negatives=0.6,
               **{**_QFORMER_JOINT, "lr": 2e-4, "family_weights": _POSITION_FAMILIES}),
-    ), init_from=("llava_base", {"model.language_model.": "language_model.model.",
-                                 "lm_head.": "language_model.lm_head."})),
+    ), init_from=("llava_base", _LLAVA_LLAMA)),
     # OPT at 8 layers (_BLIP2_SIZES): its LM trains from scratch here, under
     # MiniGPT-4's trained Q-Former, which stays frozen until the joint stage: trained along with a random
     # LM from the start, it ended at 59 % on colour of shape (MiniGPT-4, same Q-Former recipe: 99 %).
@@ -344,8 +346,7 @@ RECIPES: dict[str, Recipe] = {
               train={"qformer": 1.0, "query_tokens": 1.0, "language_projection": 1.0},
               max_objects=((100, 1), (200, 2)), family_weights=_COUNT_FAMILIES, **_LANGUAGE),
         *(_counted(_laid(stage, fp32=False)) for stage in _layout_stages((5, 6, 7))),
-    ), init_from=("llava_base", {"model.language_model.": "language_model.model.",
-                                 "lm_head.": "language_model.lm_head."}), autocast="bf16"),
+    ), init_from=("llava_base", _LLAVA_LLAMA), autocast="bf16"),
     # LLaVA's attention stages carried to the Q-Former without laying its queries out.
     # Each look's cells are on the ViT patch grid and reached through the queries' cross-attention
     # (batches.query_spread, object_attention_loss's `through`): a query counts toward a look by its share
