@@ -32,11 +32,12 @@ The target role (``target_role=True``, our extension) adds one learnt vector r t
 K, V = W_k, W_v(LN_e(H_e) + r·t), t = 1 at target tokens. At the LM input (the default placements' edit
 layer −1) the target token is a bare word embedding, and VEAD can find it only by what the word is: four
 of nine runs of the paper's VEAD (BLIP-2 and MiniGPT-4 defaults and `llava_bf16`, several seeds and LRs)
-left colour edits undone (Rel 72–96); in the failed BLIP-2 ones no head attended to the colour word (the best head's
-share on it 0.003–0.14 against 0.81–0.84 in runs that edit colours; on shape edits 0.83–0.97 in all).
+left colour edits undone (Rel 72–96); in the failed BLIP-2 ones no head attended to the colour word (the best
+head's share on it 0.003–0.14 against 0.81–0.84 in runs that edit colours; on shape edits 0.83–0.97 in all).
 Marked by its role, the target is found whatever the word (the best head's share 0.99+ on every family),
-and all eleven runs on the defaults edit every family; on `llava_bf16` one seed still left a fifth of its
-count edits undone, so the role removes this plateau, not every one (EXPERIMENTS.md, "The target role").
+and all thirteen runs on the defaults (stops 30–31) edit every family; on `llava_bf16` one seed still left a
+fifth of its count edits undone, so the role removes this plateau, not every one (EXPERIMENTS.md, "The target
+role").
 
 Untrained, on the world's 300 eval records (image-rephrase pairs against M-Loc pairs, AUC, LM input;
 ``python -m editing scenes``): chamfer / salient — LLaVA 0.972 / 0.994, MiniGPT-4 0.995 / 0.991, BLIP-2

@@ -67,7 +67,8 @@ def test_manifest_accuracy_is_reproduced(shipped):
 
 
 @pytest.mark.parametrize("base, default, floor", [("llava_base", "llava", 0.9), ("llava_base", "llava_bf16", 0.9),
-                                                  ("minigpt4", "minigpt4_grid", 0.9), ("minigpt4", "minigpt4_laid", 0.9),
+                                                  ("minigpt4", "minigpt4_grid", 0.9),
+                                                  ("minigpt4", "minigpt4_laid", 0.9),
                                                   ("blip2", "blip2_grid", 0.9), ("blip2", "blip2_laid", 0.9),
                                                   ("minigpt4", "minigpt4_routed", FLOOR_ROUTED)])
 def test_attention_stages_make_the_default_pick_the_object_in_the_named_region(base, default, floor):
@@ -99,8 +100,8 @@ def test_existence_stage_tells_apart_the_colours_llava_base_confuses(base, defau
     """llava_base's LM (and the minigpt4 base, which starts from it) answers "is there a blue circle?"
     with "yes" when only a yellow or purple circle is there; the existence-pair stages of the LLaVA and
     MiniGPT-4 defaults (minigpt4_grid, minigpt4_laid) and of minigpt4_routed fixed most of that without losing
-    the "yes" of the same pairs (fresh seed). llava_bf16 (from scratch; its own base stages under bf16 answered existence 88.5 % at
-    stop 26) is held to the same after its pair stage."""
+    the "yes" of the same pairs (fresh seed). llava_bf16 (from scratch; its own base stages under bf16 answered
+    existence 88.5 % at stop 26) is held to the same after its pair stage."""
     from attrib.defaults.batches import existence_pair
     from attrib.defaults.recipe import PROMPTS
     from attrib.world import render
