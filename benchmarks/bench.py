@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import torch
 
-from attrib.defaults.recipe import DEFAULTS_DIR
+from attrib.defaults.recipe import default_model as shipped_default
 from benchmarks.cases import explain_trace_overhead, region_sweep_case, trace_overhead_case
 from benchmarks.editing_cases import scaled_vead_config, vead_case
 from editing.run import sized_vead_config
@@ -131,7 +131,7 @@ def default_llava_bench(ctx: BenchContext) -> BenchOutput:
     """The shipped default LLaVA (8 × 8 grid, window radius scaled from VisEdit's r = 3 on 24 × 24)."""
     if not (ctx.default_model / "config.json").is_file():
         return BenchOutput(notes=[f"default model skipped: no trained model at {ctx.default_model} "
-                                  "(train it with `python -m attrib.defaults --backbones llava`, then rerun)"])
+                                  "(train it with `make toy-models BACKBONES=llava_one`, then rerun)"])
     bench = default_llava(ctx.default_model, n_prompts=ctx.shapes.trace_batch)
     return _measure(ctx, bench, None, "default_")
 
@@ -194,7 +194,7 @@ def run_benchmarks(out_dir: str | Path = "runs/bench", repeats: int = 5, quick: 
     if threads is not None:
         torch.set_num_threads(threads)
     ctx = BenchContext(quick, repeats, QUICK_SHAPES if quick else FULL_SHAPES,
-                       Path(default_model) if default_model is not None else DEFAULTS_DIR / "llava")
+                       Path(default_model) if default_model is not None else shipped_default("llava"))
     report: dict[str, Any] = {"mode": "quick" if quick else "full", "repeats": repeats,
                               "machine": {**machine_note(), "note": note}, "goals": {}, "details": {}}
     start = time.perf_counter()

@@ -20,8 +20,8 @@ FLOOR_ROUTED = 0.8
 
 @pytest.fixture(scope="module", params=SHIPPED)
 def shipped(request):
-    """(folder name, backbone): llava_base is a LLaVA, minigpt4_laid, minigpt4_grid and minigpt4_routed are MiniGPT-4s,
-    blip2_grid and blip2_laid BLIP-2s, each in its own folder."""
+    """(folder name, backbone): llava_base, llava, llava_bf16 and llava_one are LLaVAs, minigpt4_laid,
+    minigpt4_grid and minigpt4_routed MiniGPT-4s, blip2_grid and blip2_laid BLIP-2s, each in its own folder."""
     return request.param, load_backbone(RECIPES[request.param].backbone, DEFAULTS_DIR / request.param)
 
 
@@ -30,7 +30,8 @@ def test_llava_default_is_shipped():
 
 
 def test_every_backbone_has_a_shipped_default_folder():
-    """What commands load with no MODEL: LLaVA its own folder, MiniGPT-4 and BLIP-2 their laid-out ones."""
+    """What commands load with no MODEL: LLaVA's one-folder bf16 model, MiniGPT-4's and BLIP-2's laid-out ones."""
+    assert default_model("llava") == DEFAULTS_DIR / "llava_one"
     assert default_model("minigpt4") == DEFAULTS_DIR / "minigpt4_laid"
     assert default_model("blip2") == DEFAULTS_DIR / "blip2_laid"
     for backbone in ("llava", "blip2", "minigpt4"):
@@ -67,18 +68,21 @@ def test_manifest_accuracy_is_reproduced(shipped):
 
 
 @pytest.mark.parametrize("base, default, floor", [("llava_base", "llava", 0.9), ("llava_base", "llava_bf16", 0.9),
+                                                  ("llava_base", "llava_one", 0.9),
                                                   ("minigpt4", "minigpt4_grid", 0.9),
                                                   ("minigpt4", "minigpt4_laid", 0.9),
                                                   ("blip2", "blip2_grid", 0.9), ("blip2", "blip2_laid", 0.9),
                                                   ("minigpt4", "minigpt4_routed", FLOOR_ROUTED)])
 def test_attention_stages_make_the_default_pick_the_object_in_the_named_region(base, default, floor):
-    """The LLaVA default is llava_base plus the direction and object attention stages; the minigpt4_grid
+    """The llava variant (the LLaVA default until stop 31) is llava_base plus the direction and object attention
+    stages; the minigpt4_grid
     variant (the MiniGPT-4 default until stop 30) is its minigpt4 base plus the same stages on laid-out queries, the
     blip2_grid variant likewise on its blip2 base, the minigpt4_routed variant the minigpt4 base
     plus the same stages routed through the Q-Former's cross-attention: on 3-4-object scenes (fresh seed)
     each answers position questions far better than the model it starts from, and mostly right. The
     llava_bf16 variant trains from scratch (llava_base's stages under bf16, then the existence-pair stage
-    with its answer looks alone) and is held to the same margin over llava_base, its stages in fp32; the
+    with its answer looks alone) and is held to the same margin over llava_base, its stages in fp32, as is the
+    LLaVA default (llava_one: llava_bf16's first two stages, then a short answer-look stage and the pair stage); the
     BLIP-2 default (blip2_laid: its OPT trained on minigpt4_grid's laid-out Q-Former, blip2's first stages
     among its own) to the same over blip2, and the MiniGPT-4 default (minigpt4_laid: one folder on llava_base's
     Llama, laid out from its bridge on, with none of minigpt4's stages) over minigpt4."""
@@ -94,14 +98,15 @@ def test_attention_stages_make_the_default_pick_the_object_in_the_named_region(b
 
 
 @pytest.mark.parametrize("base, default", [("llava_base", "llava"), ("llava_base", "llava_bf16"),
+                                           ("llava_base", "llava_one"),
                                            ("minigpt4", "minigpt4_grid"), ("minigpt4", "minigpt4_laid"),
                                            ("minigpt4", "minigpt4_routed")])
 def test_existence_stage_tells_apart_the_colours_llava_base_confuses(base, default):
     """llava_base's LM (and the minigpt4 base, which starts from it) answers "is there a blue circle?"
-    with "yes" when only a yellow or purple circle is there; the existence-pair stages of the LLaVA and
-    MiniGPT-4 defaults (minigpt4_grid, minigpt4_laid) and of minigpt4_routed fixed most of that without losing
+    with "yes" when only a yellow or purple circle is there; the existence-pair stages of the llava variant, the
+    laid-out MiniGPT-4s (minigpt4_grid, minigpt4_laid) and of minigpt4_routed fixed most of that without losing
     the "yes" of the same pairs (fresh seed). llava_bf16 (from scratch; its own base stages under bf16 answered
-    existence 88.5 % at stop 26) is held to the same after its pair stage."""
+    existence 88.5 % at stop 26) is held to the same after its pair stage, and so is the LLaVA default, llava_one."""
     from attrib.defaults.batches import existence_pair
     from attrib.defaults.recipe import PROMPTS
     from attrib.world import render
