@@ -357,12 +357,12 @@ RECIPES: dict[str, Recipe] = {
     # LLaVA in one folder, under bf16 (stop 32; the LLaVA default since): llava_bf16's vision and language stages
     # (the same arithmetic: the language stage ended at llava_bf16's loss to four digits), then the llava
     # variant's answer-look stage cut to 300 steps and the existence-pair stage; no joint stage, so the tower trains
-    # in its own stage only and the projector at 0.3x after the language stage. 1,789 s (29.8 min) here, 100 / 100
-    # / 100 / 100 / 97.5 %, facts 100 %, captions 94.3 %; edits (seed 0) 100 / 100 / 99.7 / 100 / 96.7. A first
-    # cut (language 2,200 steps, then one 800-step stage grounding the direction words, the answer position and
-    # the existence pairs at once; 1,559 s) ended at shape of colour 94.5, position 81.5 and existence 82.0 %:
-    # under 2,400 steps the language stage does not reliably learn position (two shortened llava_bf16 runs lost
-    # it too).
+    # in its own stage only, and the projector at 0.3x after the language stage. 1,789 s (29.8 min) here, 100 /
+    # 100 / 100 / 100 / 97.5 %, facts 100 %, captions 94.3 %; edits at adapter seeds 0 / 1: 100 / 100 / 99.7 / 100
+    # / 96.7 and 100 / 99.7 / 98.0 / 100 / 95.7. A first cut (language 2,200 steps, then one 800-step stage
+    # grounding the direction words, the answer position and the existence pairs at once; 1,559 s) ended at shape
+    # of colour 94.5, position 81.5 and existence 82.0 %: under 2,400 steps the language stage does not reliably
+    # learn position (two shortened llava_bf16 runs lost it too).
     "llava_one": Recipe("llava", (
         *_LLAVA_BASE[:2],
         Stage("attend", "language", 300, train=_LLAVA_GROUNDING, **_ATTEND),
