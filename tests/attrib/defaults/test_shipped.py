@@ -26,7 +26,7 @@ def shipped(request):
 
 
 def test_llava_default_is_shipped():
-    assert "llava" in SHIPPED, "run make toy-models"
+    assert default_model("llava").name in SHIPPED, "run make toy-models"
 
 
 def test_every_backbone_has_a_shipped_default_folder():
@@ -75,17 +75,16 @@ def test_manifest_accuracy_is_reproduced(shipped):
                                                   ("minigpt4", "minigpt4_routed", FLOOR_ROUTED)])
 def test_attention_stages_make_the_default_pick_the_object_in_the_named_region(base, default, floor):
     """The llava variant (the LLaVA default until stop 31) is llava_base plus the direction and object attention
-    stages; the minigpt4_grid
-    variant (the MiniGPT-4 default until stop 30) is its minigpt4 base plus the same stages on laid-out queries, the
-    blip2_grid variant likewise on its blip2 base, the minigpt4_routed variant the minigpt4 base
-    plus the same stages routed through the Q-Former's cross-attention: on 3-4-object scenes (fresh seed)
-    each answers position questions far better than the model it starts from, and mostly right. The
-    llava_bf16 variant trains from scratch (llava_base's stages under bf16, then the existence-pair stage
-    with its answer looks alone) and is held to the same margin over llava_base, its stages in fp32, as is the
-    LLaVA default (llava_one: llava_bf16's first two stages, then a short answer-look stage and the pair stage); the
-    BLIP-2 default (blip2_laid: its OPT trained on minigpt4_grid's laid-out Q-Former, blip2's first stages
-    among its own) to the same over blip2, and the MiniGPT-4 default (minigpt4_laid: one folder on llava_base's
-    Llama, laid out from its bridge on, with none of minigpt4's stages) over minigpt4."""
+    stages; the minigpt4_grid variant (the MiniGPT-4 default until stop 30) is its minigpt4 base plus the same
+    stages on laid-out queries, the blip2_grid variant likewise on its blip2 base, the minigpt4_routed variant the
+    minigpt4 base plus the same stages routed through the Q-Former's cross-attention: on 3-4-object scenes (fresh
+    seed) each answers position questions far better than the model it starts from, and mostly right. The llava_bf16
+    variant trains from scratch (llava_base's stages under bf16, then the existence-pair stage with its answer looks
+    alone) and is held to the same margin over llava_base, its stages in fp32, as is the LLaVA default (llava_one:
+    llava_bf16's first two stages, then a short answer-look stage and the pair stage); the BLIP-2 default
+    (blip2_laid: its OPT trained on minigpt4_grid's laid-out Q-Former, blip2's first stages among its own) to the
+    same over blip2, and the MiniGPT-4 default (minigpt4_laid: one folder on llava_base's Llama, laid out from its
+    bridge on, with none of minigpt4's stages) over minigpt4."""
     if not {base, default} <= set(SHIPPED):
         pytest.skip(f"needs both {base} and {default}")
     images, prompts, answers = _family_batch(WorldSampler(WorldConfig(), seed=515_151, min_objects=3),
