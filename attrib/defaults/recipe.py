@@ -225,6 +225,12 @@ _LLAVA_BASE = (
 _LLAVA_PAIRS = Stage("exists-pairs", "language", 400, train=_LLAVA_GROUNDING, **_EXISTS_PAIRS)
 # What MiniGPT-4 takes from llava_base: its trained Llama (LLaVA's names -> BLIP-2's classes' names).
 _LLAVA_LLAMA = {"model.language_model.": "language_model.model.", "lm_head.": "language_model.lm_head."}
+# MiniGPT-4's own first stages (`minigpt4`; `minigpt4_laid` runs them longer, its bridge with the layout term):
+# the tower with per-patch heads, then the bridge (Q-Former, queries, projection) on the frozen LM.
+_MINIGPT4_VISION = Stage("vision", "vision", 300, 2e-3, {"vision_model": 1.0}, warmup=20, batch_images=64)
+_MINIGPT4_BRIDGE = Stage("bridge", "language", 700,
+                         train={"qformer": 1.0, "query_tokens": 1.0, "language_projection": 1.0},
+                         max_objects=((100, 1), (200, 2)), family_weights=_QFORMER_FAMILIES, **_LANGUAGE)
 # What BLIP-2 takes from a MiniGPT-4 folder: its tower and Q-Former (the OPT is its own).
 _QFORMER_PARTS = {"vision_model.": "vision_model.", "qformer.": "qformer.", "query_tokens": "query_tokens"}
 # BLIP-2's language stage (its OPT from scratch under the frozen Q-Former) and first joint stage, the start of
@@ -284,9 +290,8 @@ RECIPES: dict[str, Recipe] = {
     # 29 min it lost position (75.5 %). llava_one (below) keeps its first two stages.
     "llava_bf16": Recipe("llava", (*_LLAVA_BASE, _LLAVA_PAIRS), autocast="bf16"),
     "minigpt4": Recipe("minigpt4", (
-        Stage("vision", "vision", 300, 2e-3, {"vision_model": 1.0}, warmup=20, batch_images=64),
-        Stage("bridge", "language", 700, train={"qformer": 1.0, "query_tokens": 1.0, "language_projection": 1.0},
-              max_objects=((100, 1), (200, 2)), family_weights=_QFORMER_FAMILIES, **_LANGUAGE),
+        _MINIGPT4_VISION,
+        _MINIGPT4_BRIDGE,
         Stage("joint", "language", 600, train=_MINIGPT4_ALL, **_QFORMER_JOINT),
         Stage("joint-position", "language", 700, train=_MINIGPT4_ALL, hard_negatives=0.6,
               **{**_QFORMER_JOINT, "lr": 2e-4, "family_weights": _POSITION_FAMILIES}),
@@ -348,10 +353,8 @@ RECIPES: dict[str, Recipe] = {
     # trains it further here): 1,741 s (29.0 min), 99.5 / 100 / 99.5 / 100 / 99.0 %, facts 100 %, captions
     # 96.8 % (EXPERIMENTS.md, "MiniGPT-4 in one folder").
     "minigpt4_laid": Recipe("minigpt4", (
-        Stage("vision", "vision", 600, 2e-3, {"vision_model": 1.0}, warmup=20, batch_images=64),
-        Stage("bridge-layout", "language", 600, layout_weight=1.0,
-              train={"qformer": 1.0, "query_tokens": 1.0, "language_projection": 1.0},
-              max_objects=((100, 1), (200, 2)), family_weights=_COUNT_FAMILIES, **_LANGUAGE),
+        replace(_MINIGPT4_VISION, steps=600),
+        replace(_MINIGPT4_BRIDGE, name="bridge-layout", steps=600, layout_weight=1.0, family_weights=_COUNT_FAMILIES),
         *(_counted(_laid(stage, fp32=False)) for stage in _layout_stages((5, 6, 7))),
     ), init_from=("llava_base", _LLAVA_LLAMA), autocast="bf16"),
     # LLaVA in one folder, under bf16 (stop 32; the LLaVA default since): llava_bf16's vision and language stages
