@@ -84,7 +84,8 @@ world: setup
 		$(if $(N_TRAIN),--n-train $(N_TRAIN),) $(if $(N_EVAL),--n-eval $(N_EVAL),)
 
 # Retrains the shipped defaults (resumable: checkpoints in runs/toy-models) and re-measures them; with
-# BACKBONES unset, every recipe in attrib.defaults.recipe.ORDER.
+# BACKBONES unset, the three defaults (attrib.defaults.recipe.DEFAULT_CHAIN), each from scratch or from another
+# default's parts; any recipe of attrib.defaults.recipe.ORDER can be named.
 toy-models: setup
 	$(PY) -m attrib.defaults $(if $(BACKBONES),--backbones $(BACKBONES),)
 

@@ -12,10 +12,11 @@ alone, in one folder. The LLaVA default, ``llava_one``, trains in one folder und
 language stages, then a short answer-look stage (layers 5-7) and the existence-pair stage. MiniGPT-4
 reuses ``llava_base``'s trained Llama; BLIP-2 reuses MiniGPT-4's vision tower and Q-Former but trains its
 OPT LM itself. The ``minigpt4_grid`` and ``blip2_grid`` variants lay the Q-Former's 16 queries out as a 4 x 4
-grid of patch blocks and add the same attention stages on that grid; the BLIP-2 default, ``blip2_laid``, trains
-BLIP-2's OPT on ``minigpt4_grid``'s already laid-out Q-Former, in one folder; the MiniGPT-4 default,
-``minigpt4_laid``, trains MiniGPT-4 in one folder on ``llava_base``'s Llama, its Q-Former laid out from the
-bridge on.
+grid of patch blocks and add the same attention stages on that grid; ``blip2_laid`` trains BLIP-2's OPT on
+``minigpt4_grid``'s already laid-out Q-Former, in one folder; ``minigpt4_laid`` trains MiniGPT-4 in one folder on
+``llava_base``'s Llama, its Q-Former laid out from the bridge on. The MiniGPT-4 and BLIP-2 defaults,
+``minigpt4_one`` and ``blip2_one``, run those two recipes on the LLaVA default's Llama and on ``minigpt4_one``'s
+parts, so the three defaults retrain from nothing in one chain (``DEFAULT_CHAIN``).
 """
 from __future__ import annotations
 
@@ -26,16 +27,16 @@ from attrib.backbones.build import BackboneSizes
 from attrib.prompts import load_prompts
 
 DEFAULTS_DIR = Path(__file__).parent / "models"
-# The folder each backbone's commands use when no MODEL is given. LLaVA's is `llava_one` (stop 32): one folder under
-# bf16, 29.8 min here, every family at 97.5-100 %; from stop 20 it was `llava` (two folders, `llava_base` + the
-# attention stages, ~51 min), which stays as a variant with its base, whose Llama MiniGPT-4 starts from. MiniGPT-4's
-# is `minigpt4_laid` (stop 31): one folder on llava_base's Llama, 29.0 min here, every family at 99-100 %; from stop
-# 23 it was `minigpt4_grid` (two folders, `minigpt4` + laid-out stages: position 75.5 -> 99.5 %), which stays as a
-# variant with its base, the one BLIP-2 and the routed variant start from. BLIP-2's is `blip2_laid` (stop 29): one
-# folder on `minigpt4_grid`'s laid-out Q-Former, 28.8 min here, every family at 97-100 %; from stop 24 it was
-# `blip2_grid` (two folders, `blip2` + laid-out stages: position 68.0 -> 99.5 %), which stays as a variant with its
-# base.
-DEFAULT_MODELS = {"llava": "llava_one", "blip2": "blip2_laid", "minigpt4": "minigpt4_laid"}
+# The folder each backbone's commands use when no MODEL is given, each trained in one folder from scratch or from
+# another default's parts (DEFAULT_CHAIN). LLaVA's is `llava_one` (stop 32): from scratch under bf16, 29.8 min
+# here, every family at 97.5-100 %; from stop 20 it was `llava` (two folders, `llava_base` + the attention stages,
+# ~51 min), which stays as a variant with its base. MiniGPT-4's is `minigpt4_one` (stop 33): `llava_one`'s Llama,
+# 30.4 min here, 97-100 %; before it `minigpt4_laid` (stop 31, the same stages on llava_base's Llama) and from
+# stop 23 `minigpt4_grid` (two folders, `minigpt4` + laid-out stages), both variants now. BLIP-2's is `blip2_one`
+# (stop 33): `minigpt4_one`'s tower and laid-out Q-Former, 26.8 min here, 99-100 %; before it `blip2_laid`
+# (stop 29, the same stages on `minigpt4_grid`'s) and from stop 24 `blip2_grid` (two folders, `blip2` +
+# laid-out stages), both variants now.
+DEFAULT_MODELS = {"llava": "llava_one", "blip2": "blip2_one", "minigpt4": "minigpt4_one"}
 
 
 def default_model(backbone: str) -> Path:
@@ -43,8 +44,11 @@ def default_model(backbone: str) -> Path:
     return DEFAULTS_DIR / DEFAULT_MODELS.get(backbone, backbone)
 
 # Each may start from the ones before it.
-ORDER = ("llava_base", "llava", "llava_bf16", "llava_one", "minigpt4_laid", "minigpt4", "blip2", "minigpt4_grid",
-         "minigpt4_routed", "blip2_grid", "blip2_laid")
+ORDER = ("llava_base", "llava", "llava_bf16", "llava_one", "minigpt4_laid", "minigpt4_one", "minigpt4", "blip2",
+         "minigpt4_grid", "minigpt4_routed", "blip2_grid", "blip2_laid", "blip2_one")
+# What `make toy-models` retrains with BACKBONES unset: the three defaults, each starting from scratch or from
+# another default's parts, so the chain needs nothing else.
+DEFAULT_CHAIN = tuple(name for name in ORDER if name in DEFAULT_MODELS.values())
 
 TOY_SIZES = BackboneSizes(
     image_size=64, patch_size=8, vision_hidden=128, vision_layers=4, vision_heads=4, vision_mlp=512,
@@ -269,6 +273,27 @@ def _counted(stage: Stage) -> Stage:
     return replace(stage, family_weights={**stage.family_weights, "count": 4.0})
 
 
+# blip2_laid's stages: `blip2`'s language and first joint stages, then the laid-out stages (looks at layers 3-5).
+_BLIP2_LAID = (*_BLIP2_FIRST, *map(_laid, _layout_stages((3, 4, 5))))
+# minigpt4_laid's stages (and, adjusted, minigpt4_one's): its own tower, the bridge with the layout term on from
+# the start, then blip2_laid's shortened laid-out stages (looks at layers 5-7), count asked more often.
+_MINIGPT4_LAID = (
+    replace(_MINIGPT4_VISION, steps=600),
+    replace(_MINIGPT4_BRIDGE, name="bridge-layout", steps=600, layout_weight=1.0, family_weights=_COUNT_FAMILIES),
+    *(_counted(_laid(stage, fp32=False)) for stage in _layout_stages((5, 6, 7))),
+)
+
+
+def _one(stage: Stage) -> Stage:
+    """minigpt4_one's version of a minigpt4_laid stage: the answer-look stage 540 steps, existence asked 4x in
+    the captions stage."""
+    if stage.name == "layout-attend":
+        return replace(stage, steps=540)
+    if stage.name == "layout-captions":
+        return replace(stage, family_weights={**stage.family_weights, "exists": 4.0})
+    return stage
+
+
 RECIPES: dict[str, Recipe] = {
     "llava_base": Recipe("llava", _LLAVA_BASE),
     # The LLaVA default from stop 20 to stop 31, a variant since (its chain with llava_base ~51 min here).
@@ -312,7 +337,7 @@ RECIPES: dict[str, Recipe] = {
     # layout alone (stop 17, 700 steps) took position down to 66 %, and the layout with answer looks but no
     # direction stage to 84.5 %, the other families to 87-96 %. Stop 23 added LLaVA's existence-pair stage
     # (count asked 3x, peak LR 2e-4; resumed from the three-stage weights at the stage boundary): 100 / 99.5 /
-    # 96.0 / 99.5 / 98.0 %, captions 92.2 %. The MiniGPT-4 default since stop 23 (`DEFAULT_MODELS`): the
+    # 96.0 / 99.5 / 98.0 %, captions 92.2 %. The MiniGPT-4 default in stops 23-30 (`DEFAULT_MODELS`): the
     # plain chamfer scene gate could not tell its laid-out query states' scenes apart (M-Loc 86.3), the
     # salient one can (96.7 on the three-stage weights; EXPERIMENTS.md). Stop 24 added the last of `_layout_stages`
     # (two questions per image, count asked 3x; resumed from the four-stage weights): 100 / 100 / 97.5 / 100 /
@@ -339,11 +364,17 @@ RECIPES: dict[str, Recipe] = {
     # existence still 93.5 %, 1,388 s); with `blip2`'s first joint stage back (bf16): 1,870 s (31.2 min here),
     # 99.0 / 100 / 99.0 / 100 / 96.5 %, captions 94.4 %, edits 99.3 / 100 / 98.3 / 100 / 98.3 (existence half a
     # point and the time a minute over the bar). Stop 29 asked existence 3x instead of 2x in the captions stage:
-    # 1,730 s (28.8 min), 100 / 99.5 / 97.0 / 100 / 98.0 %, captions 94.0 % -- the BLIP-2 default since. Cutting
+    # 1,730 s (28.8 min), 100 / 99.5 / 97.0 / 100 / 98.0 %, captions 94.0 % -- the BLIP-2 default to stop 32. Cutting
     # the language, joint and direction stages instead (2,600 / 500 / 400 steps) saved 4 min but the laid-out
     # stages never took hold (position 82 %, captions 84.9 %; EXPERIMENTS.md).
-    "blip2_laid": Recipe("blip2", (*_BLIP2_FIRST, *map(_laid, _layout_stages((3, 4, 5)))),
-                         init_from=("minigpt4_grid", _QFORMER_PARTS), sizes=_BLIP2_SIZES, autocast="bf16"),
+    "blip2_laid": Recipe("blip2", _BLIP2_LAID, init_from=("minigpt4_grid", _QFORMER_PARTS), sizes=_BLIP2_SIZES,
+                         autocast="bf16"),
+    # blip2_laid on the MiniGPT-4 default's tower and laid-out Q-Former (stop 33; the BLIP-2 default since), so the
+    # BLIP-2 default reuses only another default's parts: 1,609 s (26.8 min), 100 / 100 / 99.0 / 100 / 99.0 %,
+    # facts 100 %, captions 97.0 % (blip2_laid, on minigpt4_grid's: 1,730 s, 100 / 99.5 / 97.0 / 100 / 98.0 %,
+    # captions 94.0 %).
+    "blip2_one": Recipe("blip2", _BLIP2_LAID, init_from=("minigpt4_one", _QFORMER_PARTS), sizes=_BLIP2_SIZES,
+                        autocast="bf16"),
     # MiniGPT-4 in one folder on llava_base's Llama, under bf16 (stop 31) -- its own tower, then the bridge with
     # the layout term on from the start (the Q-Former's queries a 4 x 4 grid before the LM ever reads them),
     # then blip2_laid's shortened laid-out stages (looks at layers 5-7); `minigpt4`'s joint stages are left out,
@@ -351,12 +382,17 @@ RECIPES: dict[str, Recipe] = {
     # but count's (95.5-96.5 %); count is asked more often (_COUNT_FAMILIES, _counted) and the vision stage runs
     # 600 steps, not 300 (at 300 MiniGPT-4's tower ends with 91 % of patch shapes right, and no joint stage
     # trains it further here): 1,741 s (29.0 min), 99.5 / 100 / 99.5 / 100 / 99.0 %, facts 100 %, captions
-    # 96.8 % (EXPERIMENTS.md, "MiniGPT-4 in one folder").
-    "minigpt4_laid": Recipe("minigpt4", (
-        replace(_MINIGPT4_VISION, steps=600),
-        replace(_MINIGPT4_BRIDGE, name="bridge-layout", steps=600, layout_weight=1.0, family_weights=_COUNT_FAMILIES),
-        *(_counted(_laid(stage, fp32=False)) for stage in _layout_stages((5, 6, 7))),
-    ), init_from=("llava_base", _LLAVA_LLAMA), autocast="bf16"),
+    # 96.8 % (EXPERIMENTS.md, "MiniGPT-4 in one folder"). The MiniGPT-4 default in stops 31-32.
+    "minigpt4_laid": Recipe("minigpt4", _MINIGPT4_LAID, init_from=("llava_base", _LLAVA_LLAMA), autocast="bf16"),
+    # minigpt4_laid on the LLaVA default's Llama (stop 33; the MiniGPT-4 default since), so the MiniGPT-4 default
+    # reuses only another default's parts. With minigpt4_laid's stages unchanged (stop 32): 1,788 s, 100 / 100 /
+    # 100 / 100 / 96.5 %, captions 94.7 % -- existence one question under the bar, its 7 errors 4 "yes" and 3 "no"
+    # -- so the captions stage asks existence 4x instead of 3x, and the answer-look stage runs 540 steps instead of
+    # 600 to keep the time.
+    # Stop 33: 100 / 99.5 / 98.5 / 100 / 97.0 %, facts 100 %, captions 95.8 %, but 1,827 s (30.4 min): five of its
+    # seven stages ran 8-16 % slower per step than in the stop-32 run (the captions stage 11 % faster).
+    "minigpt4_one": Recipe("minigpt4", tuple(map(_one, _MINIGPT4_LAID)), init_from=("llava_one", _LLAVA_LLAMA),
+                           autocast="bf16"),
     # LLaVA in one folder, under bf16 (stop 32; the LLaVA default since): llava_bf16's vision and language stages
     # (the same arithmetic: the language stage ended at llava_bf16's loss to four digits), then the llava
     # variant's answer-look stage cut to 300 steps and the existence-pair stage; no joint stage, so the tower trains

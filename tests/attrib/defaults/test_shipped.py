@@ -9,7 +9,7 @@ import pytest
 
 from attrib.backbones.loader import load_backbone
 from attrib.defaults.evaluate import _family_batch, teacher_forced_hits
-from attrib.defaults.recipe import DEFAULTS_DIR, ORDER, RECIPES, default_model
+from attrib.defaults.recipe import DEFAULT_CHAIN, DEFAULT_MODELS, DEFAULTS_DIR, ORDER, RECIPES, default_model
 from attrib.world import VQA_FAMILIES, WorldConfig, WorldSampler
 
 SHIPPED = [name for name in ORDER if (DEFAULTS_DIR / name / "config.json").is_file()]
@@ -21,7 +21,8 @@ FLOOR_ROUTED = 0.8
 @pytest.fixture(scope="module", params=SHIPPED)
 def shipped(request):
     """(folder name, backbone): llava_base, llava, llava_bf16 and llava_one are LLaVAs, minigpt4_laid,
-    minigpt4_grid and minigpt4_routed MiniGPT-4s, blip2_grid and blip2_laid BLIP-2s, each in its own folder."""
+    minigpt4_one, minigpt4_grid and minigpt4_routed MiniGPT-4s, blip2_grid, blip2_laid and blip2_one BLIP-2s,
+    each in its own folder."""
     return request.param, load_backbone(RECIPES[request.param].backbone, DEFAULTS_DIR / request.param)
 
 
@@ -30,13 +31,25 @@ def test_llava_default_is_shipped():
 
 
 def test_every_backbone_has_a_shipped_default_folder():
-    """What commands load with no MODEL: LLaVA's one-folder bf16 model, MiniGPT-4's and BLIP-2's laid-out ones."""
+    """What commands load with no MODEL: LLaVA's one-folder bf16 model, MiniGPT-4's and BLIP-2's laid-out ones
+    built on it."""
     assert default_model("llava") == DEFAULTS_DIR / "llava_one"
-    assert default_model("minigpt4") == DEFAULTS_DIR / "minigpt4_laid"
-    assert default_model("blip2") == DEFAULTS_DIR / "blip2_laid"
+    assert default_model("minigpt4") == DEFAULTS_DIR / "minigpt4_one"
+    assert default_model("blip2") == DEFAULTS_DIR / "blip2_one"
     for backbone in ("llava", "blip2", "minigpt4"):
         folder = default_model(backbone)
         assert folder.name in SHIPPED and RECIPES[folder.name].backbone == backbone
+
+
+def test_defaults_reuse_only_defaults():
+    """`make toy-models` retrains the three defaults alone: each starts from scratch or from the parts of a
+    default trained before it in the chain, and its manifest names that source."""
+    assert sorted(DEFAULT_CHAIN) == sorted(DEFAULT_MODELS.values())
+    for position, name in enumerate(DEFAULT_CHAIN):
+        source = RECIPES[name].init_from
+        assert source is None or source[0] in DEFAULT_CHAIN[:position], name
+        manifest = json.loads((DEFAULTS_DIR / name / "manifest.json").read_text())
+        assert manifest["init_from"] == (source[0] if source else None)
 
 
 def test_folder_is_small_and_has_manifest(shipped):
@@ -71,7 +84,9 @@ def test_manifest_accuracy_is_reproduced(shipped):
                                                   ("llava_base", "llava_one", 0.9),
                                                   ("minigpt4", "minigpt4_grid", 0.9),
                                                   ("minigpt4", "minigpt4_laid", 0.9),
+                                                  ("minigpt4", "minigpt4_one", 0.9),
                                                   ("blip2", "blip2_grid", 0.9), ("blip2", "blip2_laid", 0.9),
+                                                  ("blip2", "blip2_one", 0.9),
                                                   ("minigpt4", "minigpt4_routed", FLOOR_ROUTED)])
 def test_attention_stages_make_the_default_pick_the_object_in_the_named_region(base, default, floor):
     """The llava variant (the LLaVA default until stop 31) is llava_base plus the direction and object attention
@@ -81,10 +96,11 @@ def test_attention_stages_make_the_default_pick_the_object_in_the_named_region(b
     seed) each answers position questions far better than the model it starts from, and mostly right. The llava_bf16
     variant trains from scratch (llava_base's stages under bf16, then the existence-pair stage with its answer looks
     alone) and is held to the same margin over llava_base, its stages in fp32, as is the LLaVA default (llava_one:
-    llava_bf16's first two stages, then a short answer-look stage and the pair stage); the BLIP-2 default
-    (blip2_laid: its OPT trained on minigpt4_grid's laid-out Q-Former, blip2's first stages among its own) to the
-    same over blip2, and the MiniGPT-4 default (minigpt4_laid: one folder on llava_base's Llama, laid out from its
-    bridge on, with none of minigpt4's stages) over minigpt4."""
+    llava_bf16's first two stages, then a short answer-look stage and the pair stage); blip2_laid (its OPT trained
+    on minigpt4_grid's laid-out Q-Former, blip2's first stages among its own) to the same over blip2, and
+    minigpt4_laid (one folder on llava_base's Llama, laid out from its bridge on, with none of minigpt4's stages)
+    over minigpt4; so are the MiniGPT-4 and BLIP-2 defaults, minigpt4_one and blip2_one (the same recipes on
+    llava_one's Llama and on minigpt4_one's tower and Q-Former)."""
     if not {base, default} <= set(SHIPPED):
         pytest.skip(f"needs both {base} and {default}")
     images, prompts, answers = _family_batch(WorldSampler(WorldConfig(), seed=515_151, min_objects=3),
@@ -99,6 +115,7 @@ def test_attention_stages_make_the_default_pick_the_object_in_the_named_region(b
 @pytest.mark.parametrize("base, default", [("llava_base", "llava"), ("llava_base", "llava_bf16"),
                                            ("llava_base", "llava_one"),
                                            ("minigpt4", "minigpt4_grid"), ("minigpt4", "minigpt4_laid"),
+                                           ("minigpt4", "minigpt4_one"),
                                            ("minigpt4", "minigpt4_routed")])
 def test_existence_stage_tells_apart_the_colours_llava_base_confuses(base, default):
     """llava_base's LM (and the minigpt4 base, which starts from it) answers "is there a blue circle?"
