@@ -31,7 +31,7 @@ DEFAULTS_DIR = Path(__file__).parent / "models"
 # another default's parts (DEFAULT_CHAIN). LLaVA's is `llava_one` (stop 32): from scratch under bf16, 29.8 min
 # here, every family at 97.5-100 %; from stop 20 it was `llava` (two folders, `llava_base` + the attention stages,
 # ~51 min), which stays as a variant with its base. MiniGPT-4's is `minigpt4_one` (stop 33): `llava_one`'s Llama,
-# 30.4 min here, 97-100 %; before it `minigpt4_laid` (stop 31, the same stages on llava_base's Llama) and from
+# 26.7-30.4 min here (two runs, the same weights), 97-100 %; before it `minigpt4_laid` (stop 31, the same stages on llava_base's Llama) and from
 # stop 23 `minigpt4_grid` (two folders, `minigpt4` + laid-out stages), both variants now. BLIP-2's is `blip2_one`
 # (stop 33): `minigpt4_one`'s tower and laid-out Q-Former, 26.8 min here, 99-100 %; before it `blip2_laid`
 # (stop 29, the same stages on `minigpt4_grid`'s) and from stop 24 `blip2_grid` (two folders, `blip2` +
@@ -389,8 +389,9 @@ RECIPES: dict[str, Recipe] = {
     # 100 / 100 / 96.5 %, captions 94.7 % -- existence one question under the bar, its 7 errors 4 "yes" and 3 "no"
     # -- so the captions stage asks existence 4x instead of 3x, and the answer-look stage runs 540 steps instead of
     # 600 to keep the time.
-    # Stop 33: 100 / 99.5 / 98.5 / 100 / 97.0 %, facts 100 %, captions 95.8 %, but 1,827 s (30.4 min): five of its
-    # seven stages ran 8-16 % slower per step than in the stop-32 run (the captions stage 11 % faster).
+    # Stop 33: 100 / 99.5 / 98.5 / 100 / 97.0 %, facts 100 %, captions 95.8 %, in 1,827 s (30.4 min; five of its
+    # seven stages ran 8-16 % slower per step than in the stop-32 run); re-run for time, 1,602 s (26.7 min) with
+    # byte-identical weights.
     "minigpt4_one": Recipe("minigpt4", tuple(map(_one, _MINIGPT4_LAID)), init_from=("llava_one", _LLAVA_LLAMA),
                            autocast="bf16"),
     # LLaVA in one folder, under bf16 (stop 32; the LLaVA default since): llava_bf16's vision and language stages
