@@ -131,7 +131,7 @@ def default_llava_bench(ctx: BenchContext) -> BenchOutput:
     """The shipped default LLaVA (8 × 8 grid, window radius scaled from VisEdit's r = 3 on 24 × 24)."""
     if not (ctx.default_model / "config.json").is_file():
         return BenchOutput(notes=[f"default model skipped: no trained model at {ctx.default_model} "
-                                  "(train it with `make toy-models BACKBONES=llava_one`, then rerun)"])
+                                  f"(train it with `make toy-models BACKBONES={ctx.default_model.name}`, then rerun)"])
     bench = default_llava(ctx.default_model, n_prompts=ctx.shapes.trace_batch)
     return _measure(ctx, bench, None, "default_")
 

@@ -31,11 +31,11 @@ DEFAULTS_DIR = Path(__file__).parent / "models"
 # another default's parts (DEFAULT_CHAIN). LLaVA's is `llava_one` (stop 32): from scratch under bf16, 29.8 min
 # here, every family at 97.5-100 %; from stop 20 it was `llava` (two folders, `llava_base` + the attention stages,
 # ~51 min), which stays as a variant with its base. MiniGPT-4's is `minigpt4_one` (stop 33): `llava_one`'s Llama,
-# 26.7-30.4 min here (two runs, the same weights), 97-100 %; before it `minigpt4_laid` (stop 31, the same stages on llava_base's Llama) and from
-# stop 23 `minigpt4_grid` (two folders, `minigpt4` + laid-out stages), both variants now. BLIP-2's is `blip2_one`
-# (stop 33): `minigpt4_one`'s tower and laid-out Q-Former, 26.8 min here, 99-100 %; before it `blip2_laid`
-# (stop 29, the same stages on `minigpt4_grid`'s) and from stop 24 `blip2_grid` (two folders, `blip2` +
-# laid-out stages), both variants now.
+# 26.7-30.4 min here (two runs, the same weights), 97-100 %; before it `minigpt4_laid` (stop 31, the same stages
+# on llava_base's Llama) and from stop 23 `minigpt4_grid` (two folders, `minigpt4` + laid-out stages), both
+# variants now. BLIP-2's is `blip2_one` (stop 33): `minigpt4_one`'s tower and laid-out Q-Former, 26.8 min here,
+# 99-100 %; before it `blip2_laid` (stop 29, the same stages on `minigpt4_grid`'s) and from stop 24 `blip2_grid`
+# (two folders, `blip2` + laid-out stages), both variants now.
 DEFAULT_MODELS = {"llava": "llava_one", "blip2": "blip2_one", "minigpt4": "minigpt4_one"}
 
 

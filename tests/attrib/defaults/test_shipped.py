@@ -120,9 +120,10 @@ def test_attention_stages_make_the_default_pick_the_object_in_the_named_region(b
 def test_existence_stage_tells_apart_the_colours_llava_base_confuses(base, default):
     """llava_base's LM (and the minigpt4 base, which starts from it) answers "is there a blue circle?"
     with "yes" when only a yellow or purple circle is there; the existence-pair stages of the llava variant, the
-    laid-out MiniGPT-4s (minigpt4_grid, minigpt4_laid) and of minigpt4_routed fixed most of that without losing
-    the "yes" of the same pairs (fresh seed). llava_bf16 (from scratch; its own base stages under bf16 answered
-    existence 88.5 % at stop 26) is held to the same after its pair stage, and so is the LLaVA default, llava_one."""
+    laid-out MiniGPT-4s (minigpt4_grid, minigpt4_laid, minigpt4_one) and of minigpt4_routed fixed most of that
+    without losing the "yes" of the same pairs (fresh seed). llava_bf16 (from scratch; its own base stages under
+    bf16 answered existence 88.5 % at stop 26) is held to the same after its pair stage, and so is the LLaVA
+    default, llava_one."""
     from attrib.defaults.batches import existence_pair
     from attrib.defaults.recipe import PROMPTS
     from attrib.world import render
