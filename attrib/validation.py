@@ -114,7 +114,8 @@ def score_maps(result: RegionResult, records: Sequence, image_size: int | Size |
 
     Row n of ``result.maps`` [N, L, C] belongs to ``records[n]`` (extra records are ignored); rows whose
     record has no box are left out. ``image_size``: one side, one (w, h), or one (w, h) per record.
-    Returns {"layers", "pointing_game" [L], "mass_in_box" [L], "n_samples", "per_sample": {...} [n, L]}.
+    Returns {"layers", "pointing_game" [L], "mass_in_box" [L], "n_samples", "per_sample": {"pointing_game" and
+    "mass_in_box" [n, L] in [0, 1], "family" and "question" [n]}}.
     """
     rows, cols = result.regions.shape
     if rows * cols != result.maps.shape[-1] or rows < 2:
@@ -129,7 +130,8 @@ def score_maps(result: RegionResult, records: Sequence, image_size: int | Size |
     return {"layers": list(result.layers), "pointing_game": (100 * pointing.mean(0)).tolist(),
             "mass_in_box": (100 * mass.mean(0)).tolist(), "n_samples": len(keep),
             "per_sample": {"pointing_game": pointing, "mass_in_box": mass,
-                           "family": [_family(records[i]) for i in keep]}}
+                           "family": [_family(records[i]) for i in keep],
+                           "question": [getattr(records[i], "src", None) or f"record {i}" for i in keep]}}
 
 
 def _family(record) -> str:
@@ -163,16 +165,21 @@ def best_band(values: Sequence[float], width: int = BAND) -> tuple[int, int]:
 
 
 def summarise(scores: dict) -> dict:
-    """A method's entry: per-layer lists (a float for layer-less maps), best band and its scores."""
+    """A method's entry: per-layer lists (a float for layer-less maps), best band and its scores, and each
+    question's pointing game (percent, the band's mean) beside its text, in sample order."""
     layers, pointing, mass = scores["layers"], scores["pointing_game"], scores["mass_in_box"]
+    samples = scores["per_sample"]
+    lo, hi = (0, 1) if layers == [-1] else best_band(pointing)
+    per_question = {"question": list(samples["question"]), "family": list(samples["family"]),
+                    "pointing_game": (100 * samples["pointing_game"][:, lo:hi].double().mean(1)).tolist()}
     if layers == [-1]:  # one map read at the output: no layer axis to choose from
         return {"layers": [], "pointing_game": pointing[0], "mass_in_box": mass[0], "best_layers": [],
                 "best_pointing_game": pointing[0], "best_mass_in_box": mass[0], "n_samples": scores["n_samples"],
-                "per_family": per_family(scores)}
-    lo, hi = best_band(pointing)
+                "per_family": per_family(scores), "per_question": per_question}
     return {"layers": layers, "pointing_game": pointing, "mass_in_box": mass, "best_layers": layers[lo:hi],
             "best_pointing_game": float(np.mean(pointing[lo:hi])), "best_mass_in_box": float(np.mean(mass[lo:hi])),
-            "n_samples": scores["n_samples"], "per_family": per_family(scores, slice(lo, hi))}
+            "n_samples": scores["n_samples"], "per_family": per_family(scores, slice(lo, hi)),
+            "per_question": per_question}
 
 
 # ---- random baselines ------------------------------------------------------------------------------------
@@ -372,7 +379,8 @@ def raw_attention_maps(backbone: Backbone, images, prompts: Sequence[str], batch
 class ValidationResult:
     """Scores in percent. methods[name]: "layers", "pointing_game" / "mass_in_box" ([per layer] or a float for
     layer-less maps), "best_layers", "best_pointing_game", "best_mass_in_box", "n_samples", "per_family"
-    ({family: {"n", "pointing_game", "mass_in_box"}} at the best layers)."""
+    ({family: {"n", "pointing_game", "mass_in_box"}} at the best layers), "per_question" ({"question",
+    "family", "pointing_game"}: lists in sample order; a method run on fewer samples has the first ones)."""
 
     backbone: str
     n_samples: int
@@ -388,10 +396,29 @@ class ValidationResult:
             families = {family: {"n": v["n"], "pointing_game": round(v["pointing_game"], 2),
                                  "mass_in_box": round(v["mass_in_box"], 2)} for family, v in m["per_family"].items()}
             return {"pointing_game": round(m["best_pointing_game"], 2), "mass_in_box": round(m["best_mass_in_box"], 2),
-                    "best_layers": m["best_layers"], "per_layer": per_layer, "per_family": families}
-        return {"backbone": self.backbone, "n_samples": self.n_samples,
+                    "best_layers": m["best_layers"], "per_layer": per_layer, "per_family": families,
+                    "per_question": [round(v, 2) for v in m["per_question"]["pointing_game"]]}
+        return {"backbone": self.backbone, "n_samples": self.n_samples, "questions": self.questions(),
                 "methods": {name: entry(m) for name, m in self.methods.items()},
                 "baselines": {k: round(v, 2) for k, v in self.baselines.items()}, "meta": self.meta}
+
+    def questions(self) -> list[dict]:
+        """The scored questions in sample order ({"question", "family"}), as the method run on most samples has them."""
+        if not self.methods:
+            return []
+        longest = max((m["per_question"] for m in self.methods.values()), key=lambda q: len(q["question"]))
+        return [{"question": q, "family": f} for q, f in zip(longest["question"], longest["family"])]
+
+    def misses(self) -> list[tuple[int, dict[str, float | None]]]:
+        """(sample index, {method: pointing game % at its best layers, None where not run}) for every question
+        some method scores under 100 on — the questions that tell the methods apart."""
+        rows = []
+        for i in range(len(self.questions())):
+            scores = {name: (m["per_question"]["pointing_game"][i] if i < len(m["per_question"]["pointing_game"])
+                             else None) for name, m in self.methods.items()}
+            if any(v is not None and v < 100 - 1e-9 for v in scores.values()):
+                rows.append((i, scores))
+        return rows
 
     def plot(self, ax=None):
         """Per-layer pointing game per method; layer-less methods and random baselines as horizontal lines."""
@@ -434,6 +461,14 @@ class ValidationResult:
 
         for name, m in self.methods.items():
             lines.append(f"| {name} | " + " | ".join(cell(m, f) for f in families) + " |")
+        questions = self.questions()
+        lines += ["", "Questions some method misses: pointing game % at each method's best layers (· = 100, a blank",
+                  "= not run on that question):", "",
+                  "| # | family | question | " + " | ".join(self.methods) + " |",
+                  "|---:|---|---|" + "---:|" * len(self.methods)]
+        for i, scores in self.misses():
+            shown = ["" if v is None else "·" if v >= 100 - 1e-9 else f"{v:.0f}" for v in scores.values()]
+            lines.append(f"| {i} | {questions[i]['family']} | {questions[i]['question']} | " + " | ".join(shown) + " |")
         return "\n".join(lines) + "\n"
 
 

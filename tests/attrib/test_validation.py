@@ -24,7 +24,7 @@ from attrib.validation import (
 from attrib.world import WorldConfig, generate_scene, render, write_world
 
 FAST = AttributionConfig(draws=2, causal_samples=1, causal_draws=1, window=1)
-METHOD_KEYS = {"pointing_game", "mass_in_box", "best_layers", "per_layer", "per_family"}
+METHOD_KEYS = {"pointing_game", "mass_in_box", "best_layers", "per_layer", "per_family", "per_question"}
 
 
 @dataclass
@@ -110,6 +110,31 @@ def test_family_table_gives_a_smaller_methods_own_count():
     table = ValidationResult("llava", 3, {"all": everyone, "causal": fewer}, {"random_cell": 25.0}).table_markdown()
     assert "| method | count (1) | exists (2) |" in table
     assert "| all | 100.0 | 100.0 |" in table and "| causal | — | 100.0 (1) |" in table
+
+
+def test_per_question_scores_and_the_misses_table():
+    box = [0, 0, 32, 32]
+    hit, miss = torch.zeros(16), torch.zeros(16)
+    hit[0], miss[15] = 1.0, 1.0
+    records = [Boxed(box, "exists"), Boxed(box, "count"), Boxed(box, "exists")]
+    for record, src in zip(records, ["Is there a red circle?", "How many?", "Is there a blue square?"]):
+        record.src = src
+    # Layers 1-2 are the best band: sample 0 hits at both, sample 1 at one, sample 2 at neither.
+    maps = torch.stack([torch.stack([miss, hit, hit]), torch.stack([hit, hit, miss]), torch.stack([hit, miss, miss])])
+    band = summarise(score_maps(_result(maps, [0, 1, 2]), records, 64))
+    assert band["best_layers"] == [0, 1, 2]  # three layers: the band is all of them
+    assert band["per_question"]["pointing_game"] == pytest.approx([200 / 3, 200 / 3, 100 / 3])
+    assert band["per_question"]["question"][1] == "How many?" and band["per_question"]["family"][1] == "count"
+    first = summarise(score_maps(_result(hit.expand(1, 1, 16).clone(), [-1]), records[:1], 64))
+    result = ValidationResult("llava", 3, {"band": band, "first_only": first}, {"random_cell": 25.0})
+    assert [i for i, _ in result.misses()] == [0, 1, 2]
+    assert result.misses()[1][1] == {"band": pytest.approx(200 / 3), "first_only": None}
+    assert result.questions()[2] == {"question": "Is there a blue square?", "family": "exists"}
+    table = result.table_markdown()
+    assert "| 0 | exists | Is there a red circle? | 67 | · |" in table
+    assert "| 1 | count | How many? | 67 |  |" in table
+    perfect = ValidationResult("llava", 1, {"first_only": first}, {})
+    assert perfect.misses() == [] and "| # | family | question | first_only |" in perfect.table_markdown()
 
 
 def test_best_band_is_the_best_contiguous_run():
@@ -223,7 +248,8 @@ def test_validation_json_has_the_required_keys(tiny_backbone, world, tmp_path):
     assert result.n_samples == sum(r.box("image") is not None for r in records)
     write_validation(result, tmp_path)
     data = json.loads((tmp_path / "validation.json").read_text())
-    assert set(data) == {"backbone", "n_samples", "methods", "baselines", "meta"}
+    assert set(data) == {"backbone", "n_samples", "questions", "methods", "baselines", "meta"}
+    assert len(data["questions"]) == data["n_samples"] and all(q["question"] for q in data["questions"])
     assert set(data["baselines"]) == {"random_cell", "random_object"}
     baselines = {"integrated_gradients", "layer_integrated_gradients", "raw_attention", "causal_noise"}
     assert baselines <= set(data["methods"])
@@ -245,6 +271,7 @@ def test_validation_json_has_the_required_keys(tiny_backbone, world, tmp_path):
             assert set(layers) <= set(range(tiny_backbone.n_layers))
             assert len(entry["best_layers"]) == min(3, len(layers))
             assert len(entry["per_layer"]["pointing_game"]) == len(layers)
+        assert len(entry["per_question"]) == data["meta"]["samples_per_method"][name]
     assert (tmp_path / "validation.png").stat().st_size > 0
     assert "| raw_attention |" in (tmp_path / "validation.md").read_text()
 
