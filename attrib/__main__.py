@@ -13,6 +13,10 @@ import time
 import warnings
 from pathlib import Path
 
+import matplotlib
+
+matplotlib.use("Agg")  # the commands only write files: no window, whatever the default backend
+
 from attrib.data import DataError
 
 DEFAULT_DATA = Path("runs/world/vqa_eval.json")

@@ -21,6 +21,10 @@ import sys
 import warnings
 from pathlib import Path
 
+import matplotlib
+
+matplotlib.use("Agg")  # the commands only write files: no window, whatever the default backend
+
 from attrib.data import DataError
 from editing.run import EditOptions, default_steps, run_edit
 from editing.vead import SCENE_SIMILARITIES

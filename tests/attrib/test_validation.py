@@ -3,6 +3,9 @@ backbones, the validation artifact and the command line."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -298,3 +301,13 @@ def test_cli_writes_the_files(tiny_dirs, world, tmp_path, capsys):
     assert validate_main(argv + ["--min-objects", "9"]) == 2  # nothing left: a one-line error
     err = capsys.readouterr().err.strip().splitlines()[-1]  # earlier lines: loading progress bars
     assert err.startswith("error: no record left") and "with 9+ objects: 0" in err
+
+
+def test_importing_the_library_keeps_the_users_matplotlib_backend():
+    # A notebook's inline backend must survive `import attrib...` (only the command lines pick Agg).
+    code = ("import matplotlib, attrib.attribution, attrib.validation, attrib.contribution, attrib.regions.result, "
+            "editing.localisation, editing.run; print(matplotlib.get_backend())")
+    env = {**os.environ, "MPLBACKEND": "svg"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().lower() == "svg"

@@ -18,7 +18,9 @@ def test_walkthrough_runs_and_draws(tmp_path, monkeypatch):
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     figures = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(figures) >= 4  # two contribution bar charts, the heatmaps, the overlay
+    assert len(figures) >= 5  # two contribution bar charts, the heatmaps, the overlay, the validation curves
+    printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "ground-truth validation" in printed and "| layer_integrated_gradients |" in printed
     placement = [o for o in outputs if o.output_type == "execute_result"][-1]["data"]["text/plain"]
     assert "edit_layer" in placement
     assert (tmp_path / "notebook_world" / "vqa_eval.json").is_file()
