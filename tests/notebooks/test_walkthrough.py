@@ -1,16 +1,19 @@
-"""The analysis notebook runs top to bottom on the shipped default LLaVA (offline, a small world)."""
+"""The analysis notebook runs top to bottom on the shipped default LLaVA and BLIP-2 (offline, a small world)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 NOTEBOOK = Path(__file__).parents[2] / "notebooks" / "attribution_walkthrough.ipynb"
 
 
-def test_walkthrough_runs_and_draws(tmp_path, monkeypatch):
+@pytest.mark.parametrize("backbone", ["llava", "blip2"])  # the visual-token grid and a ViT-patch grid
+def test_walkthrough_runs_and_draws(tmp_path, monkeypatch, backbone):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("VISEDIT_BACKBONE", backbone)
     monkeypatch.setenv("VISEDIT_WORLD", str(tmp_path / "world"))  # missing: the notebook writes a small one
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(notebook, timeout=600, kernel_name="python3",
