@@ -23,24 +23,20 @@ DEFAULT_DATA = Path("runs/world/vqa_eval.json")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backbone", default="llava")
+    parser.add_argument("--backbone", default="llava", help="llava | blip2 | minigpt4 (default: llava)")
     parser.add_argument("--model", type=Path, default=None, help="local HF folder (default: the shipped model)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="MMEdit JSON file")
     parser.add_argument("--images", type=Path, default=None, help="image root (default: the data file's folder)")
     parser.add_argument("--n", type=int, default=24, help="number of records")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: figures/<backbone>)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of every noise draw (recorded in the outputs)")
 
 
 def _load(args):
-    from attrib.backbones.loader import load_backbone
     from attrib.data import load_records
-    from attrib.defaults.recipe import default_model
+    from attrib.defaults.recipe import load_model
 
-    model = args.model or default_model(args.backbone)
-    if args.model is None and not (model / "config.json").is_file():
-        raise DataError(f"{model}: the default {args.backbone} model is not there; run `make toy-models` or pass MODEL=")
-    backbone = load_backbone(args.backbone, model)
+    backbone = load_model(args.backbone, args.model)
     records = load_records(args.data, args.images, n=args.n)
     return backbone, records
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from attrib.backbones.loader import Backbone, load_backbone
+from attrib.backbones.loader import Backbone
 from attrib.data import DataError, EditRecord, load_records
 from attrib.prompts import load_prompts
 from editing.checks import usable_records
@@ -96,13 +96,9 @@ def sized_vead_config(width: int, mid_dim: int | None = None, heads: int | None 
 
 
 def _backbone(options: EditOptions) -> Backbone:
-    from attrib.defaults.recipe import default_model
+    from attrib.defaults.recipe import load_model
 
-    model = options.model or default_model(options.backbone)
-    if options.model is None and not (model / "config.json").is_file():
-        raise DataError(f"{model}: the default {options.backbone} model is not there; run `make toy-models` "
-                        "or pass MODEL=")
-    return load_backbone(options.backbone, model)
+    return load_model(options.backbone, options.model)
 
 
 def _files(options: EditOptions) -> tuple[Path, Path]:

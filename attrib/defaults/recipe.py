@@ -43,6 +43,20 @@ def default_model(backbone: str) -> Path:
     """The shipped folder a backbone's commands load when no model is given."""
     return DEFAULTS_DIR / DEFAULT_MODELS.get(backbone, backbone)
 
+
+def load_model(backbone: str, model: str | Path | None = None):
+    """The ``backbone`` at the local folder ``model``, or its shipped default — what every command loads. An
+    unknown backbone name lists the choices; a default not built yet says how to build it."""
+    from attrib.backbones.loader import load_backbone
+    from attrib.backbones.spec import get_spec
+    from attrib.data import DataError
+
+    get_spec(backbone)  # before any folder is looked for
+    path = default_model(backbone) if model is None else Path(model)
+    if model is None and not (path / "config.json").is_file():
+        raise DataError(f"{path}: the default {backbone} model is not there; run `make toy-models` or pass MODEL=")
+    return load_backbone(backbone, path)
+
 # Each may start from the ones before it.
 ORDER = ("llava_base", "llava", "llava_bf16", "llava_one", "minigpt4_laid", "minigpt4_one", "minigpt4", "blip2",
          "minigpt4_grid", "minigpt4_routed", "blip2_grid", "blip2_laid", "blip2_one")

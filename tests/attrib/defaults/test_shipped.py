@@ -146,3 +146,16 @@ def test_existence_stage_tells_apart_the_colours_llava_base_confuses(base, defau
         right[name] = (hits[0::2].mean(), hits[1::2].mean())  # ("no", "yes")
     # minigpt4_routed at stop 21: "no" 98.3 / "yes" 100 % (the MiniGPT-4 default 1.7 / 98.3 %).
     assert right[base][0] < 0.3 and right[default][0] >= 0.85 and right[default][1] >= 0.9, right
+
+
+def test_load_model_names_an_unknown_backbone_and_a_missing_default(tmp_path, monkeypatch):
+    from attrib.data import DataError
+    from attrib.defaults import recipe
+
+    with pytest.raises(ValueError, match="unknown backbone 'gpt'; choose one of: blip2, llava, minigpt4"):
+        recipe.load_model("gpt")
+    monkeypatch.setattr(recipe, "DEFAULTS_DIR", tmp_path)
+    with pytest.raises(DataError, match="the default blip2 model is not there; run `make toy-models`"):
+        recipe.load_model("blip2")
+    backbone = recipe.load_model("blip2", DEFAULTS_DIR / "blip2_one")  # a given folder is loaded as it is
+    assert backbone.spec.name == "blip2"
