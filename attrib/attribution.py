@@ -191,27 +191,28 @@ def check_inputs(backbone: Backbone, records: list[EditRecord], images: list, pr
 
 
 def run_attribution(backbone: Backbone, records: list[EditRecord], config: AttributionConfig = AttributionConfig(),
-                    dataset: str = "", ceiling_records: list[EditRecord] | None = None) -> Attribution:
+                    dataset: str = "", ceiling_records: list[EditRecord] | None = None,
+                    progress: bool = True) -> Attribution:
     """Contribution and every region method of this backbone on ``records`` (VQA prompt format).
 
     The visual patching ceiling runs on the world records among ``ceiling_records`` (default:
     ``records``), at most ``config.ceiling_samples`` usable ones; without any it is skipped and the
-    placement follows the contribution rule alone.
+    placement follows the contribution rule alone. ``progress``: the progress bars.
     """
     prompts = [load_prompts()["vqa"].format(src=r.src) for r in records]
     images = [r.load_image("image") for r in records]
     check_inputs(backbone, records, images, prompts)
-    contrib = contribution(backbone, images, prompts, batch_size=config.batch_size)
+    contrib = contribution(backbone, images, prompts, batch_size=config.batch_size, progress=progress)
     regions = {}
     for name, method, region_set, causal in region_methods(backbone, config):
         n, method_layers = sweep_plan(backbone, config, len(records), causal)
         regions[name] = region_sweep(backbone, images[:n], prompts[:n], method, region_set, method_layers,
-                                     batch_size=config.batch_size)
+                                     batch_size=config.batch_size, progress=progress)
     ceiling = None
     if config.ceiling_samples > 0:
         cases = world_ceiling_cases(records if ceiling_records is None else ceiling_records,
                                     limit=config.ceiling_samples)
-        ceiling = visual_patching_ceiling(backbone, cases) if cases else None
+        ceiling = visual_patching_ceiling(backbone, cases, progress=progress) if cases else None
         ceiling = ceiling if ceiling is not None and ceiling.indices else None
     mean = contrib.mean()
     placement = place_edit(mean["attn"], mean["mlp"], config.threshold,

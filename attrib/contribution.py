@@ -274,7 +274,8 @@ def _check_residual(saved: _LastPosition) -> None:
 
 
 def contribution(backbone: Backbone, images: Sequence[Image.Image] | None, prompts: Sequence[str],
-                 targets: Sequence[str] | None = None, batch_size: int = 8) -> ContributionResult:
+                 targets: Sequence[str] | None = None, batch_size: int = 8,
+                 progress: bool = True) -> ContributionResult:
     """Contributions of every layer's attention and MLP to o* at the last prompt token.
 
     ``images`` (one per prompt) or None for text-only prompts (run through the spec's text LM).
@@ -298,7 +299,7 @@ def contribution(backbone: Backbone, images: Sequence[Image.Image] | None, promp
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in (
         "key_tokens", "attn", "mlp", "dla_attn", "dla_mlp", "dla_embed", "dla_bias", "logit")}
     starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc="contribution", disable=len(starts) <= 1):
+    for start in tqdm(starts, desc="contribution", disable=not progress or len(starts) <= 1):
         stop = start + batch_size
         batch_images = None if images is None else images[start:stop]
         batch_targets = None if targets is None else targets[start:stop]

@@ -134,7 +134,7 @@ def _placement(options: EditOptions, backbone: Backbone, eval_file: Path, eval_r
         records = load_records(vqa_file, options.images)
     config = AttributionConfig(draws=2, causal_samples=1, causal_draws=1, ceiling_samples=options.ceiling_n)
     attribution = run_attribution(backbone, records[:options.attribution_n], config, dataset=str(eval_file),
-                                  ceiling_records=records)
+                                  ceiling_records=records, progress=options.progress)
     folder = attribution.save(out / "attribution")
     attribution.plot_all(folder, n_overlays=2)
     placed = attribution.placement

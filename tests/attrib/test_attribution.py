@@ -37,6 +37,15 @@ def test_pipeline_writes_artifact_and_figures(tiny_backbone, world, tmp_path):
     assert all(p.stat().st_size > 0 for p in figures)
 
 
+def test_progress_bars_follow_the_flag(tiny_backbone, world, capsys):
+    records = load_records(world / "vqa_eval.json", n=2)
+    config = AttributionConfig(draws=1, causal_samples=1, causal_draws=1, batch_size=1)  # > 1 batch: a bar
+    run_attribution(tiny_backbone, records, config, progress=False)
+    assert "%|" not in capsys.readouterr().err  # `python -m editing edit --no-progress` prints no bar
+    run_attribution(tiny_backbone, records, config)
+    assert "contribution" in capsys.readouterr().err
+
+
 def test_bad_records_are_named(world, tmp_path):
     records = json.loads((world / "vqa_eval.json").read_text())
     del records[1]["alt"]
