@@ -22,9 +22,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from attrib.backbones.build import BackboneSizes
 from attrib.prompts import load_prompts
+
+if TYPE_CHECKING:
+    from attrib.backbones.loader import Backbone
 
 DEFAULTS_DIR = Path(__file__).parent / "models"
 # The folder each backbone's commands use when no MODEL is given, each trained in one folder from scratch or from
@@ -44,7 +48,7 @@ def default_model(backbone: str) -> Path:
     return DEFAULTS_DIR / DEFAULT_MODELS.get(backbone, backbone)
 
 
-def load_model(backbone: str, model: str | Path | None = None):
+def load_model(backbone: str, model: str | Path | None = None) -> Backbone:
     """The ``backbone`` at the local folder ``model``, or its shipped default — what every command loads. An
     unknown backbone name lists the choices; a default not built yet says how to build it."""
     from attrib.backbones.loader import load_backbone
@@ -56,6 +60,7 @@ def load_model(backbone: str, model: str | Path | None = None):
     if model is None and not (path / "config.json").is_file():
         raise DataError(f"{path}: the default {backbone} model is not there; run `make toy-models` or pass MODEL=")
     return load_backbone(backbone, path)
+
 
 # Each may start from the ones before it.
 ORDER = ("llava_base", "llava", "llava_bf16", "llava_one", "minigpt4_laid", "minigpt4_one", "minigpt4", "blip2",
