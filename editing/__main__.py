@@ -102,6 +102,10 @@ def _error(error: Exception) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     warnings.filterwarnings("ignore", message=".*past_key_values.*")
+    if args.no_progress:  # transformers' own weight-loading bar too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     if args.command == "scenes":
         try:
             return _scenes(args)

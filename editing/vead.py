@@ -35,7 +35,7 @@ of nine runs of the paper's VEAD (BLIP-2 and MiniGPT-4 defaults and `llava_bf16`
 left colour edits undone (Rel 72–96); in the failed BLIP-2 ones no head attended to the colour word (the best
 head's share on it 0.003–0.14 against 0.81–0.84 in runs that edit colours; on shape edits 0.83–0.97 in all).
 Marked by its role, the target is found whatever the word (the best head's share 0.99+ on every family),
-and all twenty-one runs on the defaults (stops 30–34) meet every goal; on `llava_bf16` one seed still left a
+and all twenty-two runs on the defaults (stops 30–34) meet every goal; on `llava_bf16` one seed still left a
 fifth of its count edits undone, so the role removes this plateau, not every one (EXPERIMENTS.md, "The target
 role").
 

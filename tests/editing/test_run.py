@@ -106,6 +106,18 @@ def test_missing_model_is_one_line(tmp_path, capsys):
     assert err.startswith("error:") and "\n" not in err
 
 
+def test_unknown_backbone_lists_the_choices_and_no_progress_silences_transformers(capsys):
+    from transformers.utils import logging as hf_logging
+
+    try:
+        assert main(["edit", "--backbone", "gpt", "--no-progress"]) == 2
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()
+    err = capsys.readouterr().err.strip()
+    assert err == "error: unknown backbone 'gpt'; choose one of: blip2, llava, minigpt4"
+
+
 def test_default_lr_follows_the_width():
     assert default_lr(4096) == 1e-4 and default_lr(2560) == 1e-4 and default_lr(128) == 1e-3
 
