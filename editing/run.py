@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from attrib.backbones.loader import Backbone
+from attrib.backbones.spec import get_spec
 from attrib.data import DataError, EditRecord, load_records
 from attrib.prompts import load_prompts
 from editing.checks import usable_records
@@ -212,6 +213,7 @@ def _write(path: Path, text: str) -> None:
 def run_edit(options: EditOptions) -> dict:
     """Run the pipeline of the module docstring; returns the results dict (also written to disk)."""
     torch.manual_seed(options.seed)
+    get_spec(options.backbone)  # a wrong backbone name is reported before any file is looked for
     train_file, eval_file = _files(options)  # checks --data first
     task = TASKS[options.data]
     backbone = _backbone(options)
