@@ -79,10 +79,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def _scenes(args) -> int:
     from attrib.data import load_records
-    from editing.run import WORLD, EditOptions, _backbone
+    from attrib.defaults.recipe import load_model
+    from editing.run import WORLD
     from editing.scenes import scene_separation
 
-    backbone = _backbone(EditOptions(backbone=args.backbone, model=args.model))
+    backbone = load_model(args.backbone, args.model)
     records = load_records(args.eval or WORLD / "vqa_eval.json", args.images, n=args.n)
     summary = scene_separation(backbone, records, args.edit_layer, progress=not args.no_progress).to_json()
     text = json.dumps(summary, indent=2)

@@ -22,6 +22,7 @@ import torch
 from attrib.backbones.loader import Backbone
 from attrib.backbones.spec import get_spec
 from attrib.data import DataError, EditRecord, load_records
+from attrib.defaults.recipe import load_model
 from attrib.prompts import load_prompts
 from editing.checks import usable_records
 from editing.editor import EditPlacement, EditRequest, VisEditEditor, weights_config, weights_placement
@@ -94,12 +95,6 @@ def sized_vead_config(width: int, mid_dim: int | None = None, heads: int | None 
     pick = lambda n: next(h for h in (8, 4, 2, 1) if n % h == 0)  # noqa: E731
     return VeadConfig(mid_dim=mid, n_heads=heads or pick(mid), im_hidden=mid, im_heads=pick(width),
                       scene_gate=scene_gate, scene_similarity=scene_similarity, target_role=target_role)
-
-
-def _backbone(options: EditOptions) -> Backbone:
-    from attrib.defaults.recipe import load_model
-
-    return load_model(options.backbone, options.model)
 
 
 def _files(options: EditOptions) -> tuple[Path, Path]:
@@ -216,7 +211,7 @@ def run_edit(options: EditOptions) -> dict:
     get_spec(options.backbone)  # a wrong backbone name is reported before any file is looked for
     train_file, eval_file = _files(options)  # checks --data first
     task = TASKS[options.data]
-    backbone = _backbone(options)
+    backbone = load_model(options.backbone, options.model)
     formats = load_prompts()
     eval_records = load_records(eval_file, options.images, n=options.n_eval)
     eval_records, bad_eval = usable_records(backbone, eval_records, task, formats, options.skip_bad)
