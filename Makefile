@@ -1,9 +1,14 @@
-# VisEdit toolkit: every target installs what it needs first (make setup is idempotent).
+# visedit toolkit: a thin layer over the `visedit` command line. Every target installs what it needs first
+# (make setup is idempotent). `make help` lists the targets and variables.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
+VISEDIT := $(BIN)/visedit
 STAMP := $(VENV)/.setup-stamp
+# The one torch pin: the CPU build, installed before anything that depends on torch (an unpinned torch
+# pulled in by a dependency would be a multi-GB CUDA build).
+TORCH := torch==2.13.0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
 # Nothing is ever fetched from a model hub: real checkpoints are local folders.
@@ -18,76 +23,89 @@ export MALLOC_MMAP_THRESHOLD_ := 33554432
 export MALLOC_TRIM_THRESHOLD_ := 1073741824
 export MALLOC_TOP_PAD_ := 268435456
 
-BACKBONE ?= llava
-SEED ?= 0
-N ?= 24
-MODEL ?=
-DATA ?=
-IMAGES ?=
-OUT ?=
-BACKBONES ?=
-TRAIN ?=
-EVAL ?=
-ATTRIBUTION ?=
-CHECKPOINT ?=
-STEPS ?=
-RESUME ?=
-SKIP_BAD ?=
+# ---- variables (name ?= default: what it is) ----
+BACKBONE ?= llava#         llava | blip2 | minigpt4
+MODEL ?=#                  local Hugging Face folder (empty: the shipped default of BACKBONE)
+DATA ?=#                   MMEdit JSON file for heatmaps / validate / scenes (empty: the world's eval set)
+IMAGES ?=#                 image root (empty: each data file's folder)
+N ?= 24#                   records for heatmaps / validate / scenes (the first N)
+SEED ?= 0#                 noise seed (heatmaps, validate), adapter seed (edit), world seed (world)
+OUT ?=#                    output folder (empty: under runs/; OUT=figures/<backbone> refreshes the committed figures)
+TASK ?= vqa#               edit: vqa (E-VQA) | caption (E-IC)
+TRAIN ?=#                  edit: MMEdit training file (empty: the world's)
+EVAL ?=#                   edit: MMEdit evaluation file (empty: the world's)
+ATTRIBUTION ?=#            edit: attribution.json to place from (empty: run the attribution first)
+CHECKPOINT ?=#             edit: trained adapter weights to evaluate without training
+STEPS ?=#                  edit: training steps (empty: 1750 for llava, 2000 otherwise)
+RESUME ?=#                 edit: 1 = continue the run checkpointed in OUT/checkpoint
+SKIP_BAD ?=#               edit: 1 = skip bad records (counted) instead of stopping at the first
+SCENE_GATE ?= 1#           edit: 0 = no scene gate (with TARGET_ROLE=0: the paper's adapter)
+SCENE_SIMILARITY ?= salient# edit: what the scene gate compares: salient | chamfer
+TARGET_ROLE ?= 1#          edit: 0 = VEAD without the target role
+N_TRAIN ?=#                world: records in each train split (empty: 3000 VQA / 1000 captions)
+N_EVAL ?=#                 world: records in each eval split (empty: 1000 VQA / 300 captions)
+BACKBONES ?= llava,minigpt4,blip2# toy-models: the defaults to train, in this order
+
 WORLD := runs/world
 WORLD_EVAL := $(WORLD)/vqa_eval.json
+on = $(filter 1 yes true,$(1))
+opt = $(if $(2),$(1) $(2),)
 
-model_arg = $(if $(MODEL),--model $(MODEL),)
-data_arg = --data $(if $(DATA),$(DATA),$(WORLD_EVAL)) $(if $(IMAGES),--images $(IMAGES),)
-out_arg = $(if $(OUT),--out $(OUT),)
+.PHONY: help setup test lint heatmaps validate edit scenes bench world toy-models clean
 
-.PHONY: setup test heatmaps validate bench world toy-models edit clean
+help: ## list the targets and variables
+	@echo "Targets:"
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  make \1\t\2/' | expand -t 22
+	@echo "Variables (default):"
+	@grep -E '^[A-Z_]+ \?=' $(MAKEFILE_LIST) | sed -E 's/^([A-Z_]+) \?= ?([^#]*)# *(.*)/  \1=\2\t\3/' | expand -t 28
 
-setup: $(STAMP)
+setup: $(STAMP) ## create .venv: the pinned torch first, then the package (pip install -e .[dev])
 
-# torch first, pinned: an unpinned torch pulled in by a dependency would be a multi-GB CUDA build.
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q $(FIND_LINKS) torch==2.13.0
+	$(PY) -m pip install -q $(FIND_LINKS) $(TORCH)
 	$(PY) -m pip install -q $(FIND_LINKS) -e '.[dev]'
 	touch $@
 
-test: setup
+test: setup ## the test suite, offline
 	$(PY) -m pytest -q
 
-# The world's eval set the attribution targets default to (seed 1: never a training seed).
+lint: setup ## ruff: lint and import order
+	$(BIN)/ruff check .
+
+# The world's eval set the commands default to (seed 1: never a training seed of the defaults).
 $(WORLD_EVAL): | setup
-	$(PY) -m attrib.world --seed 1 --out $(WORLD) --n-train 3000 --n-eval 300 --overwrite
+	$(VISEDIT) world --seed 1 --out $(WORLD) --n-train 3000 --n-eval 300 --overwrite
 
-heatmaps: setup $(if $(DATA),,$(WORLD_EVAL))
-	$(PY) -m attrib heatmaps --backbone $(BACKBONE) $(model_arg) $(data_arg) --n $(N) --seed $(SEED) $(out_arg)
+data_args = --data $(if $(DATA),$(DATA),$(WORLD_EVAL)) $(call opt,--images,$(IMAGES))
+model_args = --backbone $(BACKBONE) $(call opt,--model,$(MODEL))
 
-validate: setup $(if $(DATA),,$(WORLD_EVAL))
-	$(PY) -m attrib validate --backbone $(BACKBONE) $(model_arg) $(data_arg) --n $(N) --seed $(SEED) \
-		--out $(if $(OUT),$(OUT),runs/validate/$(BACKBONE))
+heatmaps: setup $(if $(DATA),,$(WORLD_EVAL)) ## attribution of BACKBONE on DATA: bars, heatmaps, artifact, placement
+	$(VISEDIT) heatmaps $(model_args) $(data_args) --n $(N) --seed $(SEED) $(call opt,--out,$(OUT))
 
-# DATA here is vqa|caption (for heatmaps it is a file); the world rule runs when TRAIN/EVAL are unset.
-edit: setup $(if $(or $(TRAIN),$(EVAL)),,$(WORLD_EVAL))
-	$(PY) -m editing edit --backbone $(BACKBONE) $(model_arg) --data $(if $(DATA),$(DATA),vqa) \
-		$(if $(TRAIN),--train $(TRAIN),) $(if $(EVAL),--eval $(EVAL),) $(if $(IMAGES),--images $(IMAGES),) \
-		$(if $(ATTRIBUTION),--attribution $(ATTRIBUTION),) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),) \
-		$(if $(STEPS),--steps $(STEPS),) --out $(if $(OUT),$(OUT),runs/$(BACKBONE)) \
-		$(if $(filter 1 yes true,$(RESUME)),--resume,) $(if $(filter 1 yes true,$(SKIP_BAD)),--skip-bad,) \
-		$(if $(filter 1 yes true,$(SCENE_GATE)),--scene-gate,) $(if $(filter 0 no false,$(SCENE_GATE)),--no-scene-gate,) \
-		$(if $(SCENE_SIMILARITY),--scene-similarity $(SCENE_SIMILARITY),) \
-		$(if $(filter 0 no false,$(TARGET_ROLE)),--no-target-role,)
+validate: setup $(if $(DATA),,$(WORLD_EVAL)) ## region maps and baselines scored against the world's truth boxes
+	$(VISEDIT) validate $(model_args) $(data_args) --n $(N) --seed $(SEED) $(call opt,--out,$(OUT))
 
-bench: setup
-	$(PY) -m benchmarks --threads 1 --out $(if $(OUT),$(OUT),runs/bench)
+edit: setup $(if $(or $(TRAIN),$(EVAL)),,$(WORLD_EVAL)) ## train and evaluate VisEdit (VEAD + IM) on BACKBONE
+	$(VISEDIT) edit $(model_args) --task $(TASK) $(call opt,--train,$(TRAIN)) $(call opt,--eval,$(EVAL)) \
+		$(call opt,--images,$(IMAGES)) $(call opt,--attribution,$(ATTRIBUTION)) \
+		$(call opt,--checkpoint,$(CHECKPOINT)) $(call opt,--steps,$(STEPS)) $(call opt,--out,$(OUT)) \
+		--seed $(SEED) $(if $(call on,$(RESUME)),--resume,) $(if $(call on,$(SKIP_BAD)),--skip-bad,) \
+		$(if $(call on,$(SCENE_GATE)),--scene-gate,--no-scene-gate) --scene-similarity $(SCENE_SIMILARITY) \
+		$(if $(call on,$(TARGET_ROLE)),--target-role,--no-target-role)
 
-world: setup
-	$(PY) -m attrib.world --seed $(SEED) --out $(if $(OUT),$(OUT),runs/world-$(SEED)) \
-		$(if $(N_TRAIN),--n-train $(N_TRAIN),) $(if $(N_EVAL),--n-eval $(N_EVAL),)
+scenes: setup $(if $(DATA),,$(WORLD_EVAL)) ## how well scene similarity tells an edit's images apart, untrained
+	$(VISEDIT) scenes $(model_args) $(data_args) --n $(N) $(call opt,--out,$(OUT))
 
-# Retrains the shipped defaults (resumable: checkpoints in runs/toy-models) and re-measures them; with
-# BACKBONES unset, the three defaults (attrib.defaults.recipe.DEFAULT_CHAIN), each from scratch or from another
-# default's parts; any recipe of attrib.defaults.recipe.ORDER can be named.
-toy-models: setup
-	$(PY) -m attrib.defaults $(if $(BACKBONES),--backbones $(BACKBONES),)
+bench: setup ## speed ratios measured in one run, against their goals
+	$(VISEDIT) bench --threads 1 $(call opt,--out,$(OUT))
 
-clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+world: setup ## the synthetic world with seed SEED in OUT (default runs/world-SEED)
+	$(VISEDIT) world --seed $(SEED) --out $(if $(OUT),$(OUT),runs/world-$(SEED)) \
+		$(call opt,--n-train,$(N_TRAIN)) $(call opt,--n-eval,$(N_EVAL))
+
+toy-models: setup ## retrain the default models (resumable); OUT=attrib/defaults/models replaces the shipped ones
+	$(VISEDIT) train-defaults --backbones $(BACKBONES) $(call opt,--out,$(OUT))
+
+clean: ## remove the virtual environment and caches (not runs/)
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -16,44 +16,26 @@ as ``placement.ceiling`` ([L + 1] values, index 0 = the LM input).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import torch
 from safetensors.torch import save_file
 
 from attrib.backbones.loader import Backbone
 from attrib.ceiling import CeilingResult, visual_patching_ceiling, world_ceiling_cases
+from attrib.config import AttributionConfig
 from attrib.contribution import ContributionResult, contribution
 from attrib.data import DataError, EditRecord
+from attrib.io import atomic_write, atomic_write_text, stored_path, writable_dir
 from attrib.placement import Placement, place_edit
 from attrib.prompts import load_prompts
-from attrib.regions.methods import AttentionKnockout, AttentionNoise
-from attrib.regions.propagated import CausalNoise, VitNoise
+from attrib.regions.registry import methods_for, sweep_plan
 from attrib.regions.result import RegionResult
-from attrib.regions.sweep import lm_regions, region_sweep, vit_regions
+from attrib.regions.sweep import region_sweep
 
 ARTIFACT_JSON = "attribution.json"
 ARTIFACT_TENSORS = "attribution.safetensors"
-
-
-@dataclass(frozen=True)
-class AttributionConfig:
-    sigma: float = 0.7  # VisEdit's absolute σ
-    rule: str = "abs"
-    draws: int = 10
-    seed: int = 0
-    window: int | None = None  # radius in cells; None = VisEdit's r = 3 scaled to the grid
-    vit_read: str = "local"  # Q-Former backbones' ViT noise: "local" (VisEdit's) or "propagated"; see VitNoise
-    causal_samples: int = 8  # the causal effect runs full forwards: fewer samples
-    causal_draws: int = 3
-    causal_layer_stride: int = 3  # the causal effect at every k-th layer: each layer is a batch of full forwards
-    batch_size: int = 8
-    threshold: float = 0.5  # placement rule's τ
-    ceiling_samples: int = 32  # world records for the visual patching ceiling; 0 = skip it
-    ceiling_threshold: float = 0.9  # placement rule's κ
 
 
 @dataclass
@@ -76,8 +58,8 @@ class Attribution:
         method = primary.meta["method"]
         return {
             "backbone": self.backbone,
-            "model": {"path": self.model_path, "fingerprint": self.fingerprint},
-            "dataset": self.dataset,
+            "model": {"path": stored_path(self.model_path), "fingerprint": self.fingerprint},
+            "dataset": stored_path(self.dataset) if self.dataset else self.dataset,
             "n_samples": len(self.records),
             "key_token": "the model's own top-1 next token at the last prompt position",
             "contribution": self.contribution.mean(),
@@ -92,16 +74,16 @@ class Attribution:
 
     def save(self, out_dir: str | Path) -> Path:
         """Write the tensors, then the JSON last (its presence marks a complete artifact)."""
-        out_dir = _writable(out_dir)
+        out_dir = writable_dir(out_dir)
         tensors = {f"contribution.{k}": v for k, v in self.contribution.to_tensors().items()}
         tensors.update({f"regions.{name}": r.maps.contiguous() for name, r in self.regions.items()})
-        _atomic(out_dir / ARTIFACT_TENSORS, lambda p: save_file(tensors, p))
-        _atomic(out_dir / ARTIFACT_JSON, lambda p: Path(p).write_text(json.dumps(self.to_json(), indent=2) + "\n"))
+        atomic_write(out_dir / ARTIFACT_TENSORS, lambda p: save_file(tensors, p))
+        atomic_write_text(out_dir / ARTIFACT_JSON, json.dumps(self.to_json(), indent=2) + "\n")
         return out_dir
 
     def plot_all(self, out_dir: str | Path, n_overlays: int = 4) -> list[Path]:
         """Contribution bars, layer × region heatmaps per method, and overlays with truth boxes."""
-        out_dir = _writable(out_dir)
+        out_dir = writable_dir(out_dir)
         written = []
 
         def keep(fig, name):
@@ -140,46 +122,6 @@ class Attribution:
         return fig
 
 
-def _writable(out_dir: str | Path) -> Path:
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise OSError(f"{out_dir}: output folder cannot be written ({error.strerror})") from None
-    return out_dir
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(str(tmp))
-    os.replace(tmp, path)
-
-
-def region_methods(backbone: Backbone, config: AttributionConfig) -> list[tuple[str, object, object, bool]]:
-    """(name, method, region set, causal?) to run for this backbone, the primary method first."""
-    noise = AttentionNoise(config.sigma, config.rule, config.draws, config.seed)
-    causal = CausalNoise(draws=config.causal_draws, seed=config.seed)
-    if backbone.spec.grid_site == "lm":
-        grid = lm_regions(backbone, config.window)
-        return [("attention_noise", noise, grid, False), ("attention_knockout", AttentionKnockout(), grid, False),
-                ("causal_noise", causal, grid, True)]
-    patches = vit_regions(backbone, config.window)
-    vit = VitNoise(config.sigma, config.rule, max(2, config.draws // 2), config.seed, config.vit_read)
-    return [("vit_noise", vit, patches, False),
-            ("query_noise", noise, lm_regions(backbone), False), ("causal_noise", causal, patches, True)]
-
-
-def sweep_plan(backbone: Backbone, config: AttributionConfig, n_records: int, causal: bool) -> tuple[int, list[int]]:
-    """(samples, layers) a method runs on: all of them, or fewer of both for the costly causal effect."""
-    layers = list(range(backbone.n_layers))
-    if not causal:
-        return n_records, layers
-    return min(n_records, config.causal_samples), layers[::config.causal_layer_stride]
-
-
 def check_inputs(backbone: Backbone, records: list[EditRecord], images: list, prompts: list[str]) -> None:
     """Encode each record alone first, so a prompt whose visual tokens cannot be found is reported with
     its file, record index and field instead of failing somewhere inside a batch."""
@@ -204,10 +146,11 @@ def run_attribution(backbone: Backbone, records: list[EditRecord], config: Attri
     check_inputs(backbone, records, images, prompts)
     contrib = contribution(backbone, images, prompts, batch_size=config.batch_size, progress=progress)
     regions = {}
-    for name, method, region_set, causal in region_methods(backbone, config):
-        n, method_layers = sweep_plan(backbone, config, len(records), causal)
-        regions[name] = region_sweep(backbone, images[:n], prompts[:n], method, region_set, method_layers,
-                                     batch_size=config.batch_size, progress=progress)
+    for entry in methods_for(backbone):
+        n, method_layers = sweep_plan(backbone, config, len(records), entry.costly)
+        regions[entry.name] = region_sweep(backbone, images[:n], prompts[:n], entry.method(config),
+                                           entry.regions(backbone, config), method_layers,
+                                           batch_size=config.batch_size, progress=progress)
     ceiling = None
     if config.ceiling_samples > 0:
         cases = world_ceiling_cases(records if ceiling_records is None else ceiling_records,

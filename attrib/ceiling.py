@@ -41,6 +41,7 @@ from attrib.backbones.loader import Backbone
 from attrib.data import EditRecord
 from attrib.prompts import load_prompts
 from attrib.world import COLORS, SHAPES, Scene, WorldRecord, evaluate, render
+from attrib.world.rebuild import WorldRebuild
 
 # Families whose answer is one attribute of the asked-about object.
 _ANSWER_ATTRIBUTE = {"color_of_shape": "color", "shape_of_color": "shape", "position": "shape"}
@@ -138,13 +139,10 @@ def world_ceiling_cases(records: Sequence[EditRecord], prompt_format: str | None
                         limit: int | None = None) -> list[CeilingCase]:
     """Counterfactual pairs for the world records among ``records`` (others are skipped), at most ``limit``.
 
-    The world records are rebuilt from the folder's meta.json by `editing.same_object.WorldSameObject`
-    (one rebuild rule for the whole project; imported here lazily, it lives with the M-Loc split).
+    The world records are rebuilt from the folder's meta.json (`attrib.world.rebuild`).
     """
-    from editing.same_object import WorldSameObject
-
     prompt_format = prompt_format or load_prompts()["vqa"]
-    rebuild = WorldSameObject()
+    rebuild = WorldRebuild()
     cases = []
     for record in records:
         if limit is not None and len(cases) >= limit:

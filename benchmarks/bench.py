@@ -1,4 +1,4 @@
-"""`make bench`: the toolkit's speed ratios, measured in one process and written to ``bench.json``.
+"""`make bench` / ``visedit bench``: the toolkit's speed ratios, measured in one process, in ``bench.json``.
 
 What it is for: checking that the region-sweep engine is much faster than the naive official-style
 sweep while giving the same maps, and that tracing costs little over a plain forward. When to use it:
@@ -7,8 +7,8 @@ each other, not across machines.
 
 Canonical pattern::
 
-    python -m benchmarks                     # full settings, OUT=runs/bench
-    python -m benchmarks --quick --out /tmp  # tiny shapes, one repeat (tests)
+    visedit bench                            # full settings, --out runs/bench
+    visedit bench --quick --out /tmp         # tiny shapes, one repeat (tests)
 
 Editing: ``vead_inference_overhead`` (edited / unedited forward) and ``vead_prefix_speedup`` (a training
 step with the whole model under autograd / with the no-grad prefix), on a random LLaVA with the 7B layer
@@ -34,12 +34,12 @@ from typing import Any, Callable
 
 import torch
 
-from attrib.defaults.recipe import default_model as shipped_default
+from attrib.defaults import default_model as shipped_default
 from benchmarks.cases import explain_trace_overhead, region_sweep_case, trace_overhead_case
 from benchmarks.editing_cases import scaled_vead_config, vead_case
-from editing.run import sized_vead_config
-from editing.vead import lm_width
 from benchmarks.setups import FULL_SHAPES, QUICK_SHAPES, BenchModel, BenchShapes, default_llava, random_llava
+from editing.adapter.vead import lm_width
+from editing.command.run import sized_vead_config
 
 
 @dataclass(frozen=True)
@@ -246,16 +246,19 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=os.environ.get("OUT") or "runs/bench", help="folder for bench.json")
-    parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 5; quick 1)")
+def bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for bench.json")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default: 5; quick: 1)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one repeat (for tests)")
-    parser.add_argument("--default-model", default=None, help="default LLaVA folder (default: the shipped one)")
+    parser.add_argument("--default-model", default=None,
+                        help="default LLaVA folder (default: the shipped one, attrib/defaults/models/llava)")
     parser.add_argument("--only", nargs="*", choices=sorted(BENCHMARKS), help="run only these benchmarks")
     parser.add_argument("--note", default="", help="free-text machine note stored in bench.json")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    args = parser.parse_args(argv)
+
+
+def bench(args: argparse.Namespace) -> int:
+    """Speed ratios measured in one run, each against its goal; writes OUT/bench.json."""
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 5)
     report = run_benchmarks(args.out, repeats, args.quick, args.default_model, args.only, args.note,
                             args.threads)

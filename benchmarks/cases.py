@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from attrib.contribution import _trace_last_position, contribution
-from attrib.regions.methods import AttentionNoise
+from attrib.regions.attention_noise import AttentionNoise
 from attrib.regions.naive import naive_noise_map
 from attrib.regions.regions import RegionSet
 from attrib.regions.sweep import lm_regions, region_sweep

@@ -1,5 +1,5 @@
 """What the editing plugin costs: an edited forward against the unedited one, and a training step with the
-no-grad prefix (`editing.split.SplitForward`) against the same step with the whole model under autograd.
+no-grad prefix (`editing.adapter.split.SplitForward`) against the same step with the whole model under autograd.
 
 Both run one `VisEditEditor` on a `BenchModel`, with the edit signal of the model's first sample, and
 time interleaved medians (`benchmarks.timing.interleaved`).
@@ -12,13 +12,14 @@ import torch
 
 from benchmarks.setups import BenchModel
 from benchmarks.timing import interleaved
-from editing.editor import EditRequest, VisEditEditor
-from editing.examples import answer_positions
+from editing.adapter.visedit import VisEditEditor
+from editing.editor import EditRequest
+from editing.training.examples import answer_positions
 from editing.inputs import teacher_forced_batch
-from editing.run import sized_vead_config
-from editing.losses import target_nll
-from editing.split import SplitForward
-from editing.vead import VeadConfig, count_parameters, lm_width
+from editing.command.run import sized_vead_config
+from editing.training.losses import target_nll
+from editing.adapter.split import SplitForward
+from editing.adapter.vead import VeadConfig, count_parameters, lm_width
 
 
 def scaled_vead_config(width: int) -> VeadConfig:

@@ -12,7 +12,7 @@ with a Llama ``text_config``:
 Canonical pattern::
 
     convert_minigpt4("blip2_pretrained_flant5xxl.pth", "pretrained_minigpt4_7b.pth", "vicuna-7b", "out",
-                     eva_vit="eva_vit_g.pth")     # or: python -m attrib.backbones.minigpt4 --help
+                     eva_vit="eva_vit_g.pth")     # or: visedit convert-minigpt4 --help
     model, processor, spec = load_backbone("minigpt4", "out")
 
 Gotchas: head counts cannot be read off shapes; they default to the real head widths (88 for EVA ViT-g,
@@ -22,7 +22,6 @@ Gotchas: head counts cannot be read off shapes; they default to the real head wi
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import pickle
 import re
@@ -395,30 +394,3 @@ def convert_minigpt4(vit_qformer: Source, minigpt4: Source, vicuna_dir: str | Pa
                 "converted_from": sources, "sizes": asdict(sizes), "dtype": str(dtype).removeprefix("torch."),
                 "tokenizer_changes": changes, "dropped_keys": dropped}
     return save_backbone(model, processor, out_dir, manifest)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: ``python -m attrib.backbones.minigpt4 --vit-qformer F --minigpt4 F --vicuna DIR --out DIR``."""
-    parser = argparse.ArgumentParser(prog="python -m attrib.backbones.minigpt4", description=__doc__.split("\n")[0])
-    for flag, help_text in (("--vit-qformer", "LAVIS BLIP-2 checkpoint, e.g. blip2_pretrained_flant5xxl.pth"),
-                            ("--minigpt4", "MiniGPT-4 checkpoint with llama_proj"),
-                            ("--vicuna", "Vicuna-7B v0 HF folder (weights + tokenizer)"), ("--out", "output folder")):
-        parser.add_argument(flag, required=True, help=help_text)
-    parser.add_argument("--eva-vit", help="eva_vit_g.pth, when the BLIP-2 checkpoint has no visual_encoder.* keys")
-    parser.add_argument("--num-query-tokens", type=int, default=32)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    parser.add_argument("--vision-heads", type=int, help="ViT heads (default: width / 88, as EVA ViT-g)")
-    parser.add_argument("--qformer-heads", type=int, help="Q-Former heads (default: width / 64, as BERT-base)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out = convert_minigpt4(args.vit_qformer, args.minigpt4, args.vicuna, args.out, eva_vit=args.eva_vit,
-                           num_query_tokens=args.num_query_tokens, image_size=args.image_size,
-                           dtype=getattr(torch, args.dtype), vision_heads=args.vision_heads,
-                           qformer_heads=args.qformer_heads)
-    print(f"wrote {out}; load it with load_backbone('minigpt4', {str(out)!r})")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

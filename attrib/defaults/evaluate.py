@@ -8,9 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from attrib.backbones.loader import Backbone, load_backbone
+from attrib.answers import greedy_answers, teacher_forced_hits
+from attrib.backbones.loader import load_backbone
 from attrib.defaults.recipe import PROMPTS
 from attrib.world import (
     FACTS, VQA_FAMILIES, InfeasibleQuestion, WorldConfig, WorldSampler, caption, render, sample_question,
@@ -19,35 +19,8 @@ from attrib.world import (
 HELDOUT_SEED = 10_007
 
 
-@torch.no_grad()
-def teacher_forced_hits(backbone: Backbone, images, prompts: list[str], targets: list[str]) -> list[list[bool]]:
-    """Per row, for each target token: is the argmax at the previous position that token?
-
-    Rows are ``template(prompt) + " " + target`` (left-padded), so every target ends the row.
-    """
-    inputs = backbone.encode(images, prompts, targets)
-    logits = backbone.forward(inputs).logits  # [B, T, V]
-    hits = []
-    for row, target in enumerate(targets):
-        ids = backbone.tokenizer(" " + target, add_special_tokens=False).input_ids
-        n = len(ids)
-        predicted = logits[row, -n - 1:-1].argmax(-1)
-        hits.append((predicted == torch.tensor(ids)).tolist())
-    return hits
-
-
-@torch.no_grad()
-def greedy_answers(backbone: Backbone, images, prompts: list[str], max_new_tokens: int = 3) -> list[str]:
-    """Greedy generations (prompt stripped, cut at EOS), one per prompt."""
-    inputs = backbone.encode(images, prompts)
-    generator = backbone.model if images is not None else backbone.module(backbone.spec.text_lm)
-    out = generator.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=backbone.tokenizer.pad_token_id)
-    new = out[:, inputs["input_ids"].shape[1]:]
-    return [text.strip() for text in backbone.tokenizer.batch_decode(new, skip_special_tokens=True)]
-
-
-def _family_batch(sampler: WorldSampler, family: str, n: int, split: str):
+def family_batch(sampler: WorldSampler, family: str, n: int, split: str) -> tuple[list, list[str], list[str]]:
+    """(images, VQA prompts, answers) of ``n`` fresh questions of ``family`` (``split``'s templates)."""
     images, prompts, answers = [], [], []
     while len(prompts) < n:
         scene = sampler.scene()
@@ -75,7 +48,7 @@ def evaluate_default(name: str, path: str | Path, n_per_family: int = 200, batch
         sampler = WorldSampler(WorldConfig(), seed=seed, min_objects=objects[0], max_objects=objects[1])
         per_family = {}
         for family in VQA_FAMILIES:
-            images, prompts, answers = _family_batch(sampler, family, n_per_family, split)
+            images, prompts, answers = family_batch(sampler, family, n_per_family, split)
             first, greedy = [], []
             for lo, hi in _chunks(len(prompts), batch):
                 first += [h[0] for h in teacher_forced_hits(backbone, images[lo:hi], prompts[lo:hi], answers[lo:hi])]

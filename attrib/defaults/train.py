@@ -1,4 +1,4 @@
-"""Training the shipped default backbones on the synthetic world (``make toy-models``).
+"""Training the default backbones on the synthetic world (``make toy-models``, ``visedit train-defaults``).
 
 Deterministic for a seed (fixed step counts; every draw from recorded generators), resumable: a
 checkpoint in the work folder after every ``save_every`` steps lets a killed run continue where it was.
@@ -11,7 +11,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,11 +22,15 @@ from attrib.backbones.build import build_backbone, save_backbone, sizes_dict
 from attrib.backbones.loader import load_backbone
 from attrib.backbones.spec import get_spec
 from attrib.backbones.tokenizer import train_bpe_tokenizer
-from attrib.defaults.batches import PatchHeads, Templates, language_loss, vision_loss
-from attrib.defaults.recipe import (
-    DEFAULTS_DIR, PROMPTS, RECIPES, TOKENIZER_EXTRA, TOKENIZER_VOCAB, Recipe, Stage,
-)
+from attrib.defaults import DEFAULTS_DIR
+from attrib.io import stored_path
+from attrib.defaults.batches import Templates
+from attrib.defaults.losses import PatchHeads, language_loss, vision_loss
+from attrib.defaults.recipe import PROMPTS, RECIPES, TOKENIZER_EXTRA, TOKENIZER_VOCAB, Recipe, Stage
 from attrib.world import SIZES, WorldConfig, WorldSampler, answer_words, corpus_lines
+
+DEFAULT_OUT = Path("runs/toy-models/models")  # the shipped folders are refreshed only when asked (--out)
+DEFAULT_WORK = Path("runs/toy-models/checkpoints")
 
 
 def world_tokenizer(seed: int = 0):
@@ -74,9 +78,10 @@ def _save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _init_from(model, recipe: Recipe, out_root: Path) -> None:
+def _init_from(model, recipe: Recipe, folder: Path) -> None:
+    """Copy the parameters the recipe's ``init_from`` mapping names from the default in ``folder``."""
     source_name, mapping = recipe.init_from
-    source = load_backbone(RECIPES[source_name].backbone, out_root / source_name).model.state_dict()
+    source = load_backbone(RECIPES[source_name].backbone, folder).model.state_dict()
     target = model.state_dict()
     copied = 0
     for key, value in source.items():
@@ -92,108 +97,155 @@ def _init_from(model, recipe: Recipe, out_root: Path) -> None:
         raise ValueError(f"init {recipe.backbone} from {source_name}: nothing matched {list(mapping)}")
 
 
-def train_default(name: str, out_root: Path = DEFAULTS_DIR, work_root: Path = Path("runs/toy-models"),
-                  save_every: int = 100, scale: float = 1.0) -> Path:
-    """Train default backbone ``name`` by its recipe and write it to ``out_root/name``.
+def _source_folder(recipe: Recipe, out_root: Path) -> Path:
+    """Where a recipe's ``init_from`` default is read: ``out_root``, else the shipped folder."""
+    name = recipe.init_from[0]
+    for folder in (out_root / name, DEFAULTS_DIR / name):
+        if (folder / "config.json").is_file():
+            return folder
+    raise FileNotFoundError(f"{out_root / name}: the {recipe.backbone} recipe starts from the {name} default, "
+                            f"found neither there nor in {DEFAULTS_DIR}; train {name} first")
 
-    ``scale`` multiplies every stage's step count (tests use a tiny fraction).
+
+def _start(name: str, recipe: Recipe, out_root: Path, work: Path):
+    """The untrained model of a recipe (its start copied in when it has one), processor and patch heads.
+    The order of seeded draws here is part of the recipe: keep it."""
+    torch.manual_seed(recipe.seed)
+    # A default that starts from another one's weights must share its vocabulary exactly.
+    source = _source_folder(recipe, out_root) if recipe.init_from else None
+    tokenizer = (AutoTokenizer.from_pretrained(source, local_files_only=True) if source is not None
+                 else _run_tokenizer(work, recipe.seed))
+    for option in ("is_local", "local_files_only"):  # how it was loaded, not what it is: keep it out of the save
+        tokenizer.init_kwargs.pop(option, None)
+    model, processor = build_backbone(recipe.backbone, recipe.sizes, tokenizer, seed=recipe.seed)
+    if source is not None:
+        _init_from(model, recipe, source)
+    model.eval()  # no dropout: training only needs gradients, and eval mode keeps steps deterministic
+    heads = PatchHeads(recipe.sizes.vision_hidden, recipe.sizes.image_size // recipe.sizes.patch_size)
+    return model, processor, heads
+
+
+@dataclass
+class _Run:
+    """One training run: what every stage of it shares."""
+
+    name: str
+    recipe: Recipe
+    model: torch.nn.Module
+    processor: object
+    heads: PatchHeads
+    checkpoint: Path
+    log: dict  # finished stages and wall time, saved in every checkpoint
+    started: float  # time.time() at the start, less the wall time of earlier sessions
+    default_attention: str  # the model's own attention implementation (stages may switch to eager)
+    save_every: int
+    scale: float
+
+
+def _run_stage(run: _Run, index: int, state: dict | None) -> None:
+    """Train stage ``index`` of the run's recipe (resuming mid-stage from ``state``), checkpointing every
+    ``save_every`` steps and at its end."""
+    recipe, model, processor, heads, log = run.recipe, run.model, run.processor, run.heads, run.log
+    stage = recipe.stages[index]
+    spec = get_spec(recipe.backbone)
+    templates = Templates(spec.prompt_template, spec.text_template)
+    bf16 = recipe.autocast == "bf16" and not stage.fp32
+    precision = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    steps = max(1, round(stage.steps * run.scale))
+    sampler = WorldSampler(WorldConfig(), seed=recipe.seed * 1000 + index)
+    world = sampler.config
+    groups = _param_groups(model, stage)
+    if stage.kind == "vision":
+        groups.append({"params": list(heads.parameters()), "lr": stage.lr, "base_lr": stage.lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
+    first = 0
+    if state and index == state["stage"] and state["step"] > 0:  # mid-stage; at a boundary start fresh
+        optimizer.load_state_dict(state["optimizer"])
+        sampler.rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        first = state["step"]
+    # Attention weights come from eager attention only (sdpa returns none). Every stage under bf16 autocast
+    # runs eager: sdpa's bf16 backward on the CPU took a third of a step.
+    eager = stage.attend_layers or stage.layout_weight or bf16  # direction_layers need attend_layers
+    model.set_attn_implementation("eager" if eager else run.default_attention)
+    bar = tqdm(range(first, steps), desc=f"{run.name}:{stage.name}", initial=first, total=steps,
+               file=sys.stderr, mininterval=5)
+    metric = 0.0
+    for step in bar:
+        nominal = step * stage.steps // steps
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * _schedule(stage, nominal)
+        sampler.config = replace(world, max_objects=stage.object_limit(nominal) or world.max_objects)
+        with precision:
+            if stage.kind == "vision":
+                loss, metric = vision_loss(model, processor, spec, heads, sampler, stage.batch_images)
+            else:
+                loss = language_loss(model, processor, spec, templates, sampler, stage)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+        optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", **({"patch_shape_acc": f"{metric:.3f}"} if metric else {}))
+        done = step + 1
+        if done % run.save_every == 0 or done == steps:
+            log["wall_s"] = time.time() - run.started
+            if done == steps:
+                log["stages"].append({"name": stage.name, "steps": steps, "final_loss": round(loss.item(), 4),
+                                      "wall_s_total": round(log["wall_s"], 1)})
+            _save_atomic({"stage": index + (done == steps), "step": 0 if done == steps else done,
+                          "model": model.state_dict(), "heads": heads.state_dict(),
+                          "optimizer": optimizer.state_dict(), "rng": sampler.rng.bit_generator.state,
+                          "torch_rng": torch.get_rng_state(), "log": log}, run.checkpoint)
+
+
+def train_default(name: str, out_root: Path = DEFAULT_OUT, work_root: Path = DEFAULT_WORK,
+                  save_every: int = 100, scale: float = 1.0) -> Path:
+    """Train default ``name`` (a backbone: "llava", "minigpt4", "blip2") by its recipe, write it to
+    ``out_root/name`` and return that folder.
+
+    Resumable: a checkpoint in ``work_root/name`` after every ``save_every`` steps lets a killed run go on
+    where it was, to the same weights. ``scale`` multiplies every stage's step count (tests use a tiny
+    fraction). A recipe that starts from another default reads it from ``out_root`` or, failing that, from
+    the shipped folder.
     """
     recipe = RECIPES[name]
     if recipe.autocast not in (None, "bf16"):
         raise ValueError(f"recipe {name!r}: autocast must be None or 'bf16', got {recipe.autocast!r}")
-    spec = get_spec(recipe.backbone)
     work = work_root / name
     work.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(recipe.seed)
-    # A default that starts from another one's weights must share its vocabulary exactly.
-    tokenizer = (AutoTokenizer.from_pretrained(out_root / recipe.init_from[0], local_files_only=True)
-                 if recipe.init_from else _run_tokenizer(work, recipe.seed))
-    for option in ("is_local", "local_files_only"):  # how it was loaded, not what it is: keep it out of the save
-        tokenizer.init_kwargs.pop(option, None)
-    model, processor = build_backbone(recipe.backbone, recipe.sizes, tokenizer, seed=recipe.seed)
-    if recipe.init_from:
-        _init_from(model, recipe, out_root)
-    model.eval()  # no dropout: training only needs gradients, and eval mode keeps steps deterministic
-    templates = Templates(spec.prompt_template, spec.text_template)
-    heads = PatchHeads(recipe.sizes.vision_hidden, recipe.sizes.image_size // recipe.sizes.patch_size)
+    model, processor, heads = _start(name, recipe, out_root, work)
     ckpt_file = work / "checkpoint.pt"
     state = torch.load(ckpt_file, weights_only=False) if ckpt_file.is_file() else None
     log = state["log"] if state else {"stages": [], "wall_s": 0.0}
     if state:
         model.load_state_dict(state["model"])
         heads.load_state_dict(state["heads"])
-    started = time.time() - log["wall_s"]
-    default_attention = model.config._attn_implementation
-    for index, stage in enumerate(recipe.stages):
-        bf16 = recipe.autocast == "bf16" and not stage.fp32
-        precision = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-        steps = max(1, round(stage.steps * scale))
+    run = _Run(name, recipe, model, processor, heads, ckpt_file, log, time.time() - log["wall_s"],
+               model.config._attn_implementation, save_every, scale)
+    for index in range(len(recipe.stages)):
         if state and index < state["stage"]:
             continue
-        sampler = WorldSampler(WorldConfig(), seed=recipe.seed * 1000 + index)
-        world = sampler.config
-        trainable = heads if stage.kind == "vision" else None
-        groups = _param_groups(model, stage)
-        if trainable is not None:
-            groups.append({"params": list(trainable.parameters()), "lr": stage.lr, "base_lr": stage.lr})
-        optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
-        first = 0
-        if state and index == state["stage"] and state["step"] > 0:  # mid-stage; at a boundary start fresh
-            optimizer.load_state_dict(state["optimizer"])
-            sampler.rng.bit_generator.state = state["rng"]
-            torch.set_rng_state(state["torch_rng"])
-            first = state["step"]
-        # Attention weights come from eager attention only (sdpa returns none). Every stage under bf16
-        # autocast runs eager: sdpa's bf16 backward on CPU took a third of a step (EXPERIMENTS.md, stop 26).
-        eager = stage.attend_layers or stage.layout_weight or bf16  # direction_layers need attend_layers
-        model.set_attn_implementation("eager" if eager else default_attention)
-        bar = tqdm(range(first, steps), desc=f"{name}:{stage.name}", initial=first, total=steps,
-                   file=sys.stderr, mininterval=5)
-        metric = 0.0
-        for step in bar:
-            nominal = step * stage.steps // steps
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * _schedule(stage, nominal)
-            sampler.config = replace(world, max_objects=stage.object_limit(nominal) or world.max_objects)
-            with precision:
-                if stage.kind == "vision":
-                    loss, metric = vision_loss(model, processor, spec, heads, sampler, stage.batch_images)
-                else:
-                    loss = language_loss(model, processor, spec, templates, sampler, stage.batch_images,
-                                         stage.questions_per_image, stage.facts, stage.fact_weight,
-                                         stage.family_weights, stage.attend_layers, stage.attend_weight,
-                                         stage.attend_from, stage.hard_negatives, stage.layout_weight,
-                                         stage.exists_pairs, stage.pair_colors, stage.direction_layers)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
-            optimizer.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}", **({"patch_shape_acc": f"{metric:.3f}"} if metric else {}))
-            done = step + 1
-            if done % save_every == 0 or done == steps:
-                log["wall_s"] = time.time() - started
-                if done == steps:
-                    log["stages"].append({"name": stage.name, "steps": steps, "final_loss": round(loss.item(), 4),
-                                          "wall_s_total": round(log["wall_s"], 1)})
-                _save_atomic({"stage": index + (done == steps), "step": 0 if done == steps else done,
-                              "model": model.state_dict(), "heads": heads.state_dict(),
-                              "optimizer": optimizer.state_dict(), "rng": sampler.rng.bit_generator.state,
-                              "torch_rng": torch.get_rng_state(), "log": log}, ckpt_file)
+        _run_stage(run, index, state)
         state = None
-    model.set_attn_implementation(default_attention)
-    out_dir = out_root / name
+    model.set_attn_implementation(run.default_attention)
+    return _write_default(run, out_root / name, time.time() - run.started)
+
+
+def _write_default(run: _Run, out_dir: Path, wall_s: float) -> Path:
+    """Save the trained model (fp16 on disk keeps each folder small) with its manifest."""
+    recipe, name, scale = run.recipe, run.name, run.scale
+    spec = get_spec(recipe.backbone)
     manifest = {
         "backbone": recipe.backbone, "name": name, "seed": recipe.seed,
-        "command": f"make toy-models BACKBONES={name}",
-        "stages": log["stages"], "wall_s": round(time.time() - started, 1), "sizes": sizes_dict(recipe.sizes),
+        "command": f"make toy-models BACKBONES={name} OUT={stored_path(out_dir.parent)}",
+        "stages": run.log["stages"], "wall_s": round(wall_s, 1), "sizes": sizes_dict(recipe.sizes),
         "prompt_template": spec.prompt_template, "text_template": spec.text_template, "prompts": PROMPTS,
         "image_tokens": _image_token_note(spec),
         "init_from": recipe.init_from[0] if recipe.init_from else None, "scale": scale,
         "autocast": recipe.autocast,
         **({"fp32_stages": [s.name for s in recipe.stages if s.fp32]} if recipe.autocast else {}),
     }
-    save_backbone(model.half(), processor, out_dir, manifest)  # fp16 on disk keeps each folder small
-    return out_dir
+    return save_backbone(run.model.half(), run.processor, out_dir, manifest)
 
 
 def _image_token_note(spec) -> str:

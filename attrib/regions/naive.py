@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from attrib.backbones.loader import Backbone
-from attrib.regions.methods import AttentionNoise, draw_noise, noise_generator, noise_scale, one_minus_cos
+from attrib.regions.attention_noise import AttentionNoise
+from attrib.regions.noise import draw_noise, noise_generator, noise_scale, one_minus_cos
 from attrib.regions.regions import RegionSet
 
 

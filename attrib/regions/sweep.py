@@ -1,10 +1,11 @@
-"""The region sweep engine: one capture pass per batch, then a pluggable method per layer and sample.
+"""The region sweep: one entry point for every method, and the engine of the local methods.
 
     result = region_sweep(backbone, images, prompts, AttentionNoise(sigma=0.7, draws=10),
                           regions=lm_regions(backbone), layers=range(backbone.n_layers))
 
-Local methods (`AttentionNoise`, `AttentionKnockout`) work on the LM's visual tokens; propagated methods
-(`attrib.regions.propagated`) run perturbed forwards from their own site (LM layer input or ViT patches).
+Local methods (`attrib.regions.base.LocalMethod`) work on the LM's visual tokens: one capture pass per
+batch, then the method per sample and layer on the captured last-query attention. Propagated methods run
+perturbed forwards from their own site (`attrib.regions.propagated`).
 """
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ import torch
 from tqdm import tqdm
 
 from attrib.backbones.loader import Backbone
+from attrib.regions.base import LocalMethod, PropagatedMethod, RegionMethod
 from attrib.regions.capture import capture_layers, last_query_attention
-from attrib.regions.methods import noise_generator
+from attrib.regions.noise import noise_generator
+from attrib.regions.propagated import propagated_sweep
 from attrib.regions.regions import RegionSet, default_radius, grid_windows, single_tokens
 from attrib.regions.result import RegionResult
 
@@ -34,18 +37,26 @@ def vit_regions(backbone: Backbone, radius: int | None = None) -> RegionSet:
     return grid_windows(rows, cols, default_radius(rows) if radius is None else radius, "vit")
 
 
-def region_sweep(backbone: Backbone, images: Sequence, prompts: Sequence[str], method, regions: RegionSet,
-                 layers: Sequence[int], batch_size: int = 4, progress: bool = True,
+def region_sweep(backbone: Backbone, images: Sequence, prompts: Sequence[str], method: RegionMethod,
+                 regions: RegionSet, layers: Sequence[int], batch_size: int = 4, progress: bool = True,
                  sample_offset: int = 0) -> RegionResult:
     """Influence maps [N, layers, C] of ``method`` for every sample, layer and region.
 
     Noise for sample n (global index ``sample_offset + n``) and layer ℓ comes from its own seeded stream,
     so results do not depend on the batch size.
     """
-    if method.kind != "local":
-        from attrib.regions.propagated import propagated_sweep
+    if isinstance(method, PropagatedMethod):
         return propagated_sweep(backbone, images, prompts, method, regions, layers, batch_size, progress,
                                 sample_offset)
+    if not isinstance(method, LocalMethod):
+        raise TypeError(f"{type(method).__name__} is not a region method (LocalMethod or PropagatedMethod)")
+    return local_sweep(backbone, images, prompts, method, regions, layers, batch_size, progress, sample_offset)
+
+
+def local_sweep(backbone: Backbone, images: Sequence, prompts: Sequence[str], method: LocalMethod,
+                regions: RegionSet, layers: Sequence[int], batch_size: int = 4, progress: bool = True,
+                sample_offset: int = 0) -> RegionResult:
+    """`region_sweep` of a local method: per batch one capture pass, then ``method.local`` per sample and layer."""
     if regions.site != "lm":
         raise ValueError(f"{method.name} perturbs LM visual tokens; region set {regions.name!r} is on {regions.site!r}")
     layers = list(layers)

@@ -41,7 +41,7 @@ def test_progress_bars_follow_the_flag(tiny_backbone, world, capsys):
     records = load_records(world / "vqa_eval.json", n=2)
     config = AttributionConfig(draws=1, causal_samples=1, causal_draws=1, batch_size=1)  # > 1 batch: a bar
     run_attribution(tiny_backbone, records, config, progress=False)
-    assert "%|" not in capsys.readouterr().err  # `python -m editing edit --no-progress` prints no bar
+    assert "%|" not in capsys.readouterr().err  # `visedit edit --no-progress` prints no bar
     run_attribution(tiny_backbone, records, config)
     assert "contribution" in capsys.readouterr().err
 
@@ -61,7 +61,7 @@ def test_bad_records_are_named(world, tmp_path):
 
 
 def test_cli_errors_are_one_line(world, tmp_path, capsys):
-    from attrib.__main__ import main
+    from visedit.cli import main
 
     code = main(["heatmaps", "--model", str(tmp_path / "nope"), "--data", str(world / "vqa_eval.json")])
     err = capsys.readouterr().err.strip()

@@ -58,10 +58,10 @@ def test_lm_input_patch_flips_a_constructed_answer(tiny_backbone, monkeypatch):
 
 
 def test_world_counterfactuals_answer_alt(world):
-    from editing.same_object import WorldSameObject
+    from attrib.world.rebuild import WorldRebuild
 
     records = load_records(world / "vqa_eval.json")
-    rebuild = WorldSameObject()
+    rebuild = WorldRebuild()
     made = 0
     for record in records:
         scene_record = rebuild.world_record(record)

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from attrib.regions.regions import grid_windows
-from benchmarks.bench import BENCHMARKS, BenchOutput, Goal, format_table, main, register, run_benchmarks
+from benchmarks.bench import BENCHMARKS, BenchOutput, Goal, format_table, register, run_benchmarks
+from visedit.cli import main
 from benchmarks.cases import spread_subset
 
 REQUIRED = ("region_sweep_speedup", "region_sweep_max_abs_diff", "trace_overhead", "region_subset",
@@ -70,7 +71,7 @@ def test_registered_benchmark_adds_keys_and_goals(tmp_path, monkeypatch):
 
 def test_cli_only_and_subset(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("benchmarks.bench.BENCHMARKS", {k: v for k, v in BENCHMARKS.items() if k == "default_llava"})
-    assert main(["--quick", "--out", str(tmp_path), "--only", "default_llava",
+    assert main(["bench", "--quick", "--out", str(tmp_path), "--only", "default_llava",
                  "--default-model", str(tmp_path / "missing")]) == 0
     assert (tmp_path / "bench.json").is_file() and "skipped" in capsys.readouterr().out
     subset, picks = spread_subset(grid_windows(24, 24, 3, "lm"), 48)

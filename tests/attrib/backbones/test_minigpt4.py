@@ -15,8 +15,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import Blip2ForConditionalGeneration, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from attrib.backbones.loader import load_backbone
+from visedit.cli import main
 from attrib.backbones.minigpt4 import (
-    PROJ, QFORMER, VIT, Checkpoint, blip2_config, convert_minigpt4, infer_sizes, main, map_state_dict,
+    PROJ, QFORMER, VIT, Checkpoint, blip2_config, convert_minigpt4, infer_sizes, map_state_dict,
 )
 from attrib.backbones.spec import IMAGE_PLACEHOLDER, MINIGPT4
 
@@ -89,16 +90,17 @@ def save_vicuna(path, tokenizer) -> LlamaForCausalLM:
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, tiny_tokenizer):
-    """Checkpoints written as .pth files and converted through the CLI (float32, so equality is exact)."""
+    """Checkpoints written as .pth files and converted through ``visedit convert-minigpt4`` (float32, so
+    equality is exact)."""
     root = tmp_path_factory.mktemp("minigpt4")
     src = sources()
     torch.save({"model": src["vit_qformer"], "epoch": 3}, root / "blip2_pretrained_flant5xxl.pth")
     torch.save({"model": src["minigpt4"]}, root / "pretrained_minigpt4_7b.pth")
     lm = save_vicuna(root / "vicuna", tiny_tokenizer)
-    main(["--vit-qformer", str(root / "blip2_pretrained_flant5xxl.pth"),
+    assert main(["convert-minigpt4", "--vit-qformer", str(root / "blip2_pretrained_flant5xxl.pth"),
           "--minigpt4", str(root / "pretrained_minigpt4_7b.pth"), "--vicuna", str(root / "vicuna"),
           "--out", str(root / "out"), "--num-query-tokens", str(N), "--image-size", str(IMAGE),
-          "--dtype", "float32", "--vision-heads", "2", "--qformer-heads", "2"])
+          "--dtype", "float32", "--vision-heads", "2", "--qformer-heads", "2"]) == 0
     return root / "out", src, lm
 
 

@@ -4,18 +4,31 @@ from __future__ import annotations
 import pytest
 import torch
 
+import numpy as np
+
 from attrib.backbones.loader import load_backbone
 from attrib.defaults.batches import (
-    IGNORE, CrossAttentionTap, Look, Templates, answer_looks, continuation_logits, direction_looks, existence_pair,
-    hard_negative, language_loss, layout_cells, layout_loss, object_attention_loss, patch_labels, pick_family,
-    query_spread, split_prompt, target_cells, training_question,
+    IGNORE, Templates, continuation_logits, existence_pair, hard_negative, pick_family, split_prompt,
+    training_question,
 )
-from attrib.defaults.recipe import PROMPTS
-from attrib.defaults.recipe import Stage
+from attrib.defaults.looks import (
+    CrossAttentionTap, Look, answer_looks, direction_looks, layout_cells, layout_loss, object_attention_loss,
+    query_spread, target_cells,
+)
+from attrib.defaults.losses import language_loss, patch_labels
+from attrib.defaults.recipe import PROMPTS, Stage
 from attrib.world import VQA_FAMILIES, WorldConfig, WorldSampler, generate_scene
 from attrib.world.questions import Question, evaluate, feasible_families, sample_question
-from attrib.world.templates import TRAIN, templates as family_templates
-import numpy as np
+from attrib.world.templates import TRAIN
+from attrib.world.templates import templates as family_templates
+
+
+def loss_with(model, processor, spec, templates, sampler, n_images: int = 2, questions_per_image: int = 2,
+              n_facts: int = 0, fact_weight: float = 0.0, **fields) -> torch.Tensor:
+    """`language_loss` of a one-off stage with these batch sizes and fields."""
+    stage = Stage("test", "language", 1, 1e-3, {}, batch_images=n_images, questions_per_image=questions_per_image,
+                  facts=n_facts, fact_weight=fact_weight, **fields)
+    return language_loss(model, processor, spec, templates, sampler, stage)
 
 
 def _assert_rows_match(backbone, images, pairs, logits, labels):
@@ -124,7 +137,7 @@ class _Asked(Exception):
 
 
 def test_language_loss_asks_both_questions_of_a_pair_on_one_image(tiny_dirs, monkeypatch):
-    from attrib.defaults import batches
+    from attrib.defaults import losses
 
     backbone = load_backbone("llava", tiny_dirs["llava"])
     templates = Templates(backbone.prompt_template, backbone.text_template)
@@ -134,12 +147,12 @@ def test_language_loss_asks_both_questions_of_a_pair_on_one_image(tiny_dirs, mon
         asked["pairs"] = pairs
         raise _Asked
 
-    monkeypatch.setattr(batches, "continuation_logits", capture)
+    monkeypatch.setattr(losses, "continuation_logits", capture)
     triple = ("blue", "yellow", "purple")
 
     def questions(**options):
         with pytest.raises(_Asked):
-            language_loss(backbone.model, backbone.processor, backbone.spec, templates, WorldSampler(seed=3),
+            loss_with(backbone.model, backbone.processor, backbone.spec, templates, WorldSampler(seed=3),
                           n_images=12, questions_per_image=4, n_facts=0, fact_weight=0.0,
                           family_weights={"exists": 1.0}, **options)
         return asked["pairs"]
@@ -259,21 +272,21 @@ def test_object_attention_term_joins_the_language_loss_of_a_grid_backbone(tiny_d
     model, _, args, batch = _loss_setup(tiny_dirs, "llava")
     batch["family_weights"] = {"color_of_shape": 1.0}
     with pytest.raises(ValueError, match="eager"):  # sdpa gives no attention weights
-        language_loss(*args, WorldSampler(seed=1), attend_layers=(0,), attend_weight=1.0, **batch)
+        loss_with(*args, WorldSampler(seed=1), attend_layers=(0,), attend_weight=1.0, **batch)
     model.set_attn_implementation("eager")
     try:
-        plain = language_loss(*args, WorldSampler(seed=1), **batch)
-        with_term = language_loss(*args, WorldSampler(seed=1), attend_layers=(0, 1), attend_weight=1.0, **batch)
-        from_words = language_loss(*args, WorldSampler(seed=1), attend_layers=(0, 1), attend_weight=1.0,
+        plain = loss_with(*args, WorldSampler(seed=1), **batch)
+        with_term = loss_with(*args, WorldSampler(seed=1), attend_layers=(0, 1), attend_weight=1.0, **batch)
+        from_words = loss_with(*args, WorldSampler(seed=1), attend_layers=(0, 1), attend_weight=1.0,
                                    attend_from="directions", **{**batch, "family_weights": {"position": 1.0}})
         with pytest.raises(ValueError, match="attend_from"):
-            language_loss(*args, WorldSampler(seed=1), attend_layers=(0,), attend_weight=1.0, attend_from="x", **batch)
+            loss_with(*args, WorldSampler(seed=1), attend_layers=(0,), attend_weight=1.0, attend_from="x", **batch)
     finally:
         model.set_attn_implementation("sdpa")
     # Colour of a shape always names one object, so the term is a positive -log(share) on every row.
     assert with_term.item() > plain.item() + 0.1
     # Position questions only: the same batch without the term is the plain loss of those rows.
-    position_only = language_loss(*args, WorldSampler(seed=1), **{**batch, "family_weights": {"position": 1.0}})
+    position_only = loss_with(*args, WorldSampler(seed=1), **{**batch, "family_weights": {"position": 1.0}})
     assert from_words.item() > position_only.item() + 0.1
 
 
@@ -281,12 +294,12 @@ def test_object_attention_term_joins_the_language_loss_of_a_grid_backbone(tiny_d
 def test_object_attention_term_reaches_the_patches_through_a_qformer(tiny_dirs, name):
     model, spec, args, batch = _loss_setup(tiny_dirs, name)
     with pytest.raises(ValueError, match="eager"):
-        language_loss(*args, WorldSampler(seed=1), attend_layers=(0,), attend_weight=1.0, **batch)
+        loss_with(*args, WorldSampler(seed=1), attend_layers=(0,), attend_weight=1.0, **batch)
     model.set_attn_implementation("eager")
     try:
         for attend_from, family in (("answer", "color_of_shape"), ("directions", "position")):
-            plain = language_loss(*args, WorldSampler(seed=1), **{**batch, "family_weights": {family: 1.0}})
-            looked = language_loss(*args, WorldSampler(seed=1), attend_layers=(0, 1), attend_weight=1.0,
+            plain = loss_with(*args, WorldSampler(seed=1), **{**batch, "family_weights": {family: 1.0}})
+            looked = loss_with(*args, WorldSampler(seed=1), attend_layers=(0, 1), attend_weight=1.0,
                                    attend_from=attend_from, **{**batch, "family_weights": {family: 1.0}})
             # An untrained Q-Former spreads every query over the image: a positive -log(share) per look.
             assert looked.item() > plain.item() + 0.1, attend_from
@@ -340,12 +353,12 @@ def test_layout_term_joins_the_language_loss_of_a_qformer_backbone(tiny_dirs, na
     model, spec, args, batch = _loss_setup(tiny_dirs, name)
     cross = model.get_submodule(f"{spec.bridge[0]}.encoder.layer.0.crossattention.attention")
     with pytest.raises(ValueError, match="eager"):  # sdpa gives no attention weights
-        language_loss(*args, WorldSampler(seed=1), layout_weight=1.0, **batch)
+        loss_with(*args, WorldSampler(seed=1), layout_weight=1.0, **batch)
     assert not cross._forward_hooks  # the tap leaves no hook behind, even on an error
     model.set_attn_implementation("eager")
     try:
-        plain = language_loss(*args, WorldSampler(seed=1), **batch)
-        with_term = language_loss(*args, WorldSampler(seed=1), layout_weight=1.0, **batch)
+        plain = loss_with(*args, WorldSampler(seed=1), **batch)
+        with_term = loss_with(*args, WorldSampler(seed=1), layout_weight=1.0, **batch)
         with CrossAttentionTap(cross) as tap:
             model.qformer(query_embeds=model.query_tokens.expand(2, -1, -1),
                           encoder_hidden_states=torch.randn(2, 17, model.config.vision_config.hidden_size))
@@ -360,16 +373,16 @@ def test_layout_term_joins_the_language_loss_of_a_qformer_backbone(tiny_dirs, na
     # With the layout, the queries form the grid the object attention term looks over.
     model.set_attn_implementation("eager")
     try:
-        looked = language_loss(*args, WorldSampler(seed=1), layout_weight=1.0, attend_layers=(0, 1),
+        looked = loss_with(*args, WorldSampler(seed=1), layout_weight=1.0, attend_layers=(0, 1),
                                attend_weight=1.0, **{**batch, "family_weights": {"color_of_shape": 1.0}})
-        unlooked = language_loss(*args, WorldSampler(seed=1), layout_weight=1.0,
+        unlooked = loss_with(*args, WorldSampler(seed=1), layout_weight=1.0,
                                  **{**batch, "family_weights": {"color_of_shape": 1.0}})
     finally:
         model.set_attn_implementation("sdpa")
     assert looked.item() > unlooked.item() + 0.1
     llava = load_backbone("llava", tiny_dirs["llava"])
     with pytest.raises(ValueError, match="Q-Former"):
-        language_loss(llava.model, llava.processor, llava.spec, args[3], WorldSampler(seed=1),
+        loss_with(llava.model, llava.processor, llava.spec, args[3], WorldSampler(seed=1),
                       layout_weight=1.0, **batch)
 
 
@@ -381,7 +394,7 @@ def test_bf16_autocast_loss_and_gradients_follow_the_fp32_ones(tiny_dirs, name):
 
     def loss_and_grad():
         model.zero_grad(set_to_none=True)
-        loss = language_loss(*args, WorldSampler(seed=3), **batch)
+        loss = loss_with(*args, WorldSampler(seed=3), **batch)
         loss.backward()
         grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
         return loss.item(), grad
@@ -408,7 +421,7 @@ def test_direction_layers_add_the_direction_words_term_beside_the_answers(tiny_d
     try:
         with torch.no_grad():
             def loss(**kw):
-                return language_loss(*args, WorldSampler(seed=5), **batch, **kw).item()
+                return loss_with(*args, WorldSampler(seed=5), **batch, **kw).item()
             plain = loss()
             answer = loss(attend_layers=(1,), attend_weight=1.0)
             words = loss(attend_layers=(0,), attend_weight=1.0, attend_from="directions")

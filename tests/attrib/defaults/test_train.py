@@ -61,8 +61,8 @@ def test_killed_and_resumed_run_reaches_the_same_weights(tmp_path, monkeypatch):
 
 
 def test_a_named_variant_starts_from_another_default(tmp_path, monkeypatch):
-    """The LLaVA default's shape (it continues llava_base): a LLaVA in its own folder, every weight copied
-    from the one it starts from."""
+    """A recipe that starts from another default (as MiniGPT-4's starts from LLaVA's): a model in its own
+    folder, every weight copied from the one it starts from."""
     monkeypatch.setitem(RECIPES, "llava", RECIPE)
     frozen = replace(RECIPE.stages[-1], lr=0.0)  # the attend stage at LR 0
     monkeypatch.setitem(RECIPES, "llava_variant", Recipe("llava", (frozen,), init_from=("llava", {"": ""}), sizes=SMALL))

@@ -7,7 +7,9 @@ matplotlib.use("Agg")
 import pytest
 import torch
 
-from attrib.regions.methods import AttentionKnockout, AttentionNoise
+from attrib.regions.attention_noise import AttentionNoise
+
+from attrib.regions.knockout import AttentionKnockout
 from attrib.regions.naive import naive_noise_map
 from attrib.regions.regions import grid_windows
 from attrib.regions.sweep import lm_regions, region_sweep
@@ -56,15 +58,16 @@ def test_grid_windows_clip_at_borders():
 
 def test_causal_noise_matches_manual_run(tiny_backbone, tiny_images):
     """The batched propagated run equals perturbing one copy by hand with the same noise."""
-    from attrib.regions.methods import draw_noise, noise_generator, noise_scale
-    from attrib.regions.propagated import CausalNoise, _site_states
+    from attrib.regions.noise import draw_noise, noise_generator, noise_scale
+    from attrib.regions.causal_noise import CausalNoise
+    from attrib.regions.propagated import site_states
 
     regions = lm_regions(tiny_backbone, radius=1)
     method = CausalNoise(draws=2, max_batch=4, seed=3)
     result = region_sweep(tiny_backbone, tiny_images[:1], ["what color?"], method, regions, [1], progress=False)
     inputs = tiny_backbone.encode(tiny_images[:1], ["what color?"])
     site = tiny_backbone.visual_positions(inputs["input_ids"])[0]
-    states = _site_states(tiny_backbone, inputs, "lm", 1)
+    states = site_states(tiny_backbone, inputs, "lm", 1)
     scale = noise_scale("s3", method.sigma, states[site])
     noise = draw_noise(noise_generator(3, 0, 1), regions.n_regions, 2, regions.members.shape[1], states.shape[-1])
     layer = tiny_backbone.module(tiny_backbone.spec.layer_path(1))
@@ -92,7 +95,7 @@ def test_causal_noise_matches_manual_run(tiny_backbone, tiny_images):
 
 def test_vit_noise_reads_every_layer(tiny_dirs, tiny_images):
     from attrib.backbones.loader import load_backbone
-    from attrib.regions.propagated import VitNoise
+    from attrib.regions.vit_noise import VitNoise
     from attrib.regions.sweep import vit_regions
 
     backbone = load_backbone("blip2", tiny_dirs["blip2"])
@@ -111,8 +114,8 @@ def test_vit_noise_local_read_matches_manual_run(name, tiny_dirs, tiny_images):
     tokens' states at layer ℓ's attention input, put them into a clean run's layer-ℓ attention only, and
     compare its last-position output with the clean one — the sweep's shortcut gives the same 1 − cos."""
     from attrib.backbones.loader import load_backbone
-    from attrib.regions.methods import draw_noise, noise_generator
-    from attrib.regions.propagated import VitNoise
+    from attrib.regions.noise import draw_noise, noise_generator
+    from attrib.regions.vit_noise import VitNoise
     from attrib.regions.sweep import vit_regions
 
     backbone = load_backbone(name, tiny_dirs[name])
@@ -165,7 +168,7 @@ def test_vit_noise_local_read_matches_manual_run(name, tiny_dirs, tiny_images):
 
 def test_vit_noise_reads_differ_and_are_validated(tiny_dirs, tiny_images):
     from attrib.backbones.loader import load_backbone
-    from attrib.regions.propagated import VitNoise
+    from attrib.regions.vit_noise import VitNoise
     from attrib.regions.sweep import vit_regions
 
     backbone = load_backbone("minigpt4", tiny_dirs["minigpt4"])
@@ -177,16 +180,18 @@ def test_vit_noise_reads_differ_and_are_validated(tiny_dirs, tiny_images):
     assert not torch.allclose(maps["local"].maps, maps["propagated"].maps)
     with pytest.raises(ValueError, match="read must be one of"):
         VitNoise(read="output")
-    from attrib.attribution import AttributionConfig, region_methods
-    assert region_methods(backbone, AttributionConfig())[0][1].read == "local"
-    assert region_methods(backbone, AttributionConfig(vit_read="propagated"))[0][1].read == "propagated"
+    from attrib.config import AttributionConfig
+    from attrib.regions.registry import methods_for
+    primary = methods_for(backbone)[0]
+    assert primary.method(AttributionConfig()).read == "local"
+    assert primary.method(AttributionConfig(vit_read="propagated")).read == "propagated"
 
 
 @pytest.mark.parametrize("width, dim", [(1, 128), (9, 64), (3, 24), (2, 5)])
 def test_noise_drawn_at_once_equals_region_by_region(width, dim):
     """One call for all regions (used when a region's values are a multiple of 16) draws the same noise
     as one call per region, which chunked sweeps rely on."""
-    from attrib.regions.methods import draw_noise, noise_generator
+    from attrib.regions.noise import draw_noise, noise_generator
 
     by_region = noise_generator(7, 1, 2)
     expected = torch.stack([torch.randn(3, width, dim, generator=by_region) for _ in range(5)])

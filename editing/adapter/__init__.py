@@ -1,0 +1,1 @@
+"""VisEdit's adapter: VEAD + IM (+ the scene gate), its hooks, its split forward and `VisEditEditor`."""

@@ -1,0 +1,142 @@
+"""Putting an `EditAdapter` into a VLLM with PyTorch hooks, touching only the visual-token slice.
+
+Where it writes (``edit_layer``):
+- ``ℓ ≥ 0``: a forward hook on decoder layer ℓ rewrites that layer's output (the input of ℓ + 1).
+- ``-1``: a forward *pre*-hook on decoder layer 0 rewrites the LM's input, i.e. the embeddings after the
+  image merge (LLaVA: projector output scattered into the image-token slots; BLIP-2 / MiniGPT-4: the
+  Q-Former queries after ``language_projection``; OPT adds its learned positions before layer 0).
+
+How the hook learns where the visual tokens are: the decoder layer only sees hidden states, so a
+forward pre-hook on the *root* model reads ``input_ids`` of every call and pushes the image-token
+positions ([B, P], `locate_visual_tokens`) on a stack; a forward hook on the root (``always_call``, so
+exceptions too) pops them. Calls that do not go through the root see an empty stack and are left alone
+— that is how text-only inputs of BLIP-2 / MiniGPT-4 (run by ``language_model``) bypass the adapter.
+Gotcha: BLIP-2's ``generate`` calls ``language_model.generate`` directly; wrap such calls in
+``with hook.visual_positions(backbone.visual_positions(input_ids)):`` (the editor's ``generate`` does).
+
+Bypass rules (the layer's tensor is returned as is, bit-identical): no edit signal set, adapter closed,
+no visual positions known for this call (text-only input), or a single-token step (cached decoding).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from attrib.backbones.processing import locate_visual_tokens
+from attrib.backbones.spec import BackboneSpec
+from editing.adapter.vead import EditAdapter, EditSignal
+
+LM_INPUT = -1  # edit_layer value meaning "the LM's input embeddings"
+
+
+class AdapterHook:
+    """An `EditAdapter` installed at ``edit_layer`` of ``model``; ``remove()`` takes it out again.
+
+    ``signal`` is the current edit (None = unedited); ``last_gate_logits`` keeps the IM logits
+    [B, P] of the most recent rewrite (detached), for IM maps, and ``last_scene_logits`` the scene
+    gate's [B] (None without one).
+    """
+
+    def __init__(self, model: nn.Module, spec: BackboneSpec, adapter: EditAdapter, edit_layer: int):
+        config = model.config
+        n_layers = config.text_config.num_hidden_layers
+        if not LM_INPUT <= edit_layer < n_layers:
+            raise ValueError(f"edit_layer {edit_layer} is outside -1..{n_layers - 1} for this {spec.name} "
+                             f"backbone (-1 = the LM's input)")
+        self.model, self.spec, self.adapter, self.edit_layer = model, spec, adapter, edit_layer
+        self.image_token_id = config.image_token_id
+        self.n_visual = spec.n_visual_tokens(config)
+        self.signal: EditSignal | None = None
+        self.is_open = True
+        self.last_gate_logits: torch.Tensor | None = None
+        self.last_scene_logits: torch.Tensor | None = None
+        self._positions: list[torch.Tensor | None] = []
+        layer = model.get_submodule(spec.layer_path(max(edit_layer, 0)))
+        self._handles = [
+            model.register_forward_pre_hook(self._push_positions, with_kwargs=True),
+            model.register_forward_hook(self._pop_positions, always_call=True),
+            layer.register_forward_pre_hook(self._rewrite_input, with_kwargs=True) if edit_layer == LM_INPUT
+            else layer.register_forward_hook(self._rewrite_output),
+        ]
+
+    @property
+    def site(self) -> str:
+        """Human-readable place of the hook, e.g. "model.language_model.layers.18 (output)"."""
+        if self.edit_layer == LM_INPUT:
+            return f"{self.spec.layer_path(0)} (input)"
+        return f"{self.spec.layer_path(self.edit_layer)} (output)"
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @contextmanager
+    def visual_positions(self, positions: torch.Tensor | None) -> Iterator[None]:
+        """Tell the hook where the visual tokens are for calls that bypass the root model."""
+        self._positions.append(positions)
+        try:
+            yield
+        finally:
+            self._positions.pop()
+
+    @contextmanager
+    def closed(self) -> Iterator[None]:
+        """Run with the adapter shut (e.g. the edit sample's own forward)."""
+        was_open, self.is_open = self.is_open, False
+        try:
+            yield
+        finally:
+            self.is_open = was_open
+
+    def current_positions(self) -> torch.Tensor | None:
+        return self._positions[-1] if self._positions else None
+
+    def apply(self, hidden: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        """``hidden`` [B, T, d] with the visual slice rewritten, or ``hidden`` itself when bypassed.
+
+        ``positions`` [B, P]: visual-token indices per row. Trainers that run the layers above the edit
+        layer by hand call this directly.
+        """
+        if self.signal is None or not self.is_open or positions is None or hidden.shape[1] == 1:
+            return hidden
+        if positions.shape[0] != hidden.shape[0]:
+            raise ValueError(f"visual positions cover {positions.shape[0]} rows, hidden states {hidden.shape[0]}")
+        rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]  # [B, 1]
+        positions = positions.to(hidden.device)
+        out = self.adapter(hidden[rows, positions], self.signal)  # gather: [B, P, d]
+        self.last_gate_logits = out.gate_logits.detach()
+        self.last_scene_logits = None if out.scene_logits is None else out.scene_logits.detach()
+        rewritten = hidden.clone()  # out of place: text positions keep their exact values
+        rewritten[rows, positions] = out.visual
+        return rewritten
+
+    # -- hooks -------------------------------------------------------------------------------------
+
+    def _push_positions(self, module, args, kwargs) -> None:
+        self._positions.append(None)  # first, so the always-called pop stays balanced if the check raises
+        if self.signal is None or not self.is_open:
+            return  # nothing to rewrite: the unedited model pays no lookup
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if isinstance(input_ids, torch.Tensor) and (input_ids == self.image_token_id).any():
+            self._positions[-1] = locate_visual_tokens(input_ids, self.image_token_id, self.n_visual,
+                                                       self.spec.name)
+
+    def _pop_positions(self, module, args, output) -> None:
+        if self._positions:
+            self._positions.pop()
+
+    def _rewrite_output(self, module, args, output):
+        if isinstance(output, tuple):  # older layer APIs return (hidden, ...)
+            return (self.apply(output[0], self.current_positions()), *output[1:])
+        return self.apply(output, self.current_positions())
+
+    def _rewrite_input(self, module, args, kwargs):
+        positions = self.current_positions()
+        if args:
+            return (self.apply(args[0], positions), *args[1:]), kwargs
+        kwargs = dict(kwargs, hidden_states=self.apply(kwargs["hidden_states"], positions))
+        return args, kwargs

@@ -1,0 +1,271 @@
+"""VisEdit's editor: ``edit(request)`` stores an edit signal, ``restore()`` clears it; no weight changes.
+
+    backbone = load_backbone("llava", path)
+    placement = EditPlacement.from_artifact("figures/llava/attribution.json", backbone)
+    editor = VisEditEditor(backbone, placement, VeadConfig(), weights="runs/llava/adapter.safetensors")
+    editor.edit(EditRequest(image, "What color is the square? The answer is:", "green"))
+    logits = backbone.forward(backbone.encode([image], [prompt])).logits   # edited
+    editor.restore()                                                       # bit-identical to unedited
+
+Applying an edit is one forward of the edit sample ``template(prompt) + " " + target`` (adapter closed)
+that stops after the deepest layer it needs: the edit layer (all tokens, for VEAD's keys and values) and
+the IM read layer (the last prompt token, for the IM). ``im_read_layer`` defaults to the edit layer, as
+in the official code; at ``edit_layer = -1`` the last prompt token is a bare word embedding that has not
+seen the image or the question, so a trainer placing the adapter at the LM's input should read the IM's
+query deeper (e.g. the first influence-target layer) — it is a field of `EditPlacement`, saved with
+the weights.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from attrib.backbones.loader import Backbone
+from attrib.io import atomic_write
+from editing.adapter.hook import LM_INPUT, AdapterHook
+from editing.adapter.vead import EditAdapter, EditSignal, VeadConfig, lm_width
+from editing.editor import Editor, EditRequest
+from editing.inputs import teacher_forced_batch
+
+WEIGHTS_FORMAT = "visedit-adapter/1"
+
+
+@dataclass(frozen=True)
+class EditPlacement:
+    """Where the adapter goes. edit_layer: decoder layer whose output is rewritten (−1 = LM input);
+    it_layers: influence-target layers (the trainer's IM alignment targets); im_read_layer: layer
+    whose last-prompt-token state of the edit sample feeds the IM (None = edit_layer)."""
+
+    edit_layer: int
+    it_layers: tuple[int, ...] = ()
+    im_read_layer: int | None = None
+
+    def __post_init__(self):
+        if self.im_read_layer is None:  # normalised, so equal placements compare equal
+            object.__setattr__(self, "im_read_layer", self.edit_layer)
+        object.__setattr__(self, "it_layers", tuple(self.it_layers))
+
+    @property
+    def read_layer(self) -> int:
+        return self.im_read_layer
+
+    def check(self, n_layers: int) -> None:
+        for name, value in (("edit_layer", self.edit_layer), ("im_read_layer", self.read_layer)):
+            if not LM_INPUT <= value < n_layers:
+                raise ValueError(f"placement {name}={value} is outside -1..{n_layers - 1} (-1 = the LM's input)")
+
+    def to_json(self) -> dict:
+        return {"edit_layer": self.edit_layer, "it_layers": list(self.it_layers), "im_read_layer": self.read_layer}
+
+    @classmethod
+    def coerce(cls, placement: Any) -> "EditPlacement":
+        """From an EditPlacement, an `attrib.placement.Placement`, a dict (artifact ``placement``) or an int."""
+        if isinstance(placement, cls):
+            return placement
+        if isinstance(placement, int):
+            return cls(placement)
+        if isinstance(placement, dict):
+            return cls(int(placement["edit_layer"]), tuple(placement.get("it_layers", ())),
+                       placement.get("im_read_layer"))
+        return cls(int(placement.edit_layer), tuple(placement.it_layers))
+
+    @classmethod
+    def from_artifact(cls, path: str | Path, backbone: Backbone, im_read_layer: int | None = None) -> "EditPlacement":
+        """The placement of an attribution artifact (``attribution.json`` or its folder), refused when it
+        was made for another backbone or another model (fingerprint), saying which."""
+        path = Path(path)
+        path = path / "attribution.json" if path.is_dir() else path
+        data = json.loads(path.read_text())
+        if data.get("backbone") != backbone.spec.name:
+            raise ValueError(f"{path}: attribution was made for backbone {data.get('backbone')!r}, "
+                             f"not {backbone.spec.name!r}")
+        theirs, ours = data.get("model", {}).get("fingerprint"), backbone.fingerprint()
+        if theirs != ours:
+            raise ValueError(f"{path}: attribution was made for model fingerprint {theirs!r} "
+                             f"({data.get('model', {}).get('path')}), this model is {ours!r} ({backbone.path})")
+        placement = data["placement"]
+        return cls(int(placement["edit_layer"]), tuple(placement.get("it_layers", ())), im_read_layer)
+
+
+class _StopForward(Exception):
+    """Raised from a hook once the edit sample's forward has reached every layer the signal needs."""
+
+
+class VisEditEditor(Editor):
+    """VEAD + IM installed in ``backbone`` at ``placement``; ``edit`` / ``restore`` switch edits.
+
+    config: adapter sizes (None = read from ``weights``' metadata, else defaults); weights: a
+    safetensors file written by `save_weights` or a state dict.
+    """
+
+    def __init__(self, backbone: Backbone, placement: Any, config: VeadConfig | None = None,
+                 weights: str | Path | dict[str, torch.Tensor] | None = None):
+        self.backbone = backbone
+        self.placement = EditPlacement.coerce(placement)
+        self.placement.check(backbone.n_layers)
+        if config is None:
+            config = weights_config(weights) if isinstance(weights, (str, Path)) else VeadConfig()
+        layer = backbone.module(backbone.spec.layer_path(max(self.placement.edit_layer, 0)))
+        device = next(layer.parameters()).device
+        self.adapter = EditAdapter(lm_width(backbone.config), config).to(device)
+        if weights is not None:
+            self.load_weights(weights)
+        self.hook = AdapterHook(backbone.model, backbone.spec, self.adapter, self.placement.edit_layer)
+
+    @property
+    def config(self) -> VeadConfig:
+        return self.adapter.config
+
+    @property
+    def is_edited(self) -> bool:
+        return self.hook.signal is not None
+
+    def edit(self, request: EditRequest | Sequence[EditRequest]) -> EditSignal:
+        """Store the edit signal of ``request`` (or one per input row, for batched training), with the
+        adapter's edit-side projections cached for the forwards that follow."""
+        signal = self.adapter.prepare(self.edit_signal(request))
+        self.hook.signal = signal
+        return signal
+
+    def restore(self) -> None:
+        """Back to the unedited model (the hook bypasses without a signal)."""
+        self.hook.signal = None
+        self.hook.last_gate_logits = None
+        self.hook.last_scene_logits = None
+
+    def remove(self) -> None:
+        """Take the hooks out of the model for good."""
+        self.restore()
+        self.hook.remove()
+
+    @torch.no_grad()
+    def edit_signal(self, request: EditRequest | Sequence[EditRequest]) -> EditSignal:
+        """The signal of ``request``(s) from the frozen model, without storing it (trainers cache these)."""
+        requests = [request] if isinstance(request, EditRequest) else list(request)
+        batch = teacher_forced_batch(self.backbone, [r.image for r in requests], [r.prompt for r in requests],
+                                     [r.target for r in requests])
+        edit_layer, read_layer = self.placement.edit_layer, self.placement.read_layer
+        captured = self._capture(batch.inputs, sorted({edit_layer, read_layer}))
+        prompt_end = batch.prompt_ends.to(captured[read_layer].device)
+        rows = torch.arange(len(requests), device=prompt_end.device)
+        visual = self.backbone.visual_positions(batch.inputs["input_ids"]).to(prompt_end.device)
+        return EditSignal(captured[edit_layer], batch.inputs["attention_mask"].bool().to(prompt_end.device),
+                          captured[read_layer][rows, prompt_end], prompt_end, visual=visual)
+
+    def _capture(self, inputs, layers: list[int]) -> dict[int, torch.Tensor]:
+        """Hidden states [B, T, d] at each of ``layers`` (−1 = input of layer 0), stopping after the last."""
+        captured: dict[int, torch.Tensor] = {}
+        deepest = layers[-1]
+
+        def keep(layer: int, hidden: torch.Tensor) -> None:
+            captured[layer] = hidden.detach()
+            if layer == deepest:
+                raise _StopForward
+
+        spec = self.backbone.spec
+        handles = []
+        for layer in layers:
+            if layer == LM_INPUT:
+                module = self.backbone.module(spec.layer_path(0))
+                handles.append(module.register_forward_pre_hook(
+                    lambda m, args, kwargs, i=layer: keep(i, args[0] if args else kwargs["hidden_states"]),
+                    with_kwargs=True))
+            else:
+                module = self.backbone.module(spec.layer_path(layer))
+                handles.append(module.register_forward_hook(
+                    lambda m, args, out, i=layer: keep(i, out[0] if isinstance(out, tuple) else out)))
+        try:
+            with self.hook.closed():
+                self.backbone.forward(inputs, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return captured
+
+    @torch.no_grad()
+    def generate(self, images: Sequence[Image.Image] | None, prompts: Sequence[str],
+                 max_new_tokens: int = 8) -> list[str]:
+        """Greedy answers under the current edit. Visual positions are passed explicitly, because
+        BLIP-2's ``generate`` runs ``language_model.generate`` without calling the root model."""
+        backbone = self.backbone
+        inputs = backbone.encode(images, prompts)
+        positions = backbone.visual_positions(inputs["input_ids"]) if images is not None else None
+        generator = backbone.model if images is not None else backbone.module(backbone.spec.text_lm)
+        with self.hook.visual_positions(positions):
+            out = generator.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=backbone.tokenizer.pad_token_id)
+        new = out[:, inputs["input_ids"].shape[1]:]
+        return [text.strip() for text in backbone.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+    # -- weights -----------------------------------------------------------------------------------
+
+    def metadata(self) -> dict[str, str]:
+        return {"format": WEIGHTS_FORMAT, "config": json.dumps(self.config.to_json()),
+                "width": str(self.adapter.width), "backbone": self.backbone.spec.name,
+                "fingerprint": self.backbone.fingerprint(), "placement": json.dumps(self.placement.to_json())}
+
+    def save_weights(self, path: str | Path) -> Path:
+        """Write the adapter's weights and metadata (config, width, backbone, placement) atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.adapter.state_dict().items()}
+        return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=self.metadata()))
+
+    def load_weights(self, weights: str | Path | dict[str, torch.Tensor]) -> None:
+        """Load adapter weights; a file made for another width, config, backbone, edit layer or IM read
+        layer is refused, naming each difference (the model fingerprint is recorded, not enforced: an
+        fp16 copy of the same model has another one)."""
+        if isinstance(weights, (str, Path)):
+            meta = weights_metadata(weights)
+            placement = json.loads(meta.get("placement", "{}"))
+            expected = {"width": str(self.adapter.width), "config": self.config.to_json(),
+                        "backbone": self.backbone.spec.name, "edit_layer": self.placement.edit_layer,
+                        "im_read_layer": self.placement.read_layer}
+            found = {"width": meta.get("width"), "config": _config_json(meta.get("config")),
+                     "backbone": meta.get("backbone"), "edit_layer": placement.get("edit_layer"),
+                     "im_read_layer": placement.get("im_read_layer")}
+            wrong = [f"{k}: file has {found[k]!r}, editor has {expected[k]!r}"
+                     for k in expected if found[k] != expected[k]]
+            if wrong:
+                raise ValueError(f"{weights}: adapter weights do not fit this editor ({'; '.join(wrong)})")
+            weights = load_file(str(weights))
+        device = self.adapter.vead.begin.weight.device
+        self.adapter.load_state_dict({k: v.to(device) for k, v in weights.items()})
+
+
+def _config_json(text: str | None) -> dict | None:
+    """A weights file's config as the editor writes it now (fields added since filled with what files
+    written before them meant); None when the file has none."""
+    return None if text is None else VeadConfig.from_json(json.loads(text)).to_json()
+
+
+def weights_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata a `save_weights` file carries; refuses files of another format."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+    except (OSError, SafetensorError) as error:
+        raise ValueError(f"{path}: cannot read adapter weights ({error})") from None
+    if meta.get("format") != WEIGHTS_FORMAT:
+        raise ValueError(f"{path}: not a VisEdit adapter file (format {meta.get('format')!r}, "
+                         f"expected {WEIGHTS_FORMAT!r})")
+    return meta
+
+
+def weights_config(path: str | Path) -> VeadConfig:
+    """The `VeadConfig` a weights file was saved with."""
+    return VeadConfig.from_json(json.loads(weights_metadata(path)["config"]))
+
+
+def weights_placement(path: str | Path) -> EditPlacement:
+    """The placement (edit layer, IT layers, IM read layer) a weights file was trained for."""
+    return EditPlacement.coerce(json.loads(weights_metadata(path)["placement"]))

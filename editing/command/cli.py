@@ -1,0 +1,95 @@
+"""The editing side of the ``visedit`` command line: ``edit`` and ``scenes``.
+
+As in `attrib.commands`: ``<name>_arguments(parser)`` declares a command's options, ``<name>(args)`` runs
+it; `visedit.cli` puts them together and prints raised errors as one line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from attrib.commands import WORLD, add_model_arguments
+from editing.adapter.scene_gate import SCENE_SIMILARITIES
+from editing.command.run import TASKS, EditOptions, default_steps, run_edit
+
+
+def edit_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--task", default="vqa", choices=TASKS, help="E-VQA (vqa) or E-IC (caption)")
+    p.add_argument("--train", type=Path, default=None,
+                   help=f"MMEdit training JSON (default: the world's, {WORLD}/<task>_train.json)")
+    p.add_argument("--eval", type=Path, default=None,
+                   help=f"MMEdit evaluation JSON (default: the world's, {WORLD}/<task>_eval.json)")
+    p.add_argument("--images", type=Path, default=None, help="image root (default: each file's folder)")
+    p.add_argument("--attribution", type=Path, default=None,
+                   help="attribution.json (or its folder) to place from (default: run the attribution first)")
+    p.add_argument("--checkpoint", type=Path, default=None, help="trained adapter: evaluate without training")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"training steps of --batch-size edits (default: {default_steps('llava')} for llava, "
+                        f"{default_steps('blip2')} otherwise)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/edit/<backbone>)")
+    p.add_argument("--resume", action="store_true", help="continue the run checkpointed in OUT/checkpoint")
+    p.add_argument("--skip-bad", action="store_true", help="skip records with a missing image or field")
+    p.add_argument("--batch-size", type=int, default=4, help="edits per training step")
+    p.add_argument("--lr", type=float, default=None, help="adapter LR (default: 1e-4 for 7B-wide LMs, 1e-3 below)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the adapter's initialisation and training draws")
+    p.add_argument("--mid-dim", type=int, default=None, help="VEAD / IM width (default: sized from the LM)")
+    p.add_argument("--heads", type=int, default=None, help="VEAD attention heads (default: sized from --mid-dim)")
+    p.add_argument("--scene-gate", action=argparse.BooleanOptionalAction, default=EditOptions.scene_gate,
+                   help="gate each input's edit by its scene match to the edit image (our extension; "
+                        "--no-scene-gate: the paper's adapter)")
+    p.add_argument("--scene-similarity", choices=SCENE_SIMILARITIES, default=EditOptions.scene_similarity,
+                   help="what the scene gate compares: salient (states minus the training images' mean per "
+                        "position, weighted by distance from it) or chamfer (the raw states)")
+    p.add_argument("--target-role", action=argparse.BooleanOptionalAction, default=EditOptions.target_role,
+                   help="mark the edit sample's target tokens for VEAD's keys and values (our extension; "
+                        "--no-target-role: the paper's adapter)")
+    p.add_argument("--n-eval", type=int, default=None, help="evaluate the first N records only (default: all)")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="training steps between checkpoints")
+
+
+def edit(args: argparse.Namespace) -> int:
+    """Train VEAD + IM at the attribution's placement and evaluate single edits."""
+    options = EditOptions(
+        backbone=args.backbone, model=args.model, task=args.task, train=args.train, eval=args.eval,
+        images=args.images, attribution=args.attribution, checkpoint=args.checkpoint, steps=args.steps,
+        out=args.out, resume=args.resume, skip_bad=args.skip_bad, batch_size=args.batch_size, lr=args.lr,
+        seed=args.seed, mid_dim=args.mid_dim, heads=args.heads, scene_gate=args.scene_gate,
+        scene_similarity=args.scene_similarity, target_role=args.target_role, n_eval=args.n_eval,
+        checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
+    results = run_edit(options)
+    v = results["methods"]["visedit"]
+    skipped = results["n_skipped"]
+    note = f"; skipped {skipped['train']} train / {skipped['eval']} eval records" if sum(skipped.values()) else ""
+    print(f"{results['backbone']} on {results['dataset']}: {results['n_eval']} edits, Rel {v['rel']} "
+          f"T-Gen {v['t_gen']} M-Gen {v['m_gen']} T-Loc {v['t_loc']} M-Loc {v['m_loc']}{note}; results in "
+          f"{options.output()}")
+    return 0
+
+
+def scenes_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--data", type=Path, default=WORLD / "vqa_eval.json", help="MMEdit JSON file")
+    p.add_argument("--images", type=Path, default=None, help="image root (default: the file's folder)")
+    p.add_argument("--n", type=int, default=None, help="first N records only (default: all)")
+    p.add_argument("--edit-layer", type=int, default=-1, help="where to read the visual states (-1 = LM input)")
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON summary to this file")
+
+
+def scenes(args: argparse.Namespace) -> int:
+    """How well scene similarity separates each record's image_rephrase from its m_loc image, untrained."""
+    from attrib.data import load_records
+    from attrib.defaults import load_model
+    from attrib.io import atomic_write_text
+    from editing.adapter.scenes import scene_separation
+
+    backbone = load_model(args.backbone, args.model)
+    records = load_records(args.data, args.images, n=args.n)
+    summary = scene_separation(backbone, records, args.edit_layer, progress=not args.no_progress).to_json()
+    text = json.dumps(summary, indent=2)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out, text + "\n")
+    print(text)
+    return 0

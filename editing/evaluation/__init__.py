@@ -1,0 +1,1 @@
+"""Measuring edits: single-edit evaluation, the five metrics, the M-Loc same-object split, IM maps."""

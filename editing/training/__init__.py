@@ -1,0 +1,1 @@
+"""Training VEAD + IM with the backbone frozen: the trainer, per-record products, losses, checkpoints."""

@@ -1,0 +1,159 @@
+"""Training on a tiny backbone: the loss falls, a seed fixes the weights, and a killed run resumes to
+bit-identical weights; checkpoints are refused or resumed as asked."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from attrib.backbones.loader import load_backbone
+from attrib.data import load_records
+from editing.training.checkpoint import STATE_FILE
+from editing.adapter.visedit import EditPlacement
+from editing.training.examples import example_rows
+from editing.inputs import target_lengths
+from editing.adapter.scenes import visual_states
+from editing.adapter.split import SplitForward
+from editing.training.trainer import Trainer, TrainConfig, reset_adapter, train
+from editing.adapter.vead import VeadConfig
+
+FAST = TrainConfig(steps=6, batch_size=2, lr=1e-2, influence_draws=1, checkpoint_every=2)
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def llava(tiny_dirs):
+    return load_backbone("llava", tiny_dirs["llava"])
+
+
+@pytest.fixture(scope="module")
+def records(tiny_world):
+    return load_records(tiny_world / "vqa_train.json")
+
+
+def _weights(editor) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in editor.adapter.state_dict().items()}
+
+
+def test_loss_decreases(tiny_backbone, records, make_editor):
+    editor = make_editor(tiny_backbone, EditPlacement(0, (1,), 1))
+    result = train(editor, records, TrainConfig(steps=10, batch_size=2, lr=1e-2, influence_draws=1), progress=False)
+    totals = [h["loss"] for h in result.history]
+    assert len(totals) == 10 and sum(totals[-2:]) < sum(totals[:2])
+    assert {"rel", "t_gen", "m_gen", "loc", "align", "up", "down"} <= set(result.history[0])
+    assert not editor.is_edited and not any(p.requires_grad for p in tiny_backbone.model.parameters())
+
+
+def test_same_seed_same_weights(llava, records, make_editor):
+    config = TrainConfig(steps=3, batch_size=2, lr=1e-2, influence_draws=1)
+    runs = []
+    for seed in (0, 0, 1):
+        editor = make_editor(llava, EditPlacement(-1, (1,), 1))
+        train(editor, records, TrainConfig(**{**config.to_json(), "seed": seed}), progress=False)
+        runs.append(_weights(editor))
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert not all(torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
+
+
+def test_killed_run_resumes_to_the_same_weights(llava, records, make_editor, tmp_path):
+    placement = EditPlacement(0, (1,), 1)
+    whole = make_editor(llava, placement)
+    train(whole, records, FAST, tmp_path / "whole", progress=False)
+    expected = _weights(whole)
+
+    killed = make_editor(llava, placement)
+
+    def kill(step, losses):
+        if step == 3:  # after the step-2 checkpoint, before the next one
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(killed, records, FAST, tmp_path / "killed", progress=False, on_step=kill)
+    state = json.loads((tmp_path / "killed" / STATE_FILE).read_text())
+    assert state["step"] == 2 and state["seed"] == 0 and state["optimizer"]["param_groups"][0]["lr"] == 1e-2
+    assert {"torch"} <= set(state["rng"]) and (tmp_path / "killed" / state["weights"]).is_file()
+    with pytest.raises(ValueError, match="resume it"):
+        train(killed, records, FAST, tmp_path / "killed", progress=False)
+
+    resumed = make_editor(llava, placement)  # a fresh process would start from a fresh adapter
+    result = train(resumed, records, FAST, tmp_path / "killed", resume=True, progress=False)
+    assert result.resumed_from == 2 and len(result.history) == 4
+    got = _weights(resumed)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    files = sorted(p.name for p in (tmp_path / "killed").iterdir())
+    assert files == ["adapter-step0000006.safetensors", "optimizer-step0000006.safetensors", STATE_FILE]
+
+
+def test_resume_refuses_other_settings(llava, records, make_editor, tmp_path):
+    editor = make_editor(llava, EditPlacement(0, (1,), 1))
+    train(editor, records, TrainConfig(**{**FAST.to_json(), "steps": 2}), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="lr: checkpoint 0.01, now 0.5"):
+        train(editor, records, TrainConfig(**{**FAST.to_json(), "lr": 0.5}), tmp_path, resume=True, progress=False)
+
+
+def test_locality_partners_are_other_records_drawn_per_step(llava, records, make_editor):
+    editor = make_editor(llava, EditPlacement(0, (1,), 1))
+    trainer = Trainer(editor, records, TrainConfig(batch_size=2, loc_partners=2, influence_draws=1))
+    draws = {step: trainer.partner_indices(step, trainer.batch_indices(step)) for step in range(1, 9)}
+    for step, partners in draws.items():
+        own = trainer.batch_indices(step)
+        assert len(partners) == 2 and all(len(row) == len(own) for row in partners)
+        assert all(p != i and 0 <= p < len(records) for row in partners for p, i in zip(row, own))
+        assert trainer.partner_indices(step, own) == partners  # a step's draw is fixed by its number
+    assert len({str(p) for p in draws.values()}) > 1
+    alone = Trainer(editor, records, TrainConfig(batch_size=2, loc_partners=0, influence_draws=1))
+    assert alone.partner_indices(1, alone.batch_indices(1)) == []
+    losses = trainer.step(1)  # partner rows join the locality KL; the step runs and gives finite losses
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+
+
+def test_scene_gate_term_trains_the_scene_gate(tiny_backbone, records, make_editor):
+    """With a scene gate, each step adds its logistic term (re-rendered image open, unrelated shut) and
+    the gate's two parameters get gradients from it."""
+    config = VeadConfig(mid_dim=16, n_heads=2, im_hidden=16, im_heads=2, scene_gate=True)
+    editor = make_editor(tiny_backbone, EditPlacement(-1, (0,), 0), config)
+    before = editor.adapter.scene.threshold.item()
+    result = train(editor, records, TrainConfig(steps=3, batch_size=2, lr=1e-2, influence_draws=1,
+                                                scene_reference=3), progress=False)
+    assert all("scene" in h and h["scene"] > 0 for h in result.history)
+    assert editor.adapter.scene.threshold.item() != before
+    # The salient gate's reference is the mean LM-input state per visual token over the first 3 records'
+    # images, each run alone (the batched mean must equal it).
+    split = SplitForward(tiny_backbone, -1)
+    alone = [visual_states(split, record.load_image("image"))[0] for record in records[:3]]
+    torch.testing.assert_close(editor.adapter.scene.reference, torch.stack(alone).mean(0), atol=1e-5, rtol=1e-5)
+
+
+def test_salient_scene_reference_is_kept_across_a_resume(tiny_backbone, records, make_editor, tmp_path):
+    config = VeadConfig(mid_dim=16, n_heads=2, im_hidden=16, im_heads=2, scene_gate=True)
+    settings = dict(batch_size=2, lr=1e-2, influence_draws=1, scene_reference=2, checkpoint_every=1)
+    first = make_editor(tiny_backbone, EditPlacement(-1, (0,), 0), config)
+    train(first, records, TrainConfig(steps=2, **settings), tmp_path / "ck", progress=False)
+    again = make_editor(tiny_backbone, EditPlacement(-1, (0,), 0), config)
+    train(again, records, TrainConfig(steps=3, **settings), tmp_path / "ck", resume=True, progress=False)
+    torch.testing.assert_close(again.adapter.scene.reference, first.adapter.scene.reference)
+
+
+def test_target_role_is_drawn_from_the_seed_and_trained(tiny_backbone, records, make_editor):
+    """The target-role vector is re-drawn from the seed like the other weights, reaches the batched
+    training signals (right-padded per record) and gets gradients."""
+    config = VeadConfig(mid_dim=16, n_heads=2, im_hidden=16, im_heads=2, target_role=True)
+    drawn = []
+    for seed in (0, 0, 1):
+        editor = make_editor(tiny_backbone, EditPlacement(-1, (0,), 0), config)
+        reset_adapter(editor, seed)
+        drawn.append(editor.adapter.vead.target_role.detach().clone())
+    assert torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[0], drawn[2])
+    trainer = Trainer(editor, records, TrainConfig(batch_size=2, lr=1e-2, influence_draws=1))
+    signal = trainer.store.signal(0)
+    target = signal.target_mask()
+    image, prompt, alt = example_rows(records[0], "vqa", trainer.formats)["rel"]
+    n_target = target_lengths(tiny_backbone, [prompt], [alt], with_image=True)[0]
+    assert target.sum() == n_target and target[0, -n_target:].all()  # the last real tokens, right after the prompt
+    before = editor.adapter.vead.target_role.detach().clone()
+    trainer.step(1)
+    assert not torch.equal(editor.adapter.vead.target_role, before)

@@ -1,0 +1,1 @@
+"""The toolkit's front door: the ``visedit`` command line (`visedit.cli`)."""
