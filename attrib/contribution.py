@@ -192,7 +192,7 @@ def _relative(path: str, root: str) -> str:
     return path[len(root) + 1:]
 
 
-def _trace_last_position(nm, spec: BackboneSpec, root: str, n_layers: int, inputs) -> _LastPosition:
+def trace_last_position(nm, spec: BackboneSpec, root: str, n_layers: int, inputs) -> _LastPosition:
     """One traced forward; saves only the last-position slices (cloned, so the [B, T, D] outputs are freed)."""
     batch = inputs["input_ids"].shape[0]
     attn, mlp = [], []  # containers live outside the trace (nnsight rule)
@@ -306,7 +306,7 @@ def contribution(backbone: Backbone, images: Sequence[Image.Image] | None, promp
         inputs = backbone.encode(batch_images, prompts[start:stop]).to(device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-        saved = _trace_last_position(nm, spec, root, n_layers, inputs)
+        saved = trace_last_position(nm, spec, root, n_layers, inputs)
         _check_residual(saved)
         keys = _key_tokens(backbone, images is not None, prompts[start:stop], batch_targets, saved.logits)
         with torch.no_grad():

@@ -228,7 +228,8 @@ def format_table(report: dict[str, Any]) -> str:
         vead = detail.get("vead")
         if vead:
             lines.append(f"  {detail['model']}: VEAD at layer {vead['edit_layer']} of {vead['n_layers']} "
-                         f"({vead['adapter_parameters']:,} parameters), forward {vead['unedited_forward_s'] * 1e3:.1f} → "
+                         f"({vead['adapter_parameters']:,} parameters), forward "
+                         f"{vead['unedited_forward_s'] * 1e3:.1f} → "
                          f"{vead['edited_forward_s'] * 1e3:.1f} ms; training step {vead['step_full_s'] * 1e3:.1f} ms "
                          f"whole-model autograd vs {vead['step_split_s'] * 1e3:.1f} ms split")
         sweep = detail.get("region_sweep")
@@ -241,7 +242,8 @@ def format_table(report: dict[str, Any]) -> str:
     machine = report["machine"]
     lines.append(f"threads {machine['torch_threads']} / cpus {machine['cpu_count']}, load "
                  f"{machine['load_average_1_5_15']} → {machine['load_average_after']}, {report['mode']} mode, "
-                 f"{report['repeats']} repeats, {report['wall_s']:.0f} s" + (f"; {machine['note']}" if machine['note'] else ""))
+                 f"{report['repeats']} repeats, {report['wall_s']:.0f} s"
+                 + (f"; {machine['note']}" if machine['note'] else ""))
     lines += report["notes"]
     return "\n".join(lines)
 

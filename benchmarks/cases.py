@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from attrib.contribution import _trace_last_position, contribution
+from attrib.contribution import contribution, trace_last_position
 from attrib.regions.attention_noise import AttentionNoise
 from attrib.regions.naive import naive_noise_map
 from attrib.regions.regions import RegionSet
@@ -82,35 +82,18 @@ def region_sweep_case(bench: BenchModel, radius: int | None, sigma: float, draws
     }
 
 
-def trace_overhead_case(bench: BenchModel, batch_size: int, repeats: int, inner: int) -> dict[str, Any]:
-    """`contribution()` on one batch vs a plain no-grad forward of the same batch, both from raw inputs.
-
-    Also times the pieces between them, to say where any overhead comes from: an nnsight trace that
-    saves only the logits' last row, the contribution's traced pass alone (the same last-position saves
-    `contribution` makes), and wrapping the model in `NNsight` (which `contribution` does every call).
-    """
+def _trace_callables(bench: BenchModel, batch_size: int) -> tuple[dict, Any]:
+    """The timed callables of `trace_overhead_case` (and the encoded batch they share)."""
     backbone = bench.backbone
     images, prompts = bench.images[:batch_size], bench.prompts[:batch_size]
     inputs = backbone.encode(images, prompts)
     nm = traced(backbone.model)
     spec, n_layers = backbone.spec, backbone.n_layers
 
-    def plain_from_raw():
-        return backbone.forward(backbone.encode(images, prompts)).logits[:, -1]
-
-    def contribution_call():
-        return contribution(backbone, images, prompts, batch_size=batch_size)
-
-    def plain():
-        return backbone.forward(inputs).logits[:, -1]
-
     def empty_trace():
         with nm.trace(**inputs):
             last = nm.output.logits[:, -1].save()
         return last
-
-    def trace_pass():
-        return _trace_last_position(nm, spec, "", n_layers, inputs)
 
     def full_saves():  # the same sites saved whole [B, T, D]: what slicing to the last position saves
         saved = []
@@ -121,12 +104,28 @@ def trace_overhead_case(bench: BenchModel, batch_size: int, repeats: int, inner:
             saved.append(nm.output.logits.save())
         return saved[-1][:, -1]
 
-    timings = interleaved({"plain_from_raw": plain_from_raw, "contribution": contribution_call, "plain": plain,
-                           "empty_trace": empty_trace, "trace_pass": trace_pass,
-                           "full_saves": full_saves,
-                           "encode": lambda: backbone.encode(images, prompts),
-                           "wrap": lambda: traced(backbone.model)}, repeats, inner)
-    saves = 2 * n_layers + 3  # attention and MLP per layer, h^0, h^L, logits
+    return {
+        "plain_from_raw": lambda: backbone.forward(backbone.encode(images, prompts)).logits[:, -1],
+        "contribution": lambda: contribution(backbone, images, prompts, batch_size=batch_size),
+        "plain": lambda: backbone.forward(inputs).logits[:, -1],
+        "empty_trace": empty_trace,
+        "trace_pass": lambda: trace_last_position(nm, spec, "", n_layers, inputs),
+        "full_saves": full_saves,
+        "encode": lambda: backbone.encode(images, prompts),
+        "wrap": lambda: traced(backbone.model),
+    }, inputs
+
+
+def trace_overhead_case(bench: BenchModel, batch_size: int, repeats: int, inner: int) -> dict[str, Any]:
+    """`contribution()` on one batch vs a plain no-grad forward of the same batch, both from raw inputs.
+
+    Also times the pieces between them, to say where any overhead comes from: an nnsight trace that
+    saves only the logits' last row, the contribution's traced pass alone (the same last-position saves
+    `contribution` makes), and wrapping the model in `NNsight` (which `contribution` does every call).
+    """
+    callables, inputs = _trace_callables(bench, batch_size)
+    timings = interleaved(callables, repeats, inner)
+    saves = 2 * bench.backbone.n_layers + 3  # attention and MLP per layer, h^0, h^L, logits
     plain_s = timings.median("plain")
     return {
         "trace_overhead": timings.ratio("contribution", "plain_from_raw"),
@@ -154,7 +153,8 @@ def explain_trace_overhead(figures: dict[str, Any], goal: float) -> list[str]:
     plain = figures["plain_forward_s"]
     shares = {
         "nnsight base cost of a trace (empty_trace − plain)": figures["nnsight_base_s"],
-        f"the {figures['saves_per_pass']} last-position saves of the pass": figures["per_save_s"] * figures["saves_per_pass"],
+        f"the {figures['saves_per_pass']} last-position saves of the pass":
+            figures["per_save_s"] * figures["saves_per_pass"],
         "re-wrapping the model in NNsight on every contribution() call": figures["nnsight_wrap_s"],
         "outside the trace (decomposability probe, residual check, key tokens, VisEdit C and DLA)":
             figures["post_processing_s"],

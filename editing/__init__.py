@@ -24,7 +24,11 @@ from editing.adapter.hook import LM_INPUT, AdapterHook
 from editing.adapter.split import EditSite, SplitForward
 from editing.adapter.vead import EditAdapter, EditSignal, VeadConfig, count_parameters
 from editing.adapter.visedit import (
-    EditPlacement, VisEditEditor, weights_config, weights_metadata, weights_placement,
+    EditPlacement,
+    VisEditEditor,
+    weights_config,
+    weights_metadata,
+    weights_placement,
 )
 from editing.editor import Editor, EditRequest
 from editing.evaluation.evaluate import RestoreError, evaluate_edits

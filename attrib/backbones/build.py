@@ -13,8 +13,15 @@ from typing import Any, Callable
 import torch
 import transformers
 from transformers import (
-    Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-    OPTConfig, PreTrainedModel, PreTrainedTokenizerBase,
+    Blip2Config,
+    Blip2QFormerConfig,
+    Blip2VisionConfig,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    OPTConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
 )
 
 from attrib.backbones.loader import MANIFEST_FILE

@@ -31,8 +31,14 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    AutoConfig, AutoTokenizer, Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig,
-    Blip2VisionConfig, LlamaForCausalLM, PreTrainedTokenizerBase,
+    AutoConfig,
+    AutoTokenizer,
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    Blip2QFormerConfig,
+    Blip2VisionConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
 )
 
 from attrib.backbones.build import build_processor, save_backbone
@@ -333,6 +339,20 @@ def _cast(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to(torch.float32 if keep_fp32 else dtype) if tensor.is_floating_point() else tensor
 
 
+def _vision_checkpoints(vit_qformer: Source, eva_vit: Source | None) -> tuple[Checkpoint, Checkpoint]:
+    """(Q-Former checkpoint, ViT checkpoint): the same one, or the EVA ViT from its own file with its bare
+    keys put under ``visual_encoder.`` (refused when both files hold ViT weights)."""
+    qformer = read_checkpoint(vit_qformer, "vit_qformer")
+    if eva_vit is None:
+        return qformer, qformer
+    vit = read_checkpoint(eva_vit, "eva_vit")
+    both = [k for k in qformer.tensors if k.startswith("visual_encoder.")]
+    if both:
+        raise ValueError(f"{qformer.name} and {vit.name} both hold ViT weights (e.g. {both[0]!r}); pass one")
+    vit.tensors = {k if k.startswith("visual_encoder.") else f"visual_encoder.{k}": t for k, t in vit.tensors.items()}
+    return qformer, vit
+
+
 def convert_minigpt4(vit_qformer: Source, minigpt4: Source, vicuna_dir: str | Path, out_dir: str | Path, *,
                      num_query_tokens: int = 32, image_size: int = 224, dtype: torch.dtype = torch.float16,
                      eva_vit: Source | None = None, vision_heads: int | None = None,
@@ -345,14 +365,7 @@ def convert_minigpt4(vit_qformer: Source, minigpt4: Source, vicuna_dir: str | Pa
     Paths or in-memory state dicts. Errors name the source, the key and expected vs found shapes.
     """
     vicuna_dir, out_dir = Path(vicuna_dir), Path(out_dir)
-    qformer = read_checkpoint(vit_qformer, "vit_qformer")
-    vit = qformer if eva_vit is None else read_checkpoint(eva_vit, "eva_vit")
-    if vit is not qformer:
-        both = [k for k in qformer.tensors if k.startswith("visual_encoder.")]
-        if both:
-            raise ValueError(f"{qformer.name} and {vit.name} both hold ViT weights (e.g. {both[0]!r}); pass one")
-        vit.tensors = {k if k.startswith("visual_encoder.") else f"visual_encoder.{k}": t
-                       for k, t in vit.tensors.items()}
+    qformer, vit = _vision_checkpoints(vit_qformer, eva_vit)
     proj = read_checkpoint(minigpt4, "minigpt4")
     if not (vicuna_dir / "config.json").is_file():
         raise FileNotFoundError(f"{vicuna_dir}: no config.json; expected a Vicuna-7B HF folder (LlamaForCausalLM)")

@@ -13,7 +13,14 @@ from attrib.answers import greedy_answers, teacher_forced_hits
 from attrib.backbones.loader import load_backbone
 from attrib.defaults.recipe import PROMPTS
 from attrib.world import (
-    FACTS, VQA_FAMILIES, InfeasibleQuestion, WorldConfig, WorldSampler, caption, render, sample_question,
+    FACTS,
+    VQA_FAMILIES,
+    InfeasibleQuestion,
+    WorldConfig,
+    WorldSampler,
+    caption,
+    render,
+    sample_question,
 )
 
 HELDOUT_SEED = 10_007

@@ -11,12 +11,24 @@ import torch.nn.functional as F
 
 from attrib.backbones.spec import BackboneSpec
 from attrib.defaults.batches import (
-    IGNORE, Templates, continuation_logits, encode_pieces, existence_pair, right_pad, sequence_loss,
+    IGNORE,
+    Templates,
+    continuation_logits,
+    encode_pieces,
+    existence_pair,
+    right_pad,
+    sequence_loss,
     training_question,
 )
 from attrib.defaults.looks import (
-    CrossAttentionTap, answer_looks, direction_looks, layout_cells, layout_loss, object_attention_loss,
-    query_spread, target_cells,
+    CrossAttentionTap,
+    answer_looks,
+    direction_looks,
+    layout_cells,
+    layout_loss,
+    object_attention_loss,
+    query_spread,
+    target_cells,
 )
 from attrib.defaults.recipe import PROMPTS, Stage
 from attrib.world import FACTS, SHAPES, SIZES, WorldSampler, caption, render

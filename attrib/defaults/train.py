@@ -23,10 +23,10 @@ from attrib.backbones.loader import load_backbone
 from attrib.backbones.spec import get_spec
 from attrib.backbones.tokenizer import train_bpe_tokenizer
 from attrib.defaults import DEFAULTS_DIR
-from attrib.io import stored_path
 from attrib.defaults.batches import Templates
 from attrib.defaults.losses import PatchHeads, language_loss, vision_loss
 from attrib.defaults.recipe import PROMPTS, RECIPES, TOKENIZER_EXTRA, TOKENIZER_VOCAB, Recipe, Stage
+from attrib.io import stored_path
 from attrib.world import SIZES, WorldConfig, WorldSampler, answer_words, corpus_lines
 
 DEFAULT_OUT = Path("runs/toy-models/models")  # the shipped folders are refreshed only when asked (--out)

@@ -7,8 +7,8 @@ from attrib.regions.attention_noise import AttentionNoise
 from attrib.regions.base import LocalMethod, PropagatedMethod, RegionMethod
 from attrib.regions.causal_noise import CausalNoise
 from attrib.regions.knockout import AttentionKnockout
-from attrib.regions.registry import REGION_METHODS, MethodEntry, methods_for, sweep_plan
 from attrib.regions.regions import RegionSet, grid_windows, single_tokens
+from attrib.regions.registry import REGION_METHODS, MethodEntry, methods_for, sweep_plan
 from attrib.regions.result import RegionResult
 from attrib.regions.sweep import lm_regions, region_sweep, vit_regions
 from attrib.regions.vit_noise import VitNoise

@@ -111,7 +111,8 @@ class LastQueryAttention:
         """Outputs [C, n, D] when ``noise`` [C, n, W, D] is added to the inputs at tokens ``index`` [C, W]."""
         rest_num, rest_den = self._rest(index, valid)
         noise = noise * valid[:, None, :, None]
-        keys = self.keys[index][:, None] + self._heads(self._rotate(self._delta_kv(self.layout.k, noise), index[:, None]))
+        delta_k = self._rotate(self._delta_kv(self.layout.k, noise), index[:, None])
+        keys = self.keys[index][:, None] + self._heads(delta_k)
         values = self.values[index][:, None] + self._heads(self._delta_kv(self.layout.v, noise))
         scores = self._scores(keys)  # [C, n, W, H]
         scores = scores.masked_fill(~valid[:, None, :, None], float("-inf"))

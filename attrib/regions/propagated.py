@@ -88,7 +88,8 @@ def propagated_sweep(backbone: Backbone, images, prompts, method: PropagatedMeth
     the stream (seed, ``sample_offset`` + n, layer of the pass)."""
     site = method.site(regions)
     if regions.site != site:
-        raise ValueError(f"{method.name} perturbs the {site!r} site; region set {regions.name!r} is on {regions.site!r}")
+        raise ValueError(f"{method.name} perturbs the {site!r} site; region set {regions.name!r} is on "
+                         f"{regions.site!r}")
     if site == "vit" and backbone.spec.grid_site != "vit":
         raise ValueError(f"{backbone.spec.name}: the LM reads the vision tower through its own feature layer; "
                          "perturb its LM visual tokens (site 'lm') instead")

@@ -43,7 +43,10 @@ from attrib.regions.result import RegionResult
 from attrib.regions.sweep import region_sweep
 from attrib.regions.vit_noise import VIT_READS, VitNoise
 from attrib.validation.baselines import (
-    grid_result, integrated_gradients_maps, layer_integrated_gradients_maps, raw_attention_maps,
+    grid_result,
+    integrated_gradients_maps,
+    layer_integrated_gradients_maps,
+    raw_attention_maps,
     through_cross_attention,
 )
 from attrib.validation.result import ValidationResult

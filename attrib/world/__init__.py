@@ -10,8 +10,18 @@ question is about a known object with a known pixel box, so attribution heatmaps
 from .dataset import FIELDS, SPLITS, WorldRecord, build_split, make_record, write_world
 from .facts import FACTS, Fact
 from .questions import (
-    CAPTION_PROMPT, COUNT_WORDS, REGIONS, VQA_FAMILIES, InfeasibleQuestion, Question, caption, counterfactual,
-    counterfactual_caption, evaluate, rephrase_question, sample_question,
+    CAPTION_PROMPT,
+    COUNT_WORDS,
+    REGIONS,
+    VQA_FAMILIES,
+    InfeasibleQuestion,
+    Question,
+    caption,
+    counterfactual,
+    counterfactual_caption,
+    evaluate,
+    rephrase_question,
+    sample_question,
 )
 from .sampler import QA, CaptionItem, VqaItem, WorldSampler
 from .scene import COLORS, SHAPES, SIZES, Scene, WorldConfig, WorldObject, generate_scene, render

@@ -26,8 +26,18 @@ import numpy as np
 
 from .facts import FACTS
 from .questions import (
-    CAPTION_FAMILY, CAPTION_PROMPT, VQA_FAMILIES, InfeasibleQuestion, Question, caption, caption_prompt,
-    counterfactual, counterfactual_caption, evaluate, rephrase_question, sample_question,
+    CAPTION_FAMILY,
+    CAPTION_PROMPT,
+    VQA_FAMILIES,
+    InfeasibleQuestion,
+    Question,
+    caption,
+    caption_prompt,
+    counterfactual,
+    counterfactual_caption,
+    evaluate,
+    rephrase_question,
+    sample_question,
 )
 from .scene import Box, Scene, WorldConfig, generate_scene, render
 from .templates import HELDOUT, TRAIN, template_table
@@ -204,7 +214,8 @@ def write_world(
     Raises FileExistsError if out_dir exists and is not empty (unless overwrite), ValueError on a
     negative seed or count, OSError (e.g. PermissionError) when the parent folder is not writable.
     """
-    counts = {"vqa_train": n_train, "vqa_eval": n_eval, "caption_train": n_caption_train, "caption_eval": n_caption_eval}
+    counts = {"vqa_train": n_train, "vqa_eval": n_eval, "caption_train": n_caption_train,
+              "caption_eval": n_caption_eval}
     if seed < 0 or any(n < 0 for n in counts.values()):
         raise ValueError(f"seed and counts must be >= 0, got seed={seed}, counts={counts}")
     out = Path(out_dir)

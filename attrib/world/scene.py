@@ -245,19 +245,19 @@ def _draw_object(draw: ImageDraw.ImageDraw, obj: WorldObject) -> None:
     """Fill the shape into its box, leaving a 1-px margin; the box centre pixel is always covered."""
     x0, y0, x1, y1 = obj.box
     # PIL coordinates are inclusive, so the last pixel inside the box is x1 - 1.
-    l, t, r, b = x0 + 1, y0 + 1, x1 - 2, y1 - 2
+    left, t, r, b = x0 + 1, y0 + 1, x1 - 2, y1 - 2
     cx, cy = (x0 + x1 - 1) / 2, (y0 + y1 - 1) / 2
     if obj.shape == "circle":
-        draw.ellipse((l, t, r, b), fill=obj.rgb)
+        draw.ellipse((left, t, r, b), fill=obj.rgb)
     elif obj.shape == "square":
-        draw.rectangle((l + 1, t + 1, r - 1, b - 1), fill=obj.rgb)
+        draw.rectangle((left + 1, t + 1, r - 1, b - 1), fill=obj.rgb)
     elif obj.shape == "triangle":
-        draw.polygon([(l, b), (r, b), (cx, t)], fill=obj.rgb)
+        draw.polygon([(left, b), (r, b), (cx, t)], fill=obj.rgb)
     elif obj.shape == "diamond":
-        draw.polygon([(cx, t), (r, cy), (cx, b), (l, cy)], fill=obj.rgb)
+        draw.polygon([(cx, t), (r, cy), (cx, b), (left, cy)], fill=obj.rgb)
     elif obj.shape == "cross":
         half = (x1 - x0) // 6  # bar thickness = a third of the box
-        draw.rectangle((l, int(cy) - half + 1, r, int(cy) + half), fill=obj.rgb)
+        draw.rectangle((left, int(cy) - half + 1, r, int(cy) + half), fill=obj.rgb)
         draw.rectangle((int(cx) - half + 1, t, int(cx) + half, b), fill=obj.rgb)
     else:
         raise ValueError(f"unknown shape {obj.shape!r}")

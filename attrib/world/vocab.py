@@ -9,7 +9,14 @@ import numpy as np
 
 from .facts import FACTS, fact_answer_words
 from .questions import (
-    COUNT_WORDS, REGIONS, VQA_FAMILIES, YES_NO, InfeasibleQuestion, caption, counterfactual_caption, sample_question,
+    COUNT_WORDS,
+    REGIONS,
+    VQA_FAMILIES,
+    YES_NO,
+    InfeasibleQuestion,
+    caption,
+    counterfactual_caption,
+    sample_question,
 )
 from .scene import COLORS, SHAPES, SIZES, WorldConfig, generate_scene
 from .templates import HELDOUT, TEMPLATES, TRAIN, templates
@@ -27,7 +34,8 @@ def _coverage_lines() -> list[str]:
     colors, shapes = list(COLORS), list(SHAPES)
     for k, t in enumerate(TEMPLATES):
         # Cycle slot values through the templates so every value appears in some filled template.
-        slots = {"shape": shapes[k % len(shapes)], "color": colors[k % len(colors)], "region": REGIONS[k % len(REGIONS)]}
+        slots = {"shape": shapes[k % len(shapes)], "color": colors[k % len(colors)],
+                 "region": REGIONS[k % len(REGIONS)]}
         lines.append(t.fill(slots))
     lines += [f"{r} {s}" for r in REGIONS for s in shapes]
     lines += [f"a {size} {c} {s}" for size in SIZES for c in colors for s in shapes]

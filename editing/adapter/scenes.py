@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from attrib.backbones.loader import Backbone
 from attrib.data import EditRecord
-from editing.adapter.split import SplitForward
 from editing.adapter.scene_gate import chamfer_similarity, salient_chamfer
+from editing.adapter.split import SplitForward
 
 SIMILARITIES = {
     "chamfer": chamfer_similarity,

@@ -29,8 +29,8 @@ def results_markdown(results: dict) -> str:
     scene = m.get("scene_gate_mean")
     if scene:
         similarity = m.get("scene_similarity") or "chamfer"
-        lines.append(f"Scene gate ({similarity}), mean: {scene['image_rephrase']:.3f} on the edits' re-rendered images, "
-                     f"{scene['m_loc']:.3f} on their unrelated M-Loc images.")
+        lines.append(f"Scene gate ({similarity}), mean: {scene['image_rephrase']:.3f} on the edits' re-rendered "
+                     f"images, {scene['m_loc']:.3f} on their unrelated M-Loc images.")
     if m.get("target_role"):
         lines.append("VEAD marks the edit sample's target tokens (target role).")
     if m.get("im_pointing_note"):

@@ -164,7 +164,8 @@ def _placement(options: EditOptions, backbone: Backbone, eval_file: Path, eval_r
                out: Path) -> tuple[EditPlacement, dict]:
     """The placement and where it came from (``source`` plus the artifact's ceiling when known)."""
     if options.checkpoint is not None:
-        return weights_placement(options.checkpoint), {"source": f"adapter metadata ({stored_path(options.checkpoint)})"}
+        source = f"adapter metadata ({stored_path(options.checkpoint)})"
+        return weights_placement(options.checkpoint), {"source": source}
     if options.attribution is not None:
         path = options.attribution / "attribution.json" if options.attribution.is_dir() else options.attribution
         data = json.loads(path.read_text())

@@ -30,14 +30,14 @@ from PIL import Image
 
 from attrib.backbones.loader import Backbone
 from attrib.data import EditRecord
-from attrib.regions.capture import capture_layers, last_query_attention
 from attrib.regions.attention_noise import AttentionNoise
+from attrib.regions.capture import capture_layers, last_query_attention
 from attrib.regions.noise import noise_generator
+from editing.adapter.split import SplitForward
+from editing.adapter.vead import EditSignal
 from editing.adapter.visedit import VisEditEditor
 from editing.editor import EditRequest
 from editing.inputs import teacher_forced_batch
-from editing.adapter.split import SplitForward
-from editing.adapter.vead import EditSignal
 
 ROLES = ("rel", "t_gen", "m_gen", "m_loc")  # the four training rows of a record, in batch order
 ALIGN_ROLES = ROLES[:3]  # the samples an IM alignment / up target can come from

@@ -43,15 +43,21 @@ from attrib.data import EditRecord
 from attrib.prompts import load_prompts
 from attrib.regions.attention_noise import AttentionNoise
 from attrib.regions.noise import noise_generator
-from editing.training import losses
-from editing.training.checkpoint import load_checkpoint, read_state, save_checkpoint
-from editing.adapter.visedit import VisEditEditor
-from editing.training.examples import (
-    ALIGN_ROLES, ROLES, ExampleStore, answer_positions, example_row, example_rows, stack_signals,
-)
-from editing.inputs import teacher_forced_batch
 from editing.adapter.scenes import reference_states
 from editing.adapter.split import EditSite, SplitForward
+from editing.adapter.visedit import VisEditEditor
+from editing.inputs import teacher_forced_batch
+from editing.training import losses
+from editing.training.checkpoint import load_checkpoint, read_state, save_checkpoint
+from editing.training.examples import (
+    ALIGN_ROLES,
+    ROLES,
+    ExampleStore,
+    answer_positions,
+    example_row,
+    example_rows,
+    stack_signals,
+)
 
 _ORDER_STREAM, _STEP_STREAM, _INIT_STREAM, _PARTNER_STREAM, _TOKEN_STREAM = 101, 102, 103, 104, 105  # seeded generators
 _RESUMABLE = {"steps", "checkpoint_every"}  # config fields a resumed run may change
@@ -157,7 +163,8 @@ class Trainer:
     def batch_indices(self, step: int) -> list[int]:
         """Record indices of ``step`` (1-based): consecutive slices of one seeded permutation per epoch."""
         n, size = len(self.records), self.config.batch_size
-        return [int(self.epoch_order(position // n)[position % n]) for position in range((step - 1) * size, step * size)]
+        positions = range((step - 1) * size, step * size)
+        return [int(self.epoch_order(position // n)[position % n]) for position in positions]
 
     def influence_pairs(self) -> Iterator[tuple[int, int]]:
         """The (record, sample) pairs the IM terms ask influence for, each at its first use, step by step

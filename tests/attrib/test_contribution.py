@@ -8,10 +8,9 @@ matplotlib.use("Agg")  # no display on test machines
 
 import matplotlib.pyplot as plt
 import pytest
-
-from attrib.backbones.loader import load_backbone
 import torch
 
+from attrib.backbones.loader import load_backbone
 from attrib.contribution import ContributionResult, check_decomposable, contribution
 
 PROMPTS = ["what color is the circle?", "red"]  # different lengths, so left padding is exercised

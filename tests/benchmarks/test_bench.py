@@ -7,8 +7,8 @@ import pytest
 
 from attrib.regions.regions import grid_windows
 from benchmarks.bench import BENCHMARKS, BenchOutput, Goal, format_table, register, run_benchmarks
-from visedit.cli import main
 from benchmarks.cases import spread_subset
+from visedit.cli import main
 
 REQUIRED = ("region_sweep_speedup", "region_sweep_max_abs_diff", "trace_overhead", "region_subset",
             "vead_inference_overhead", "vead_prefix_speedup")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from attrib.world import write_world
-from editing.adapter.visedit import VisEditEditor
 from editing.adapter.vead import VeadConfig
+from editing.adapter.visedit import VisEditEditor
 
 SMALL = VeadConfig(mid_dim=16, n_heads=2, im_hidden=16, im_heads=2)
 

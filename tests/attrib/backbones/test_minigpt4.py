@@ -15,11 +15,18 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import Blip2ForConditionalGeneration, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from attrib.backbones.loader import load_backbone
-from visedit.cli import main
 from attrib.backbones.minigpt4 import (
-    PROJ, QFORMER, VIT, Checkpoint, blip2_config, convert_minigpt4, infer_sizes, map_state_dict,
+    PROJ,
+    QFORMER,
+    VIT,
+    Checkpoint,
+    blip2_config,
+    convert_minigpt4,
+    infer_sizes,
+    map_state_dict,
 )
 from attrib.backbones.spec import IMAGE_PLACEHOLDER, MINIGPT4
+from visedit.cli import main
 
 D, DEPTH, F, K, IMAGE = 32, 2, 64, 8, 32  # ViT width, blocks, MLP width, patch, image side
 Q, QLAYERS, H, N = 32, 2, 64, 4  # Q-Former width, layers (cross-attention in layer 0 only), FFN, queries
@@ -53,12 +60,14 @@ def lavis_shapes(d=D, depth=DEPTH, f=F, k=K, image=IMAGE, q=Q, qlayers=QLAYERS, 
             kv = d if block == "crossattention" else q
             for name, inp in (("query", q), ("key", kv), ("value", kv)):
                 qf.update({f"{layer}.{block}.self.{name}.weight": (q, inp), f"{layer}.{block}.self.{name}.bias": (q,)})
-            qf.update({f"{layer}.{block}.output.dense.weight": (q, q), f"{layer}.{block}.output.dense.bias": (q,),
-                       f"{layer}.{block}.output.LayerNorm.weight": (q,), f"{layer}.{block}.output.LayerNorm.bias": (q,)})
+            out = f"{layer}.{block}.output"
+            qf.update({f"{out}.dense.weight": (q, q), f"{out}.dense.bias": (q,),
+                       f"{out}.LayerNorm.weight": (q,), f"{out}.LayerNorm.bias": (q,)})
         for suffix in ("", "_query"):  # "" = the text FFN, dropped
-            qf.update({f"{layer}.intermediate{suffix}.dense.weight": (h, q), f"{layer}.intermediate{suffix}.dense.bias": (h,),
-                       f"{layer}.output{suffix}.dense.weight": (q, h), f"{layer}.output{suffix}.dense.bias": (q,),
-                       f"{layer}.output{suffix}.LayerNorm.weight": (q,), f"{layer}.output{suffix}.LayerNorm.bias": (q,)})
+            ffn_in, ffn_out = f"{layer}.intermediate{suffix}", f"{layer}.output{suffix}"
+            qf.update({f"{ffn_in}.dense.weight": (h, q), f"{ffn_in}.dense.bias": (h,),
+                       f"{ffn_out}.dense.weight": (q, h), f"{ffn_out}.dense.bias": (q,),
+                       f"{ffn_out}.LayerNorm.weight": (q,), f"{ffn_out}.LayerNorm.bias": (q,)})
     proj = {"llama_proj.weight": (lm, q), "llama_proj.bias": (lm,)}
     return vit, qf, proj
 
@@ -120,8 +129,10 @@ def test_every_tensor_comes_from_its_source(converted):
         "qformer.layernorm.bias": "Qformer.bert.embeddings.LayerNorm.bias",
         "qformer.encoder.layer.0.crossattention.attention.key.weight":
             "Qformer.bert.encoder.layer.0.crossattention.self.key.weight",
-        "qformer.encoder.layer.1.attention.attention.value.bias": "Qformer.bert.encoder.layer.1.attention.self.value.bias",
-        "qformer.encoder.layer.1.output_query.LayerNorm.weight": "Qformer.bert.encoder.layer.1.output_query.LayerNorm.weight",
+        "qformer.encoder.layer.1.attention.attention.value.bias":
+            "Qformer.bert.encoder.layer.1.attention.self.value.bias",
+        "qformer.encoder.layer.1.output_query.LayerNorm.weight":
+            "Qformer.bert.encoder.layer.1.output_query.LayerNorm.weight",
     }
     for target, source in pairs.items():
         assert torch.equal(weights[target], qf[source]), target
@@ -247,7 +258,8 @@ def _convert(src: dict, vicuna_dir, tmp_path) -> None:
 def test_missing_key_names_the_key(vicuna_dir, tmp_path):
     src = sources()
     del src["vit_qformer"]["Qformer.bert.encoder.layer.0.crossattention.self.key.weight"]
-    with pytest.raises(ValueError, match=r"'Qformer\.bert\.encoder\.layer\.0\.crossattention\.self\.key\.weight' is missing"):
+    missing = r"'Qformer\.bert\.encoder\.layer\.0\.crossattention\.self\.key\.weight' is missing"
+    with pytest.raises(ValueError, match=missing):
         _convert(src, vicuna_dir, tmp_path)
 
 
@@ -256,7 +268,8 @@ def test_misshaped_key_names_key_and_both_shapes(vicuna_dir, tmp_path):
     src["vit_qformer"]["visual_encoder.blocks.1.attn.qkv.weight"] = torch.zeros(3 * D, 16)
     with pytest.raises(ValueError) as error:
         _convert(src, vicuna_dir, tmp_path)
-    assert "'visual_encoder.blocks.1.attn.qkv.weight' has shape (96, 16), expected (3*D, D) = (96, 32)" in str(error.value)
+    expected = "'visual_encoder.blocks.1.attn.qkv.weight' has shape (96, 16), expected (3*D, D) = (96, 32)"
+    assert expected in str(error.value)
 
 
 def test_unknown_extra_key_is_fatal(vicuna_dir, tmp_path):

@@ -1,19 +1,31 @@
 """Training batches: the shared-prefix KV reuse gives the logits of full sequences."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-import numpy as np
-
 from attrib.backbones.loader import load_backbone
 from attrib.defaults.batches import (
-    IGNORE, Templates, continuation_logits, existence_pair, hard_negative, pick_family, split_prompt,
+    IGNORE,
+    Templates,
+    continuation_logits,
+    existence_pair,
+    hard_negative,
+    pick_family,
+    split_prompt,
     training_question,
 )
 from attrib.defaults.looks import (
-    CrossAttentionTap, Look, answer_looks, direction_looks, layout_cells, layout_loss, object_attention_loss,
-    query_spread, target_cells,
+    CrossAttentionTap,
+    Look,
+    answer_looks,
+    direction_looks,
+    layout_cells,
+    layout_loss,
+    object_attention_loss,
+    query_spread,
+    target_cells,
 )
 from attrib.defaults.losses import language_loss, patch_labels
 from attrib.defaults.recipe import PROMPTS, Stage

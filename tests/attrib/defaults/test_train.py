@@ -65,7 +65,8 @@ def test_a_named_variant_starts_from_another_default(tmp_path, monkeypatch):
     folder, every weight copied from the one it starts from."""
     monkeypatch.setitem(RECIPES, "llava", RECIPE)
     frozen = replace(RECIPE.stages[-1], lr=0.0)  # the attend stage at LR 0
-    monkeypatch.setitem(RECIPES, "llava_variant", Recipe("llava", (frozen,), init_from=("llava", {"": ""}), sizes=SMALL))
+    variant = Recipe("llava", (frozen,), init_from=("llava", {"": ""}), sizes=SMALL)
+    monkeypatch.setitem(RECIPES, "llava_variant", variant)
     base = train.train_default("llava", tmp_path / "out", tmp_path / "work")
     variant = train.train_default("llava_variant", tmp_path / "out", tmp_path / "work")
     assert variant == tmp_path / "out" / "llava_variant"

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from attrib.regions.attention_noise import AttentionNoise
-
 from attrib.regions.knockout import AttentionKnockout
 from attrib.regions.naive import naive_noise_map
 from attrib.regions.regions import grid_windows
@@ -58,8 +57,8 @@ def test_grid_windows_clip_at_borders():
 
 def test_causal_noise_matches_manual_run(tiny_backbone, tiny_images):
     """The batched propagated run equals perturbing one copy by hand with the same noise."""
-    from attrib.regions.noise import draw_noise, noise_generator, noise_scale
     from attrib.regions.causal_noise import CausalNoise
+    from attrib.regions.noise import draw_noise, noise_generator, noise_scale
     from attrib.regions.propagated import site_states
 
     regions = lm_regions(tiny_backbone, radius=1)
@@ -78,7 +77,7 @@ def test_causal_noise_matches_manual_run(tiny_backbone, tiny_images):
             members = site[regions.members[c][regions.valid[c]]]
             drops = []
             for d in range(2):
-                def add(_m, args, kwargs, d=d):
+                def add(_m, args, kwargs, d=d, c=c, members=members):
                     hidden = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).clone()
                     hidden[0, members] += noise[c, d, : len(members)] * scale
                     if "hidden_states" in kwargs:
@@ -95,8 +94,8 @@ def test_causal_noise_matches_manual_run(tiny_backbone, tiny_images):
 
 def test_vit_noise_reads_every_layer(tiny_dirs, tiny_images):
     from attrib.backbones.loader import load_backbone
-    from attrib.regions.vit_noise import VitNoise
     from attrib.regions.sweep import vit_regions
+    from attrib.regions.vit_noise import VitNoise
 
     backbone = load_backbone("blip2", tiny_dirs["blip2"])
     layers = list(range(backbone.n_layers))
@@ -115,8 +114,8 @@ def test_vit_noise_local_read_matches_manual_run(name, tiny_dirs, tiny_images):
     compare its last-position output with the clean one — the sweep's shortcut gives the same 1 − cos."""
     from attrib.backbones.loader import load_backbone
     from attrib.regions.noise import draw_noise, noise_generator
-    from attrib.regions.vit_noise import VitNoise
     from attrib.regions.sweep import vit_regions
+    from attrib.regions.vit_noise import VitNoise
 
     backbone = load_backbone(name, tiny_dirs[name])
     regions, layers, draws = vit_regions(backbone, radius=0), [0, backbone.n_layers - 1], 2
@@ -142,7 +141,7 @@ def test_vit_noise_local_read_matches_manual_run(name, tiny_dirs, tiny_images):
             attn = backbone.module(backbone.spec.layer_path(layer, "attn"))
             seen = {}
 
-            def keep(key):  # records the attention's input states and its last-position output
+            def keep(key, attn=attn, seen=seen):  # the attention's input states and its last-position output
                 def hook(m, a, k, out):
                     seen[key] = (k["hidden_states"][0].clone(), out[0][0, -1].clone())
                 return attn, "post", hook
@@ -156,7 +155,7 @@ def test_vit_noise_local_read_matches_manual_run(name, tiny_dirs, tiny_images):
                     run([(tower, "post", add), keep("noisy")])
                     noisy_states = seen["noisy"][0]
 
-                    def swap(m, a, k):
+                    def swap(m, a, k, noisy_states=noisy_states):
                         hidden = k["hidden_states"].clone()
                         hidden[0, visual] = noisy_states[visual]
                         return a, dict(k, hidden_states=hidden)
@@ -168,8 +167,8 @@ def test_vit_noise_local_read_matches_manual_run(name, tiny_dirs, tiny_images):
 
 def test_vit_noise_reads_differ_and_are_validated(tiny_dirs, tiny_images):
     from attrib.backbones.loader import load_backbone
-    from attrib.regions.vit_noise import VitNoise
     from attrib.regions.sweep import vit_regions
+    from attrib.regions.vit_noise import VitNoise
 
     backbone = load_backbone("minigpt4", tiny_dirs["minigpt4"])
     layers = [backbone.n_layers - 1]

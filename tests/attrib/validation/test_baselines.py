@@ -6,8 +6,13 @@ import torch
 from captum.attr import IntegratedGradients
 
 from attrib.validation.baselines import (
-    _cross_attention, _inputs, _key_logits, integrated_gradients_maps, layer_integrated_gradients_maps,
-    raw_attention_maps, through_cross_attention,
+    _cross_attention,
+    _inputs,
+    _key_logits,
+    integrated_gradients_maps,
+    layer_integrated_gradients_maps,
+    raw_attention_maps,
+    through_cross_attention,
 )
 
 

@@ -64,8 +64,9 @@ def test_selection_filters(tiny_dirs, world):
 
 
 def test_cli_writes_the_files(tiny_dirs, world, tmp_path, capsys):
-    argv = ["validate", "--backbone", "llava", "--model", str(tiny_dirs["llava"]), "--data", str(world / "vqa_eval.json"),
-            "--n", "2", "--out", str(tmp_path), "--all-answers", "--ig-steps", "2"]
+    argv = ["validate", "--backbone", "llava", "--model", str(tiny_dirs["llava"]),
+            "--data", str(world / "vqa_eval.json"), "--n", "2", "--out", str(tmp_path), "--all-answers",
+            "--ig-steps", "2"]
     assert main(argv) == 0
     assert {p.name for p in tmp_path.iterdir()} >= {"validation.json", "validation.png", "validation.md"}
     assert "validation.json" in capsys.readouterr().out

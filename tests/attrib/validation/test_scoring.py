@@ -13,7 +13,13 @@ from attrib.regions.regions import grid_windows
 from attrib.regions.result import RegionResult
 from attrib.validation.result import ValidationResult
 from attrib.validation.scoring import (
-    best_band, cells_in_box, count_objects, per_family, pointing_and_mass, random_baselines, score_maps, summarise,
+    best_band,
+    cells_in_box,
+    count_objects,
+    per_family,
+    random_baselines,
+    score_maps,
+    summarise,
 )
 from attrib.world import WorldConfig, generate_scene, render
 

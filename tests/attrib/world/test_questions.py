@@ -3,8 +3,20 @@ import numpy as np
 import pytest
 
 from attrib.world.questions import (
-    COUNT_WORDS, REGIONS, VQA_FAMILIES, InfeasibleQuestion, answer_pool, caption, caption_order, counterfactual,
-    counterfactual_caption, evaluate, feasible_families, region_box, rephrase_question, sample_question,
+    COUNT_WORDS,
+    REGIONS,
+    VQA_FAMILIES,
+    InfeasibleQuestion,
+    answer_pool,
+    caption,
+    caption_order,
+    counterfactual,
+    counterfactual_caption,
+    evaluate,
+    feasible_families,
+    region_box,
+    rephrase_question,
+    sample_question,
 )
 from attrib.world.scene import COLORS, SHAPES, Scene, WorldConfig, WorldObject, generate_scene
 from attrib.world.templates import HELDOUT, TRAIN, match_template

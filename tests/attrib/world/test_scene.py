@@ -6,8 +6,18 @@ import numpy as np
 import pytest
 
 from attrib.world.scene import (
-    COLORS, SHAPES, Scene, WorldConfig, WorldObject, generate_scene, layout_ok, move_object, relayout, render,
-    render_array, restyle,
+    COLORS,
+    SHAPES,
+    Scene,
+    WorldConfig,
+    WorldObject,
+    generate_scene,
+    layout_ok,
+    move_object,
+    relayout,
+    render,
+    render_array,
+    restyle,
 )
 
 CONFIG = WorldConfig()

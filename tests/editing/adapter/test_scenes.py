@@ -5,8 +5,8 @@ import json
 
 import torch
 
-from visedit.cli import main
 from editing.adapter.scenes import auc, best_split
+from visedit.cli import main
 
 
 def test_auc_counts_pairs_and_ties_count_half():

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editing.inputs import teacher_forced_batch
 from editing.adapter.split import SplitForward
+from editing.inputs import teacher_forced_batch
 
 
 @pytest.mark.parametrize("edit_layer", [-1, 0, 1])

@@ -194,7 +194,8 @@ def test_salient_scene_gate_needs_its_reference_and_keeps_it_with_the_weights():
     adapter.scene.set_reference(reference)
     out = adapter(visual, signal)
     edit_image = signal.visual_states().expand(2, -1, -1)
-    expected = adapter.scene.log_scale.exp() * (salient_chamfer(visual, edit_image, reference) - adapter.scene.threshold)
+    similarity = salient_chamfer(visual, edit_image, reference)
+    expected = adapter.scene.log_scale.exp() * (similarity - adapter.scene.threshold)
     torch.testing.assert_close(out.scene_logits, expected)
     # The reference travels in the state dict: a fresh adapter loads it, whatever the backbone's token count.
     fresh = EditAdapter(32, config)

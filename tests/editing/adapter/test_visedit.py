@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
+from editing.adapter.vead import VeadConfig
 from editing.adapter.visedit import EditPlacement, VisEditEditor, weights_placement
 from editing.editor import EditRequest
 from editing.inputs import teacher_forced_batch
-from editing.adapter.vead import VeadConfig
 
 PROMPT, TARGET = "what color is the circle?", "blue square"
 

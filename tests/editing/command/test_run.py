@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from visedit.cli import main
 from editing.command.run import default_lr, sized_vead_config
+from visedit.cli import main
 
 VISEDIT_KEYS = {"rel", "t_gen", "m_gen", "t_loc", "m_loc", "exact_match", "secondary", "m_loc_same_object",
                 "m_loc_other", "im_pointing_game", "im_gate_mean", "scene_gate", "scene_similarity", "scene_gate_mean",
@@ -67,7 +67,8 @@ def test_checkpoint_evaluates_without_training_and_captions(trained, tiny_dirs, 
 def test_no_scene_gate_no_target_role_trains_the_papers_adapter(trained, tiny_dirs, tiny_world, tmp_path):
     code = main(["edit", "--backbone", "llava", "--model", str(tiny_dirs["llava"]), "--train",
                  str(tiny_world / "vqa_train.json"), "--eval", str(tiny_world / "vqa_eval.json"), "--steps", "1",
-                 "--batch-size", "2", "--attribution", str(trained / "attribution"), "--no-scene-gate", "--no-target-role",
+                 "--batch-size", "2", "--attribution", str(trained / "attribution"),
+                 "--no-scene-gate", "--no-target-role",
                  "--out", str(tmp_path / "plain"), *QUIET])
     assert code == 0
     visedit = json.loads((tmp_path / "plain" / "results.json").read_text())["methods"]["visedit"]

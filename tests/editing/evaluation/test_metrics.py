@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from editing.evaluation.metrics import (
-    EditScores, RecordScores, RowPredictions, agreement, exact_match, score_record, token_accuracy, top_ids,
+    EditScores,
+    RecordScores,
+    RowPredictions,
+    agreement,
+    exact_match,
+    score_record,
+    token_accuracy,
+    top_ids,
 )
 
 V = 12

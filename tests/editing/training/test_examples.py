@@ -11,9 +11,9 @@ from attrib.data import load_records
 from attrib.prompts import load_prompts
 from editing.adapter.visedit import EditPlacement
 from editing.editor import EditRequest
-from editing.training.examples import ROLES, answer_positions, example_rows, stack_signals, token_influence
 from editing.inputs import teacher_forced_batch
-from editing.training.trainer import Trainer, TrainConfig, im_inputs
+from editing.training.examples import ROLES, answer_positions, example_rows, stack_signals, token_influence
+from editing.training.trainer import TrainConfig, Trainer, im_inputs
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,14 @@ import torch
 
 from attrib.backbones.loader import load_backbone
 from attrib.data import load_records
-from editing.training.checkpoint import STATE_FILE
-from editing.adapter.visedit import EditPlacement
-from editing.training.examples import example_rows
-from editing.inputs import target_lengths
 from editing.adapter.scenes import visual_states
 from editing.adapter.split import SplitForward
-from editing.training.trainer import Trainer, TrainConfig, reset_adapter, train
 from editing.adapter.vead import VeadConfig
+from editing.adapter.visedit import EditPlacement
+from editing.inputs import target_lengths
+from editing.training.checkpoint import STATE_FILE
+from editing.training.examples import example_rows
+from editing.training.trainer import TrainConfig, Trainer, reset_adapter, train
 
 FAST = TrainConfig(steps=6, batch_size=2, lr=1e-2, influence_draws=1, checkpoint_every=2)
 
