@@ -1,7 +1,10 @@
 """MMEdit-format edit datasets (E-VQA / E-IC, and the synthetic world's), loaded lazily.
 
-A file is a JSON list of records with 11 string fields (SPEC §6); images are paths relative to an image
-root the user gives. Images are opened only when asked for (E-VQA train pre-loaded would need ~28 GiB).
+A file is a JSON list of records, each with 11 string fields (`FIELDS`; docs/data.md says what each
+holds): the edit (``src`` prompt, ``alt`` new target, ``image``), its generality probes (``rephrase``,
+``image_rephrase``), its locality probes (``loc`` / ``loc_ans`` text-only, ``m_loc`` / ``m_loc_q`` /
+``m_loc_a`` another image), and ``pred`` (the original output, unused). Images are paths relative to an
+image root the user gives and are opened only when asked for (E-VQA train pre-loaded would need ~28 GiB).
 Every error names the file, the record index and the field.
 """
 from __future__ import annotations

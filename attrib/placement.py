@@ -21,11 +21,8 @@ already the output of layer 0 falls below). Then
 im_read_layer is where the IM reads the edit sample's last prompt token: the first layer by whose
 output that token has taken in the asked-about object (patching the visual states after it flips at
 most a quarter of what patching at the input does). Reading it at an early edit layer (the LM input,
-say) would give the IM a bare word embedding with nothing to match on. Measured on the default BLIP-2
-(ceiling .79, .33, .27, .21, .17, .10, .04 at the input and after layers 0–5; edit at the input, 2,000
-steps): M-Loc 78.3 reading after layer 0 (the earlier rule, e_R + 1), 86.3 after layer 3 (this rule),
-82.7 after layer 6 (runs differ by up to ~4 points from float rounding alone). On the default LLaVA
-and MiniGPT-4 (after layer 1 instead of 0) M-Loc did not improve (76.0 → 76.0, 80.7 → 76.0).
+say) would give the IM a bare word embedding with nothing to match on; reading it where this rule puts
+it gave BLIP-2's adapter its best M-Loc of three read layers tried (docs/experiments/placement.md).
 When c[0] < ``min_ceiling`` (0.5) the model does not read the counterfactual images well enough for
 the curve to mean anything: the contribution rule is kept and ``note`` says so. In 6- and 12-layer
 models of the world the ceiling falls at layers 2–3 whatever the depth, so e_R (−1..1) decides there;

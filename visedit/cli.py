@@ -54,7 +54,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     (None, off) say so in their own help text."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 

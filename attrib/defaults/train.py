@@ -136,7 +136,7 @@ class _Run:
     heads: PatchHeads
     checkpoint: Path
     log: dict  # finished stages and wall time, saved in every checkpoint
-    started: float  # time.time() at the start, less the wall time of earlier sessions
+    started: float  # time.time() at the start, less the wall time of the runs this one resumes
     default_attention: str  # the model's own attention implementation (stages may switch to eager)
     save_every: int
     scale: float

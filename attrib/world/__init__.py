@@ -1,4 +1,4 @@
-"""The synthetic visual world with ground truth (SPEC §8): scenes, questions, facts, datasets.
+"""The synthetic visual world with ground truth: scenes, questions, facts, datasets.
 
 Scenes are coloured shapes snapped to the ViT patch grid over a grey textured background; every
 question is about a known object with a known pixel box, so attribution heatmaps can be checked.

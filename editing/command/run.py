@@ -75,19 +75,15 @@ class EditOptions:
 
 
 def default_steps(backbone: str) -> int:
-    """Training steps when none are asked for. 1,000 left the losses still falling fast (LLaVA default:
-    running rel NLL 0.86 at step 915, 0.54 at 995); 2,000 fit `make edit`'s 20-min budget on the Q-Former
-    defaults. LLaVA gets 1,750: its rows carry 64 visual tokens (a step takes 0.43 s against BLIP-2's
-    0.11 s) and 2,000 steps made its run 24.8 min; at 1,500 it took 16.9 min but T-Gen fell to 90.0
-    (97.7 at 2,000). BLIP-2 trained twice as long gained nothing beyond the run-to-run spread (M-Loc
-    83.7 against 82.3)."""
+    """Training steps when none are asked for: 2,000 (at 1,000 the losses were still falling fast; twice as
+    many gained nothing beyond the run-to-run spread), 1,750 for LLaVA, whose rows carry 64 visual tokens
+    (a step takes ~4x BLIP-2's) and whose T-Gen fell at 1,500 (docs/experiments/editing-training.md)."""
     return 1750 if backbone == "llava" else 2000
 
 
 def default_lr(width: int) -> float:
-    """Adam LR of the adapter: the paper's 1e-4 for 7B-scale LMs (width ≥ 2048); 1e-3 below. Measured on
-    the default LLaVA (128 wide, 1,000 steps, world E-VQA): Rel / T-Gen / M-Gen 17.3 / 14.7 / 21.7 at 1e-4
-    against 40.7 / 33.7 / 39.0 at 1e-3, T-Loc 100 and M-Loc ~60 in both."""
+    """Adam LR of the adapter: the paper's 1e-4 for 7B-scale LMs (width ≥ 2048); 1e-3 below, where 1e-4
+    learnt less than half as fast on the 128-wide defaults (docs/experiments/editing-training.md)."""
     return 1e-4 if width >= 2048 else 1e-3
 
 

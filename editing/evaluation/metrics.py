@@ -1,4 +1,4 @@
-"""Editing metrics (SPEC §7): teacher-forced predictions, per-record scores and their summary.
+"""Editing metrics: teacher-forced predictions, per-record scores and their summary.
 
 All inputs are teacher-forced rows ``template(prompt) + " " + target``; only the target positions are
 scored (the logits one position before each target token).

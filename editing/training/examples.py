@@ -5,8 +5,8 @@ For every training record the trainer needs, besides its four teacher-forced row
 - the unedited model's log-probabilities at the M-Loc answer positions (the locality KL's p_pre);
 - the IM alignment targets: for each sample an alignment target may come from (rel: ``image`` +
   ``src``, t_gen: ``image`` + ``rephrase``, m_gen: ``image_rephrase`` + ``src``), the noise-perturbation
-  influence of every visual token *of that sample's own image* on the last prompt token (SPEC §5: σ 0.7
-  absolute, one token at a time, averaged over the influence-target layers; normalised later, over
+  influence of every visual token *of that sample's own image* on the last prompt token (as the paper:
+  σ 0.7 absolute, one token at a time, averaged over the influence-target layers; normalised later, over
   the tokens a step samples).
 
 The official code computed the image-rephrase targets from the reliability image because of a slice

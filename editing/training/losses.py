@@ -1,4 +1,4 @@
-"""VisEdit's training losses (SPEC §5), as plain functions of log-probabilities and IM logits.
+"""VisEdit's training losses, as plain functions of log-probabilities and IM logits.
 
 Shapes: R rows, K answer positions per row (padded, ``mask`` [R, K] marks the real ones), V vocabulary;
 B edits, k sampled visual tokens per edit.

@@ -1,4 +1,4 @@
-"""Training VEAD + IM on MMEdit records with the backbone frozen (SPEC §5).
+"""Training VEAD + IM on MMEdit records with the backbone frozen.
 
     editor = VisEditEditor(backbone, placement, VeadConfig(mid_dim=128, n_heads=4, im_hidden=128))
     result = train(editor, load_records("vqa_train.json"), TrainConfig(steps=2000, seed=0), "runs/llava/checkpoint")
@@ -8,9 +8,7 @@
 One step takes ``batch_size`` records; each contributes four teacher-forced rows (rel, t_gen, m_gen,
 m_loc; text-only T-Loc inputs bypass the adapter, so they carry no gradient) with the record's own
 edit signal, plus ``loc_partners`` locality rows: the M-Loc inputs of other records drawn per step, under
-this record's edit, so locality is not learnt from one fixed unrelated input per edit. (What mattered
-more was the number of records: trained on 300 for 2,000 steps, the default BLIP-2's adapter kept 92.7 %
-of M-Loc answers on its training records and 66 % on eval records; on 3,000, 78 % on eval.) The rows run
+this record's edit, so locality is not learnt from one fixed unrelated input per edit. The rows run
 below the edit site once, under no_grad (`SplitForward.prefix`); only the layers above carry gradients.
 Edit signals, pre-edit M-Loc outputs and IM alignment targets are per-record products of the frozen
 model, computed once under no_grad (`editing.training.examples`).
@@ -65,10 +63,11 @@ _RESUMABLE = {"steps", "checkpoint_every"}  # config fields a resumed run may ch
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training settings. Weights and IM settings are SPEC §5's; ``influence_draws`` is the noise draws
-    per token for the alignment targets (official: 1; computed once per record and sample here);
+    """Training settings. The loss weights, ``im_tokens`` (24) and the influence noise (σ 0.7 absolute) are
+    the paper's and its official code's; ``influence_draws`` is the noise draws per token for the alignment
+    targets (official: 1; computed once per record and sample, `editing.training.examples`);
     ``cache_mb`` bounds the in-memory per-record products (a 7B edit signal is ~10 MB);
-    ``im_up``: "mean" (SPEC: −mean log σ(IM) over the drawn tokens) or "influence" (the drawn tokens
+    ``im_up``: "mean" (the paper's: −mean log σ(IM) over the drawn tokens) or "influence" (the drawn tokens
     weighted by the alignment target, so the gate is pushed open where the edit sample's answer depends
     on the token rather than on the background, which unrelated images share);
     ``loc_partners``: extra locality rows per record, each the M-Loc input of another training record drawn
@@ -108,9 +107,9 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """steps: last step done; train_s: wall time over all sessions; products_s: the part of this
-    session's time spent computing per-record products (`ExampleStore`); history: per-step losses of this
-    session; resumed_from: the step a resumed run started after (None = fresh)."""
+    """steps: last step done; train_s: wall time over this run and the runs it resumes; products_s: the
+    part of this run's time spent computing per-record products (`ExampleStore`); history: per-step
+    losses of this run; resumed_from: the step a resumed run started after (None = fresh)."""
 
     steps: int
     train_s: float

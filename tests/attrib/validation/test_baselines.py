@@ -85,6 +85,6 @@ def test_integrated_gradients_completeness(tiny_dirs, samples):
     with torch.no_grad():
         rows = torch.arange(len(keys))
         gap = forward(pixels, *text)[rows, keys] - forward(torch.zeros_like(pixels), *text)[rows, keys]
-    assert gap.abs().min() > 1e-4  # the wrapper really feeds the image (SPEC §3 pitfall)
+    assert gap.abs().min() > 1e-4  # the wrapper really feeds the image (unbound LLM wrappers drop it)
     assert attr.flatten(1).sum(1).detach() == pytest.approx(gap.detach(), rel=0.05, abs=1e-4)
     assert delta.abs().max() <= 0.05 * gap.abs().max() + 1e-4
