@@ -1,6 +1,6 @@
 # visedit toolkit: a thin layer over the `visedit` command line. Every target installs what it needs first
 # (make setup is idempotent). `make help` lists the targets and variables.
-PYTHON ?= python3
+PYTHON ?= python3#           the Python that creates .venv
 VENV := .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
@@ -57,7 +57,8 @@ help: ## list the targets and variables
 	@echo "Targets:"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  make \1\t\2/' | expand -t 22
 	@echo "Variables (default):"
-	@grep -E '^[A-Z_]+ \?=' $(MAKEFILE_LIST) | sed -E 's/^([A-Z_]+) \?= ?([^#]*)# *(.*)/  \1=\2\t\3/' | expand -t 28
+	@grep -E '^[A-Z_]+ \?=' $(MAKEFILE_LIST) | sed -E 's/^([A-Z_]+) \?= ?([^#]*)# *(.*)/\1=\2\t\3/' \
+		| awk -F'\t' '{printf "  %-32s %s\n", $$1, $$2}'
 
 setup: $(STAMP) ## create .venv: the pinned torch first, then the package (pip install -e .[dev])
 

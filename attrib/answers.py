@@ -8,6 +8,21 @@ import torch
 from attrib.backbones.loader import Backbone
 
 
+def target_token_ids(backbone: Backbone, prompt: str, target: str, with_image: bool = True) -> list[int]:
+    """The token ids ``target`` adds to ``template(prompt)`` in the row ``template(prompt) + " " + target``:
+    the suffix of the row's ids after the prompt's (tokenizers that merge across the space, such as
+    SentencePiece's, give other ids than ``target`` tokenized alone). Refused when the target does not
+    tokenize as a separate suffix, since the scored positions would not be known."""
+    tokenizer = backbone.tokenizer
+    head = backbone.format_prompt(prompt, with_image=with_image)
+    prefix = tokenizer(head).input_ids
+    full = tokenizer(f"{head} {target}").input_ids
+    if not target.strip() or len(full) <= len(prefix) or full[:len(prefix)] != prefix:
+        raise ValueError(f"target {target!r} does not tokenize as a separate suffix of prompt {prompt!r}; "
+                         "cannot tell which positions to score")
+    return full[len(prefix):]
+
+
 @torch.no_grad()
 def teacher_forced_hits(backbone: Backbone, images, prompts: Sequence[str], targets: Sequence[str]) -> list[list[bool]]:
     """Per row, for each target token: is the argmax at the previous position that token?
@@ -17,8 +32,8 @@ def teacher_forced_hits(backbone: Backbone, images, prompts: Sequence[str], targ
     inputs = backbone.encode(images, prompts, targets)
     logits = backbone.forward(inputs).logits  # [B, T, V]
     hits = []
-    for row, target in enumerate(targets):
-        ids = backbone.tokenizer(" " + target, add_special_tokens=False).input_ids
+    for row, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
+        ids = target_token_ids(backbone, prompt, target, with_image=images is not None)
         n = len(ids)
         predicted = logits[row, -n - 1:-1].argmax(-1)
         hits.append((predicted == torch.tensor(ids)).tolist())

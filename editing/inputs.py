@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from transformers import BatchFeature
 
+from attrib.answers import target_token_ids
 from attrib.backbones.loader import Backbone
 
 
@@ -49,17 +50,8 @@ class TeacherForcedBatch:
 def target_lengths(backbone: Backbone, prompts: Sequence[str], targets: Sequence[str],
                    with_image: bool) -> list[int]:
     """Target tokens per row of ``template(prompt) + " " + target`` (see the module docstring)."""
-    tokenizer = backbone.tokenizer
-    lengths = []
-    for prompt, target in zip(prompts, targets, strict=True):
-        head = backbone.format_prompt(prompt, with_image=with_image)
-        prefix = tokenizer(head).input_ids
-        full = tokenizer(f"{head} {target}").input_ids
-        if not target.strip() or len(full) <= len(prefix) or full[:len(prefix)] != prefix:
-            raise ValueError(f"target {target!r} does not tokenize as a separate suffix of prompt {prompt!r}; "
-                             "cannot tell which positions to score")
-        lengths.append(len(full) - len(prefix))
-    return lengths
+    return [len(target_token_ids(backbone, prompt, target, with_image))
+            for prompt, target in zip(prompts, targets, strict=True)]
 
 
 def teacher_forced_batch(backbone: Backbone, images: Sequence[Image.Image] | None, prompts: Sequence[str],

@@ -6,7 +6,7 @@ at the end, so a killed run never leaves a folder that looks complete):
     vqa_train.json  vqa_eval.json  caption_train.json  caption_eval.json   JSON lists, 11 string fields
     truth.json      {split: [{"family", "answer", "image", "image_rephrase", "m_loc"}, ...]}, same order
     meta.json       seed, counts, config, template table, box convention
-    images/<split>/<index>.png, <index>_rephrase.png, <index>_mloc.png     64x64 RGB PNG
+    images/<split>/<index>.png, <index>_rephrase.png, <index>_mloc.png     64x64 RGB PNG (index: 6 digits)
 
 Boxes are [x0, y0, x1, y1] in px, x1/y1 exclusive, or null where no single object is asked about
 (count, exists answered "no", captions). Record i of a split comes from its own stream

@@ -1,6 +1,6 @@
 """How well scene-level similarity tells an edit's re-rendered image from an unrelated one.
 
-The scene gate (`editing.adapter.vead.SceneGate`) rests on one measurable claim: the chamfer similarity of the
+The scene gate (`editing.adapter.scene_gate.SceneGate`) rests on one measurable claim: the chamfer similarity of the
 visual states at the edit site is higher between an edit's image and its ``image_rephrase`` (which M-Gen
 must keep edited) than between the edit's image and the record's unrelated ``m_loc`` image (which M-Loc
 must leave alone). This module measures that on any MMEdit file, untrained, before anything is fitted:

@@ -74,12 +74,13 @@ class EditPlacement:
         if isinstance(placement, dict):
             return cls(int(placement["edit_layer"]), tuple(placement.get("it_layers", ())),
                        placement.get("im_read_layer"))
-        return cls(int(placement.edit_layer), tuple(placement.it_layers))
+        return cls(int(placement.edit_layer), tuple(placement.it_layers), getattr(placement, "im_read_layer", None))
 
     @classmethod
     def from_artifact(cls, path: str | Path, backbone: Backbone, im_read_layer: int | None = None) -> "EditPlacement":
         """The placement of an attribution artifact (``attribution.json`` or its folder), refused when it
-        was made for another backbone or another model (fingerprint), saying which."""
+        was made for another backbone or another model (fingerprint), saying which. ``im_read_layer``: the
+        artifact's own when not given (the edit layer when it has none)."""
         path = Path(path)
         path = path / "attribution.json" if path.is_dir() else path
         data = json.loads(path.read_text())
@@ -91,7 +92,8 @@ class EditPlacement:
             raise ValueError(f"{path}: attribution was made for model fingerprint {theirs!r} "
                              f"({data.get('model', {}).get('path')}), this model is {ours!r} ({backbone.path})")
         placement = data["placement"]
-        return cls(int(placement["edit_layer"]), tuple(placement.get("it_layers", ())), im_read_layer)
+        read = placement.get("im_read_layer") if im_read_layer is None else im_read_layer
+        return cls(int(placement["edit_layer"]), tuple(placement.get("it_layers", ())), read)
 
 
 class _StopForward(Exception):

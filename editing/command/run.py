@@ -164,9 +164,9 @@ def _placement(options: EditOptions, backbone: Backbone, eval_file: Path, eval_r
         return weights_placement(options.checkpoint), {"source": source}
     if options.attribution is not None:
         path = options.attribution / "attribution.json" if options.attribution.is_dir() else options.attribution
-        data = json.loads(path.read_text())
-        placement = EditPlacement.from_artifact(path, backbone, data["placement"].get("im_read_layer"))
-        return placement, {"source": stored_path(path), "ceiling": data["placement"].get("ceiling")}
+        placement = EditPlacement.from_artifact(path, backbone)
+        ceiling = json.loads(path.read_text())["placement"].get("ceiling")
+        return placement, {"source": stored_path(path), "ceiling": ceiling}
     from attrib.attribution import AttributionConfig, run_attribution
 
     # Attribution prompts are VQA questions: caption runs use the world's VQA file beside the captions.
@@ -180,7 +180,7 @@ def _placement(options: EditOptions, backbone: Backbone, eval_file: Path, eval_r
     folder = attribution.save(out / "attribution")
     attribution.plot_all(folder, n_overlays=2)
     placed = attribution.placement
-    placement = EditPlacement.from_artifact(folder, backbone, placed.im_read_layer)
+    placement = EditPlacement.from_artifact(folder, backbone)
     return placement, {"source": stored_path(folder / "attribution.json"), "ceiling": placed.to_json().get("ceiling")}
 
 

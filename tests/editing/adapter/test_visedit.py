@@ -121,6 +121,10 @@ def test_placement_from_artifact_checks_backbone_and_fingerprint(tiny_backbone, 
     path = tmp_path / "attribution.json"
     path.write_text(json.dumps(artifact))
     assert EditPlacement.from_artifact(tmp_path, tiny_backbone) == EditPlacement(0, (1,))
+    # The artifact's own IM read layer is used unless one is given.
+    path.write_text(json.dumps(dict(artifact, placement={"edit_layer": -1, "it_layers": [0, 1], "im_read_layer": 1})))
+    assert EditPlacement.from_artifact(path, tiny_backbone).read_layer == 1
+    assert EditPlacement.from_artifact(path, tiny_backbone, im_read_layer=0).read_layer == 0
     path.write_text(json.dumps(dict(artifact, backbone="other")))
     with pytest.raises(ValueError, match="made for backbone 'other'"):
         EditPlacement.from_artifact(path, tiny_backbone)
@@ -133,6 +137,7 @@ def test_placement_coercion_and_range(tiny_backbone):
     from attrib.placement import Placement
 
     assert EditPlacement.coerce(Placement(1, [2, 3], 0.5, [])) == EditPlacement(1, (2, 3))
+    assert EditPlacement.coerce(Placement(-1, [0, 1], 0.5, [], im_read_layer=1)).read_layer == 1
     assert EditPlacement.coerce({"edit_layer": -1, "it_layers": [0]}).read_layer == -1
     with pytest.raises(ValueError, match="edit_layer=2 is outside -1..1"):
         VisEditEditor(tiny_backbone, 2)
