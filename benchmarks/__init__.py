@@ -1,4 +1,4 @@
-"""Speed benchmarks of the toolkit (``python -m benchmarks``): ratios measured in one process.
+"""Speed benchmarks of the toolkit (``visedit bench``): ratios measured in one process.
 
 Register new benchmarks with `benchmarks.bench.register`; `run_benchmarks` runs them all.
 """

@@ -17,6 +17,7 @@ from attrib.backbones.build import BackboneSizes, build_backbone
 from attrib.backbones.loader import Backbone, load_backbone
 from attrib.backbones.spec import get_spec
 from attrib.backbones.tokenizer import train_bpe_tokenizer
+from attrib.io import stored_path
 from attrib.prompts import load_prompts
 
 # VQA-v2-like questions; wrapped by the VisEdit protocol into "USER: <image>\n{q} The answer is: ASSISTANT:".
@@ -121,4 +122,4 @@ def default_llava(path: Path, n_prompts: int, seed: int = 0) -> BenchModel:
     backbone = load_backbone("llava", path)
     items = WorldSampler(WorldConfig(), seed=seed).vqa_batch(n_prompts)
     return BenchModel("default LLaVA", backbone, [item.image for item in items],
-                      [vqa_prompt(item.qas[0].question) for item in items], note=str(path))
+                      [vqa_prompt(item.qas[0].question) for item in items], note=stored_path(path))
