@@ -51,7 +51,7 @@ WORLD_EVAL := $(WORLD)/vqa_eval.json
 on = $(filter 1 yes true,$(1))
 opt = $(if $(2),$(1) $(2),)
 
-.PHONY: help setup test lint heatmaps validate edit scenes bench world toy-models clean
+.PHONY: help setup test lint heatmaps validate edit scenes bench smoke-full world toy-models clean
 
 help: ## list the targets and variables
 	@echo "Targets:"
@@ -100,6 +100,10 @@ scenes: setup $(if $(DATA),,$(WORLD_EVAL)) ## how well scene similarity tells an
 
 bench: setup ## speed ratios measured in one run, against their goals
 	$(VISEDIT) bench --threads 1 $(call opt,--out,$(OUT))
+
+# Not part of `make test`: LLaVA-1.5-7B and MiniGPT-4 need ~16 GB of RAM and a ~14 GB folder on disk.
+smoke-full: setup ## BACKBONE at its real size on random bf16 weights, through every step (OUT default runs/full-BACKBONE)
+	$(VISEDIT) smoke-full --backbone $(BACKBONE) $(call opt,--out,$(OUT))
 
 world: setup ## the synthetic world with seed SEED in OUT (default runs/world-SEED)
 	$(VISEDIT) world --seed $(SEED) --out $(if $(OUT),$(OUT),runs/world-$(SEED)) \

@@ -6,6 +6,7 @@
     visedit edit --backbone blip2                    # train and evaluate VisEdit (VEAD + IM)
     visedit scenes --backbone blip2                  # what the scene gate can tell apart, untrained
     visedit bench                                    # speed ratios against their goals
+    visedit smoke-full --backbone llava              # the real sizes on random weights, on a CPU
     visedit train-defaults                           # retrain the three default models
     visedit convert-minigpt4 ...                     # the original MiniGPT-4 files → an HF folder
 
@@ -21,7 +22,7 @@ from typing import Callable, NamedTuple
 
 from attrib import commands as attribution
 from attrib.data import DataError
-from benchmarks import bench
+from benchmarks import bench, smoke_full
 from editing.command import cli as editing
 
 
@@ -42,6 +43,8 @@ COMMANDS: dict[str, Command] = {
     "scenes": Command("how well scene similarity separates image_rephrase from m_loc images, untrained",
                       editing.scenes_arguments, editing.scenes),
     "bench": Command("speed ratios measured in one run, against their goals", bench.bench_arguments, bench.bench),
+    "smoke-full": Command("the toolkit at the real backbone sizes on random bf16 weights (needs ~16 GB of RAM)",
+                          smoke_full.smoke_arguments, smoke_full.smoke),
     "train-defaults": Command("train (resumably) and measure the default models",
                               attribution.train_defaults_arguments, attribution.train_defaults),
     "convert-minigpt4": Command("convert the original MiniGPT-4 weights into a Hugging Face folder",

@@ -62,6 +62,9 @@ class PropagatedMethod(RegionMethod):
     # output at the last position ("output"); or its input at the visual tokens ("input"), for methods
     # that recompute the attention themselves from the clean captures.
     attention_read: Literal["none", "output", "input"] = "none"
+    # Whether `effects` reads the last position's log-probabilities; when not, the perturbed forward stops
+    # after the last read layer.
+    reads_logprobs: bool = True
 
     def site(self, regions: RegionSet) -> str:
         """Where the noise goes: "lm" (the input of an LM layer) or "vit" (the ViT patch tokens)."""
@@ -74,8 +77,8 @@ class PropagatedMethod(RegionMethod):
     @abstractmethod
     def effects(self, logprobs: torch.Tensor, attention: dict[int, torch.Tensor], read: list[int],
                 clean: dict[int, LastQueryAttention] | None, visual: torch.Tensor | None) -> torch.Tensor:
-        """Influence [rows, R] of the R perturbed rows of one forward (row 0 of ``logprobs`` [1+R, V] and of
-        each ``attention[layer]`` is the clean copy). ``rows``: every layer of ``read`` when the noise sits
-        on the ViT patches, else the one layer whose input was perturbed. ``clean``, ``visual``: the clean
-        last-query attention per read layer and the visual positions, given when ``attention_read`` is
-        "input"."""
+        """Influence [rows, R] of the R perturbed rows of one forward (row 0 of ``logprobs`` [1+R, V] — None
+        when the method does not read them — and of each ``attention[layer]`` is the clean copy).
+        ``rows``: every layer of ``read`` when the noise sits on the ViT patches, else the one layer whose
+        input was perturbed. ``clean``, ``visual``: the clean last-query attention per read layer and the
+        visual positions, given when ``attention_read`` is "input"."""

@@ -45,31 +45,58 @@ def site_states(backbone: Backbone, inputs, site: str, layer: int) -> torch.Tens
     return states
 
 
+def _tower_output(states: torch.Tensor):
+    """A forward hook giving the vision tower's output ``states`` [rows, T, D] as its last hidden state (its
+    other tensors, computed on one row, expanded to the rows)."""
+    def replace(module, args, output):
+        rows = states.shape[0]
+        fields = {key: value.expand(rows, *value.shape[1:]) if torch.is_tensor(value) else value
+                  for key, value in output.items()}
+        return type(output)(**{**fields, "last_hidden_state": states})
+    return replace
+
+
 def _perturbed_run(backbone: Backbone, inputs, site: str, layer: int, token_index: torch.Tensor,
                    noise: torch.Tensor, attention_layers: Sequence[int], attention_read: str,
-                   visual: torch.Tensor | None = None):
+                   visual: torch.Tensor | None = None, clean_site: torch.Tensor | None = None,
+                   logprobs: bool = True):
     """One batch: row 0 clean, rows 1.. with ``noise`` [R, W, D] added at ``token_index`` [R, W] (-1 = none)
-    at the site (for "lm": the input of ``layer``). Returns (last-position log-probs [1+R, V], per layer of
-    ``attention_layers`` the attention output at the last position [1+R, D] ("output") or the attention
-    input at the LM positions ``visual`` [P] ([1+R, P, D], "input"))."""
+    at the site (for "lm": the input of ``layer``). Returns (last-position log-probs [1+R, V], or None when
+    ``logprobs`` is off and the forward stops after the last read layer; per layer of ``attention_layers``
+    the attention output at the last position [1+R, D] ("output") or the attention input at the LM
+    positions ``visual`` [P] ([1+R, P, D], "input")).
+
+    On the ViT site every row's tower output is the clean one plus its noise, so the tower runs on one row
+    and a hook hands the rows' outputs (``clean_site`` [T, D] plus the noise) to the Q-Former: a full-size
+    EVA ViT-g is most of the cost of a perturbed row otherwise."""
     nm = traced(backbone.model)
     rows = torch.arange(1, 1 + noise.shape[0])[:, None].expand_as(token_index)
     keep = token_index >= 0
     batch = _repeat(inputs, 1 + noise.shape[0])
-    outputs = {}
-    with torch.no_grad(), nm.trace(**batch):
-        if site == "vit":
-            states = envoy(nm, backbone.spec.vision_tower).output[0]
-            states[rows[keep], token_index[keep]] += noise[keep]
-        else:
-            states = envoy(nm, backbone.spec.layer_path(layer)).inputs[0][0]
-            states[rows[keep], token_index[keep]] += noise[keep]
-        for read_layer in sorted(attention_layers):  # execution order
-            attn = envoy(nm, backbone.spec.layer_path(read_layer, "attn"))
-            outputs[read_layer] = (attn.output[0][:, -1] if attention_read == "output"
-                                   else attn.inputs[1]["hidden_states"][:, visual]).save()
-        logprobs = nm.output.logits[:, -1].log_softmax(-1).save()
-    return logprobs, outputs
+    handle = None
+    if site == "vit":
+        batch["pixel_values"] = inputs["pixel_values"]
+        states = clean_site.unsqueeze(0).repeat(1 + noise.shape[0], 1, 1)
+        states[rows[keep], token_index[keep]] += noise[keep].to(states.dtype)
+        handle = backbone.module(backbone.spec.vision_tower).register_forward_hook(_tower_output(states))
+    outputs, last = {}, None
+    try:
+        with torch.no_grad(), nm.trace(**batch) as tracer:
+            if site == "lm":
+                states = envoy(nm, backbone.spec.layer_path(layer)).inputs[0][0]
+                states[rows[keep], token_index[keep]] += noise[keep]
+            for read_layer in sorted(attention_layers):  # execution order
+                attn = envoy(nm, backbone.spec.layer_path(read_layer, "attn"))
+                outputs[read_layer] = (attn.output[0][:, -1] if attention_read == "output"
+                                       else attn.inputs[1]["hidden_states"][:, visual]).save()
+            if logprobs:
+                last = nm.output.logits[:, -1].log_softmax(-1).save()
+            else:
+                tracer.stop()  # nothing is read after the last read layer: the layers above need not run
+    finally:
+        if handle is not None:
+            handle.remove()
+    return last, outputs
 
 
 def _site_tokens(backbone: Backbone, inputs, site: str) -> torch.Tensor:
@@ -119,7 +146,8 @@ def propagated_sweep(backbone: Backbone, images, prompts, method: PropagatedMeth
                 noise = _noise_batch(generator, regions, lo, hi, method.draws, states.shape[-1], scale)
                 token_index = index_all[lo:hi].repeat_interleave(method.draws, 0)
                 logprobs, attention = _perturbed_run(backbone, inputs, site, layer, token_index, noise,
-                                                     attention_layers, method.attention_read, visual)
+                                                     attention_layers, method.attention_read, visual, states,
+                                                     method.reads_logprobs)
                 effect = method.effects(logprobs, attention, read, clean, visual)  # [len(rows), R]
                 maps[n, rows, lo:hi] = effect.view(len(rows), hi - lo, method.draws).mean(-1)
         bar.update(1)

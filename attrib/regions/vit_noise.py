@@ -33,6 +33,7 @@ class VitNoise(PropagatedMethod):
     max_batch: int = 96
     name: str = "vit_noise"
     kind: str = "propagated"
+    reads_logprobs = False  # the read is at the band's attention, not at the output
 
     def __post_init__(self):
         if self.read not in VIT_READS:

@@ -160,6 +160,13 @@ class EditSignal:
     def __len__(self) -> int:
         return self.states.shape[0]
 
+    def rows(self, lo: int, hi: int) -> "EditSignal":
+        """The edits of rows ``lo``..``hi`` of a signal that holds one edit per input row."""
+        return EditSignal(self.states[lo:hi], self.mask[lo:hi], self.query[lo:hi], self.prompt_end[lo:hi],
+                          None if self.cache is None else EditCache(self.cache.keys[lo:hi], self.cache.values[lo:hi],
+                                                                    self.cache.query[lo:hi], self.cache.versions),
+                          None if self.visual is None else self.visual[lo:hi])
+
     def for_batch(self, batch: int) -> "EditSignal":
         """The signal lined up with an input batch of ``batch`` rows (a single edit is broadcast)."""
         if len(self) == batch:

@@ -47,6 +47,9 @@ def edit_arguments(p: argparse.ArgumentParser) -> None:
                         "--no-target-role: the paper's adapter)")
     p.add_argument("--n-eval", type=int, default=None, help="evaluate the first N records only (default: all)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="training steps between checkpoints")
+    p.add_argument("--rows-per-backward", type=int, default=0,
+                   help="run the layers above the edit site on this many rows at a time, to bound memory on "
+                        "large backbones (default: 0 = every row of a step at once)")
 
 
 def edit(args: argparse.Namespace) -> int:
@@ -57,7 +60,8 @@ def edit(args: argparse.Namespace) -> int:
         out=args.out, resume=args.resume, skip_bad=args.skip_bad, batch_size=args.batch_size, lr=args.lr,
         seed=args.seed, mid_dim=args.mid_dim, heads=args.heads, scene_gate=args.scene_gate,
         scene_similarity=args.scene_similarity, target_role=args.target_role, n_eval=args.n_eval,
-        checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
+        checkpoint_every=args.checkpoint_every, rows_per_backward=args.rows_per_backward,
+        progress=not args.no_progress)
     results = run_edit(options)
     v = results["methods"]["visedit"]
     skipped = results["n_skipped"]

@@ -77,7 +77,10 @@ class TrainConfig:
     −mean log σ(S) on the m_gen rows (the edit's re-rendered image) and −mean log(1 − σ(S)) on the
     locality rows (unrelated images), averaged;
     ``scene_reference``: training images whose mean visual states the salient scene gate subtracts
-    (the first N records' ``image``; `editing.adapter.vead`)."""
+    (the first N records' ``image``; `editing.adapter.scene_gate`);
+    ``rows_per_backward``: run the layers above the edit site on this many rows at a time, back-propagating
+    each part before the next (bounds the autograd graph's memory on large backbones; 0 = every row of the
+    step at once)."""
 
     steps: int = 1000
     batch_size: int = 4
@@ -100,6 +103,7 @@ class TrainConfig:
     task: str = "vqa"
     scene_weight: float = 1.0
     scene_reference: int = 256
+    rows_per_backward: int = 0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -206,9 +210,11 @@ class Trainer:
         batch = teacher_forced_batch(editor.backbone, images, prompts, targets)
         select, mask = answer_positions(batch.target_lengths, batch.inputs["input_ids"].shape[1])
         labels = batch.inputs["input_ids"].gather(1, select + 1)  # the token each selected position predicts
-        site = self.split.prefix(batch.inputs)
         edit_of_row = [j for _ in range(len(ROLES) + len(partners)) for j in range(b)]  # partner rows: record j's edit
         stacked = stack_signals(signals, edit_of_row)
+        if 0 < config.rows_per_backward < len(shown):
+            return self._step_in_parts(step, batch, select, labels, mask, stacked, signals, roles, influence, pre_loc)
+        site = self.split.prefix(batch.inputs)
         editor.hook.signal = stacked
         try:
             logits = self.split.top(site, editor.hook.apply, select)
@@ -235,6 +241,64 @@ class Trainer:
         total.backward()
         self.optimizer.step()
         return {"loss": total.item(), **{name: value.item() for name, value in terms.items()}}
+
+    def _step_in_parts(self, step: int, batch, select: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                       stacked, signals: list, roles: torch.Tensor, influence: torch.Tensor,
+                       pre_loc: list[torch.Tensor]) -> dict[str, float]:
+        """`step` with the layers above the edit site run on ``rows_per_backward`` rows at a time, each part's
+        share of the loss back-propagated before the next part runs, so the autograd graph of one part is in
+        memory at once (the gradient equals the one-pass step's up to float summation order). The IM and scene
+        terms need no backbone layer and run once, on the parts' sites put together."""
+        config, editor = self.config, self.editor
+        b, n_rows = len(signals), select.shape[0]
+        group = ["rel"] * b + ["t_gen"] * b + ["m_gen"] * b + ["loc"] * (n_rows - 3 * b)  # role-major rows
+        weight = {"rel": config.rel_weight, "t_gen": config.gen_weight, "m_gen": config.gen_weight,
+                  "loc": config.loc_weight}
+        rows_of = {name: torch.tensor([g == name for g in group]) for name in weight}
+        count = {name: mask[rows_of[name]].sum().clamp(min=1).float() for name in weight}  # each term's denominator
+        pre = torch.stack([_pad_positions(p, select.shape[1]) for p in pre_loc])
+        self.optimizer.zero_grad(set_to_none=True)
+        terms = dict.fromkeys(weight, 0.0)
+        sites = []
+        for lo in range(0, n_rows, config.rows_per_backward):
+            hi = min(n_rows, lo + config.rows_per_backward)
+            site = self.split.prefix({k: v[lo:hi] for k, v in batch.inputs.items()})
+            sites.append(site)
+            editor.hook.signal = stacked.rows(lo, hi)
+            try:
+                logp = torch.log_softmax(self.split.top(site, editor.hook.apply, select[lo:hi]).float(), -1)
+            finally:
+                editor.restore()
+            part_labels, part_mask = labels[lo:hi].to(logp.device), mask[lo:hi].to(logp.device).float()
+            part_loss = 0.0
+            for name in weight:
+                own = rows_of[name][lo:hi].to(logp.device)
+                if not own.any():
+                    continue
+                if name == "loc":  # KL(p_pre ‖ p_post), as losses.locality_kl, over the part's locality rows
+                    before = pre[[r - 3 * b for r in range(lo, hi) if group[r] == "loc"]].to(logp.device)
+                    kl = (before.exp() * (before - logp[own])).sum(-1)
+                    value = (kl * part_mask[own]).sum() / count[name]
+                else:  # the target NLL, as losses.target_nll
+                    picked = logp[own].gather(-1, part_labels[own].unsqueeze(-1)).squeeze(-1)
+                    value = -(picked * part_mask[own]).sum() / count[name]
+                terms[name] += value.item()
+                part_loss = part_loss + weight[name] * value
+            part_loss.backward()
+        site = EditSite(torch.cat([s.hidden for s in sites]), torch.cat([s.positions for s in sites]),
+                        sites[0].layer_kwargs)
+        extra = self._im_terms(step, site, signals, roles, influence)
+        rest = (config.align_weight * extra["align"] + config.up_weight * extra["up"]
+                + config.down_weight * extra["down"])
+        if editor.adapter.scene is not None:
+            extra["scene"] = self._scene_term(site, stacked, slice(2 * b, 3 * b), slice(3 * b, n_rows))
+            rest = rest + config.scene_weight * extra["scene"]
+        rest.backward()
+        self.optimizer.step()
+        terms.update({name: value.item() for name, value in extra.items()})
+        total = (config.rel_weight * terms["rel"] + config.gen_weight * (terms["t_gen"] + terms["m_gen"])
+                 + config.loc_weight * terms["loc"] + rest.item())
+        return {"loss": total, **terms}
 
     def im_roles(self, step: int, b: int) -> torch.Tensor:
         """[b] the sample (index into ALIGN_ROLES) each record's IM terms use at ``step``."""
@@ -294,9 +358,10 @@ def _pad_positions(logp: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _check_resumable(state: dict, config: TrainConfig, folder: Path) -> None:
-    theirs = state.get("config", {})
-    wrong = [f"{f.name}: checkpoint {theirs.get(f.name)!r}, now {getattr(config, f.name)!r}"
-             for f in fields(config) if f.name not in _RESUMABLE and theirs.get(f.name) != getattr(config, f.name)]
+    theirs = state.get("config", {})  # a field the checkpoint lacks was added since: it ran at its default
+    wrong = [f"{f.name}: checkpoint {theirs.get(f.name, f.default)!r}, now {getattr(config, f.name)!r}"
+             for f in fields(config)
+             if f.name not in _RESUMABLE and theirs.get(f.name, f.default) != getattr(config, f.name)]
     if wrong:
         raise ValueError(f"{folder}: cannot resume with other settings ({'; '.join(wrong)})")
     if state["step"] > config.steps:

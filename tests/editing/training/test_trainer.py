@@ -157,3 +157,33 @@ def test_target_role_is_drawn_from_the_seed_and_trained(tiny_backbone, records, 
     before = editor.adapter.vead.target_role.detach().clone()
     trainer.step(1)
     assert not torch.equal(editor.adapter.vead.target_role, before)
+
+
+@pytest.mark.parametrize("name", ["llava", "blip2"])
+def test_a_step_in_parts_gives_the_one_pass_gradient(name, tiny_dirs, records, make_editor):
+    """rows_per_backward runs the top layers a few rows at a time: the same losses and gradients as the
+    step that runs every row at once (scene gate and target role on, so every term is in the sum)."""
+    from dataclasses import replace
+
+    backbone = load_backbone(name, tiny_dirs[name])
+    gated = VeadConfig(mid_dim=16, n_heads=2, im_hidden=16, im_heads=2, scene_gate=True, target_role=True)
+    config = TrainConfig(steps=1, batch_size=2, lr=1e-2, influence_draws=1, loc_partners=1)
+    results = {}
+    for rows in (0, 3, 1):
+        editor = make_editor(backbone, EditPlacement(0, (1,), 1), gated)
+        trainer = Trainer(editor, records, replace(config, rows_per_backward=rows))
+        reset_adapter(editor, config.seed)
+        width = backbone.config.text_config.hidden_size
+        editor.adapter.scene.set_reference(torch.zeros(backbone.n_visual_tokens, width))
+        trainer.optimizer.step = lambda: None  # keep the gradients, leave the weights
+        losses = trainer.step(1)
+        grads = {k: p.grad.clone() for k, p in editor.adapter.named_parameters() if p.grad is not None}
+        results[rows] = losses, grads
+    whole_losses, whole = results[0]
+    for rows in (3, 1):
+        losses, grads = results[rows]
+        assert losses.keys() == whole_losses.keys()
+        assert all(losses[k] == pytest.approx(whole_losses[k], rel=1e-4, abs=1e-6) for k in losses), rows
+        assert grads.keys() == whole.keys()
+        for key in whole:
+            torch.testing.assert_close(grads[key], whole[key], rtol=1e-3, atol=1e-6, msg=f"{rows} rows: {key}")
