@@ -175,6 +175,14 @@ def _dtypes(module: torch.nn.Module) -> dict[str, int]:
     return dict(counts)
 
 
+def _meta_parameters(build) -> int:
+    """Parameters of the module ``build()`` makes, built on the meta device (no memory)."""
+    from editing.adapter.vead import count_parameters
+
+    with torch.device("meta"):
+        return count_parameters(build())
+
+
 def _records(out: Path):
     """Two world VQA records with a truth box: the default world's, or a small world written into ``out``."""
     from attrib.commands import DEFAULT_DATA
@@ -248,10 +256,10 @@ def _artifact(name: str, backbone: Backbone, records, contrib, result, images, o
     return edit_placement
 
 
-def _edit(backbone: Backbone, records, placement, steps: list[Step], train_steps: int, progress: bool) -> dict:
+def _edit(backbone: Backbone, records, placement, steps: list[Step], train_steps: int, progress: bool) -> None:
     """VEAD + IM sized as at full scale: ``train_steps`` training steps, one edit, its evaluation on the
     records (bit-exact restore checked after each edit), and one more restore check of our own."""
-    from editing.adapter.vead import count_parameters, lm_width
+    from editing.adapter.vead import EditAdapter, count_parameters, lm_width
     from editing.adapter.visedit import VisEditEditor
     from editing.command.run import default_lr, sized_vead_config
     from editing.editor import EditRequest
@@ -274,7 +282,7 @@ def _edit(backbone: Backbone, records, placement, steps: list[Step], train_steps
             times = [end - start for start, end in zip([began, *step_ends], step_ends)]
             step.checks.update(
                 adapter=config.to_json(), adapter_parameters=count_parameters(editor.adapter),
-                paper_parameters=count_parameters(VisEditEditor(backbone, placement, sized_vead_config(width)).adapter),
+                paper_parameters=_meta_parameters(lambda: EditAdapter(width, sized_vead_config(width))),
                 adapter_dtypes=_dtypes(editor.adapter), steps=trained.steps,
                 train_config=train_config.to_json(), step_s=[round(t, 1) for t in times],
                 products_s=round(trained.products_s, 1),
@@ -302,7 +310,6 @@ def _edit(backbone: Backbone, records, placement, steps: list[Step], train_steps
                                restore_checked_after_each_edit=True)
     finally:
         editor.remove()
-    return {"adapter_parameters": steps[-3].checks["adapter_parameters"]}
 
 
 def run_smoke(name: str, out: Path, draws: int = 2, train_steps: int = 2, progress: bool = True,

@@ -334,7 +334,8 @@ def blip2_config(sizes: SourceSizes, text_config, image_size: int, image_token_i
 
 
 def _cast(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # HF keeps the Q-Former and query tokens in float32 whatever the load dtype; store them that way.
+    # HF keeps the Q-Former and query tokens in float32 when it loads the model in fp16 (in bf16 it casts
+    # them like the rest); store them in float32, so either load reads them at full precision.
     keep_fp32 = any(name.startswith(m) for m in Blip2ForConditionalGeneration._keep_in_fp32_modules or ())
     return tensor.to(torch.float32 if keep_fp32 else dtype) if tensor.is_floating_point() else tensor
 

@@ -56,7 +56,7 @@ def _tower_output(states: torch.Tensor):
     return replace
 
 
-def _perturbed_run(backbone: Backbone, inputs, site: str, layer: int, token_index: torch.Tensor,
+def perturbed_run(backbone: Backbone, inputs, site: str, layer: int, token_index: torch.Tensor,
                    noise: torch.Tensor, attention_layers: Sequence[int], attention_read: str,
                    visual: torch.Tensor | None = None, clean_site: torch.Tensor | None = None,
                    logprobs: bool = True):
@@ -145,7 +145,7 @@ def propagated_sweep(backbone: Backbone, images, prompts, method: PropagatedMeth
                 hi = min(regions.n_regions, lo + chunk)
                 noise = _noise_batch(generator, regions, lo, hi, method.draws, states.shape[-1], scale)
                 token_index = index_all[lo:hi].repeat_interleave(method.draws, 0)
-                logprobs, attention = _perturbed_run(backbone, inputs, site, layer, token_index, noise,
+                logprobs, attention = perturbed_run(backbone, inputs, site, layer, token_index, noise,
                                                      attention_layers, method.attention_read, visual, states,
                                                      method.reads_logprobs)
                 effect = method.effects(logprobs, attention, read, clean, visual)  # [len(rows), R]

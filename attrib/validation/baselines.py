@@ -34,7 +34,7 @@ def encoded_batch(backbone: Backbone, images, prompts):
     return inputs
 
 
-def _inputs(backbone: Backbone, images, prompts):
+def inputs_and_keys(backbone: Backbone, images, prompts):
     """`encoded_batch` and the key tokens [B] (the model's own top-1 next token)."""
     inputs = encoded_batch(backbone, images, prompts)
     with torch.no_grad():
@@ -42,7 +42,7 @@ def _inputs(backbone: Backbone, images, prompts):
     return inputs, keys
 
 
-def _key_logits(model: torch.nn.Module):
+def key_logit_forward(model: torch.nn.Module):
     """forward(pixel_values, input_ids, attention_mask) → last-position logits [B, V]: the text stays bound
     so captum varies the image only (unbound LLM wrappers silently drop the pixels)."""
     def forward(pixel_values, input_ids, attention_mask):
@@ -61,10 +61,10 @@ def integrated_gradients_maps(backbone: Backbone, images, prompts: Sequence[str]
                               batch_size: int = 8) -> RegionResult:
     """captum IG on pixel_values → maps [N, 1, rows*cols]: |attr| summed over channels and patch cells."""
     rows, cols = backbone.spec.grid_shape(backbone.config)
-    ig = IntegratedGradients(_key_logits(backbone.model))
+    ig = IntegratedGradients(key_logit_forward(backbone.model))
     out = []
     for lo in range(0, len(prompts), batch_size):
-        inputs, keys = _inputs(backbone, images[lo:lo + batch_size], prompts[lo:lo + batch_size])
+        inputs, keys = inputs_and_keys(backbone, images[lo:lo + batch_size], prompts[lo:lo + batch_size])
         pixels = inputs["pixel_values"]  # [B, 3, S, S]
         attr = ig.attribute(pixels, baselines=torch.zeros_like(pixels), target=keys, n_steps=steps,
                             additional_forward_args=(inputs["input_ids"], inputs["attention_mask"]),
@@ -99,10 +99,10 @@ def layer_integrated_gradients_maps(backbone: Backbone, images, prompts: Sequenc
     spatial tokens at `lig_layer`, CLS dropped (the grid's tokens are the last rows*cols)."""
     rows, cols = backbone.spec.grid_shape(backbone.config)
     path, layer = lig_layer(backbone)
-    lig = LayerIntegratedGradients(_key_logits(backbone.model), layer)
+    lig = LayerIntegratedGradients(key_logit_forward(backbone.model), layer)
     out = []
     for lo in range(0, len(prompts), batch_size):
-        inputs, keys = _inputs(backbone, images[lo:lo + batch_size], prompts[lo:lo + batch_size])
+        inputs, keys = inputs_and_keys(backbone, images[lo:lo + batch_size], prompts[lo:lo + batch_size])
         pixels = inputs["pixel_values"]
         attr = lig.attribute(pixels, baselines=torch.zeros_like(pixels), target=keys, n_steps=steps,
                              additional_forward_args=(inputs["input_ids"], inputs["attention_mask"]),
@@ -114,7 +114,7 @@ def layer_integrated_gradients_maps(backbone: Backbone, images, prompts: Sequenc
 
 
 @torch.no_grad()
-def _cross_attention(backbone: Backbone, inputs) -> torch.Tensor:
+def qformer_cross_attention(backbone: Backbone, inputs) -> torch.Tensor:
     """Q-Former cross-attention [B, queries, ViT tokens], mean over heads and cross-attention layers.
 
     sdpa returns no weights, so the Q-Former runs eagerly for this pass; a cross-attention call is the one
@@ -142,13 +142,13 @@ def _cross_attention(backbone: Backbone, inputs) -> torch.Tensor:
 def through_cross_attention(backbone: Backbone, per_query: torch.Tensor, images, prompts: Sequence[str],
                             batch_size: int = 8) -> torch.Tensor:
     """Per-query maps [N, L, Q] of a Q-Former backbone → patch maps [N, L, rows*cols]: each query's value
-    spread over the ViT patches by `_cross_attention` (mean over heads and cross-attention layers); the
+    spread over the ViT patches by `qformer_cross_attention` (mean over heads and cross-attention layers); the
     CLS token's share is dropped, so a map's mass can only shrink."""
     rows, cols = backbone.spec.grid_shape(backbone.config)
     out = []
     for lo in range(0, len(prompts), batch_size):
         inputs = encoded_batch(backbone, images[lo:lo + batch_size], prompts[lo:lo + batch_size])
-        cross = _cross_attention(backbone, inputs)[..., -rows * cols:]  # [b, Q, patches]
+        cross = qformer_cross_attention(backbone, inputs)[..., -rows * cols:]  # [b, Q, patches]
         out.append(torch.einsum("blq,bqc->blc", per_query[lo:lo + batch_size].float(), cross.float().cpu()))
     return torch.cat(out)
 

@@ -64,3 +64,13 @@ def test_fingerprint_tracks_weights(tmp_path, tiny_dirs, tiny_tokenizer):
     model, processor = build_backbone("llava", BackboneSizes(), tiny_tokenizer, seed=1)
     model.save_pretrained(tmp_path)
     assert model_fingerprint(tmp_path) != first
+
+
+def test_half_precision_loads_keep_the_qformer_in_fp32_only_for_fp16(tiny_dirs):
+    """transformers keeps BLIP-2's Q-Former and query tokens in float32 when it loads the model in fp16, and
+    casts them like every other weight in bf16 (full-size runs in bf16 therefore run the Q-Former in bf16)."""
+    half = load_backbone("blip2", tiny_dirs["blip2"], dtype=torch.float16).model
+    assert half.query_tokens.dtype == half.qformer.layernorm.weight.dtype == torch.float32
+    assert half.language_model.lm_head.weight.dtype == torch.float16
+    bf16 = load_backbone("blip2", tiny_dirs["blip2"], dtype=torch.bfloat16).model
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}

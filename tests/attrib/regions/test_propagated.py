@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from attrib.backbones.loader import load_backbone
-from attrib.regions.propagated import _perturbed_run, site_states
+from attrib.regions.propagated import perturbed_run, site_states
 
 
 @pytest.mark.parametrize("name", ["blip2", "minigpt4"])
@@ -19,7 +19,7 @@ def test_the_vit_site_runs_the_tower_once_and_matches_one_row_at_a_time(name, ti
     token_index = torch.tensor([[1, 2], [5, -1], [3, 4]])  # three perturbed rows, one with a padding slot
     noise = torch.randn(3, 2, clean.shape[-1], generator=torch.Generator().manual_seed(0))
     layers = [0, backbone.n_layers - 1]
-    logprobs, attention = _perturbed_run(backbone, inputs, "vit", 0, token_index, noise, layers, "output",
+    logprobs, attention = perturbed_run(backbone, inputs, "vit", 0, token_index, noise, layers, "output",
                                          clean_site=clean)
     tower = backbone.module(backbone.spec.vision_tower)
     for row in range(4):  # row 0 is the clean copy
@@ -50,7 +50,7 @@ def test_a_run_that_reads_no_logprobs_stops_after_its_last_read_layer(tiny_dirs,
     last = backbone.module(backbone.spec.layer_path(backbone.n_layers - 1))
     handle = last.register_forward_hook(lambda *args: ran.append(True))
     try:
-        logprobs, attention = _perturbed_run(backbone, inputs, "vit", 0, torch.tensor([[1]]),
+        logprobs, attention = perturbed_run(backbone, inputs, "vit", 0, torch.tensor([[1]]),
                                              torch.ones(1, 1, clean.shape[-1]), [0], "output", clean_site=clean,
                                              logprobs=False)
     finally:

@@ -6,11 +6,11 @@ import torch
 from captum.attr import IntegratedGradients
 
 from attrib.validation.baselines import (
-    _cross_attention,
-    _inputs,
-    _key_logits,
+    inputs_and_keys,
     integrated_gradients_maps,
+    key_logit_forward,
     layer_integrated_gradients_maps,
+    qformer_cross_attention,
     raw_attention_maps,
     through_cross_attention,
 )
@@ -35,7 +35,7 @@ def test_cross_attention_is_the_qformers_own(tiny_dirs, samples, name):
 
     backbone = load_backbone(name, tiny_dirs[name])
     _, images, prompts = samples
-    inputs, _ = _inputs(backbone, images, prompts)
+    inputs, _ = inputs_and_keys(backbone, images, prompts)
     model = backbone.model.model if hasattr(backbone.model, "model") else backbone.model
     qformer = model.qformer
     previous = qformer.config._attn_implementation
@@ -49,7 +49,7 @@ def test_cross_attention_is_the_qformers_own(tiny_dirs, samples, name):
     finally:
         qformer.set_attn_implementation(previous)
     expected = torch.stack([a.mean(1) for a in out.cross_attentions]).mean(0)  # heads, then layers
-    assert torch.allclose(_cross_attention(backbone, inputs), expected, atol=1e-6)
+    assert torch.allclose(qformer_cross_attention(backbone, inputs), expected, atol=1e-6)
 
 
 def test_per_query_maps_are_spread_by_the_cross_attention(tiny_dirs, samples):
@@ -58,7 +58,7 @@ def test_per_query_maps_are_spread_by_the_cross_attention(tiny_dirs, samples):
     backbone = load_backbone("minigpt4", tiny_dirs["minigpt4"])
     _, images, prompts = samples
     rows, cols = backbone.spec.grid_shape(backbone.config)
-    cross = _cross_attention(backbone, _inputs(backbone, images, prompts)[0])[..., -rows * cols:]
+    cross = qformer_cross_attention(backbone, inputs_and_keys(backbone, images, prompts)[0])[..., -rows * cols:]
     n_query = backbone.n_visual_tokens
     one_hot = torch.eye(n_query).expand(len(images), -1, -1)  # "layer" i: all weight on query i
     spread = through_cross_attention(backbone, one_hot, images, prompts, batch_size=1)
@@ -76,8 +76,8 @@ def test_integrated_gradients_completeness(tiny_dirs, samples):
 
     backbone = load_backbone("llava", tiny_dirs["llava"])
     _, images, prompts = samples
-    inputs, keys = _inputs(backbone, images, prompts)
-    forward = _key_logits(backbone.model)
+    inputs, keys = inputs_and_keys(backbone, images, prompts)
+    forward = key_logit_forward(backbone.model)
     pixels, text = inputs["pixel_values"], (inputs["input_ids"], inputs["attention_mask"])
     attr, delta = IntegratedGradients(forward).attribute(pixels, baselines=torch.zeros_like(pixels), target=keys,
                                                          additional_forward_args=text, n_steps=64,
