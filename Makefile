@@ -74,8 +74,9 @@ test: setup ## the test suite, offline
 lint: setup ## ruff: lint and import order
 	$(BIN)/ruff check .
 
-# The world's eval set the commands default to (seed 1: never a training seed of the defaults).
-$(WORLD_EVAL): | setup
+# The world's eval set the commands default to (seed 1: never a training seed of the defaults); written
+# again when the world generator changes.
+$(WORLD_EVAL): $(wildcard attrib/world/*.py) | setup
 	$(VISEDIT) world --seed 1 --out $(WORLD) --n-train 3000 --n-eval 300 --overwrite
 
 data_args = --data $(if $(DATA),$(DATA),$(WORLD_EVAL)) $(call opt,--images,$(IMAGES))

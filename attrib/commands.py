@@ -54,6 +54,8 @@ def world_arguments(parser: argparse.ArgumentParser) -> None:
                         help="records in vqa_train and caption_train (default: 3000 and 1000)")
     parser.add_argument("--n-eval", type=int, default=None,
                         help="records in vqa_eval and caption_eval (default: 1000 and 300)")
+    parser.add_argument("--novel-share", type=float, default=None,
+                        help="share of eval VQA edits with a novel target word (default 1/3)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
 
 
@@ -66,6 +68,8 @@ def world(args: argparse.Namespace) -> int:
         counts.update(n_train=args.n_train, n_caption_train=args.n_train)
     if args.n_eval is not None:
         counts.update(n_eval=args.n_eval, n_caption_eval=args.n_eval)
+    if args.novel_share is not None:
+        counts.update(novel_share=args.novel_share)
     start = time.perf_counter()
     try:
         out = write_world(args.out, args.seed, overwrite=args.overwrite, **counts)

@@ -2,8 +2,10 @@
 
 An editor holds a backbone and changes what it answers: ``edit(request)`` applies one edit (the image,
 the prompt and the new target), every forward of ``editor.backbone`` afterwards sees it, and
-``restore()`` brings the unedited model back bit for bit. The evaluation (`editing.evaluation`) and the
-command (`editing.command`) use nothing else, so a new method is one class implementing `Editor`.
+``restore()`` brings the unedited model back bit for bit. Methods that learn
+from data (adapters, hypernetworks, classifiers) do it once in ``prepare(train, dev)`` before any edit.
+The evaluation (`editing.evaluation`) and the commands (`editing.command`) use nothing else, so a new
+method is one class implementing `Editor` plus a line in `editing.methods.METHODS`.
 
     editor.edit(EditRequest(image, "What color is the square? The answer is:", "green"))
     logits = editor.backbone.forward(editor.backbone.encode([image], [prompt])).logits   # edited
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from PIL import Image
 
@@ -38,9 +41,23 @@ class EditRequest:
 
 
 class Editor(ABC):
-    """A backbone and a way to edit it (module docstring)."""
+    """A backbone and a way to edit it (module docstring).
+
+    ``backbone`` is what the evaluation runs: the loaded backbone itself for methods that change weights
+    or hook modules, or a `Backbone` subclass sharing its model for methods that change the inputs or
+    route them (in-context editing, memory-based editors). ``text_edits``: whether an edit can change
+    the output on a text-only input at all; where it cannot, T-Loc is 100 by construction and the report
+    says so.
+    """
 
     backbone: Backbone
+    text_edits: bool = True
+
+    def prepare(self, train: Sequence[EditRecord], dev: Sequence[EditRecord]) -> dict:
+        """Learn whatever the method learns before editing, from ``train`` (``dev`` only to pick among
+        checkpoints or to draw a curve, never to fit); returns what to report (seconds, steps, curves).
+        Methods that learn nothing keep this default."""
+        return {}
 
     @abstractmethod
     def edit(self, request: EditRequest) -> object:

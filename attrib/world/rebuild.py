@@ -58,4 +58,5 @@ class WorldRebuild:
                     layouts.update(r.scenes["image"].layout_key() for r in records)
                 self._train_layouts[folder] = frozenset(layouts)
             avoid = self._train_layouts[folder]
-        return build_split(meta["seed"], split, meta["counts"][split], config, avoid)
+        # Folders written before novel targets existed hold none.
+        return build_split(meta["seed"], split, meta["counts"][split], config, avoid, meta.get("novel_share", 0.0))

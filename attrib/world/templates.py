@@ -1,15 +1,21 @@
 """The paraphrase templates of every question family and of the caption prompt, as one table.
 
-Which templates are for training and which are held out (used only for `rephrase`, the T-Gen test) is
-data here and nowhere else: the training-side generator asks for `split="train"` and can never see a
-held-out row. Slots: {shape}, {color}, {region}, and {a} ("a"/"an", agreeing with the next word).
+Which templates are for training and which are held out is data here and nowhere else. Three splits:
+
+- ``train``: the phrasings the backbones learn and every ``src`` question is asked in;
+- ``heldout``: the ``rephrase`` of training records (the T-Gen rows an editor may train on);
+- ``heldout_eval``: the ``rephrase`` of dev / test records only, so T-Gen tests a phrasing that neither
+  the backbones nor any editor ever trained on.
+
+Slots: {shape}, {color}, {region}, and {a} ("a"/"an", agreeing with the next word).
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
-TRAIN, HELDOUT = "train", "heldout"
+TRAIN, HELDOUT, HELDOUT_EVAL = "train", "heldout", "heldout_eval"
+SPLITS: tuple[str, ...] = (TRAIN, HELDOUT, HELDOUT_EVAL)
 
 
 @dataclass(frozen=True)
@@ -35,36 +41,43 @@ class Template:
         return _pattern(self.text).fullmatch(text) is not None
 
 
-# family, split, text. One held-out row per VQA family; two held-out caption prompts.
+# family, split, text. Per VQA family one held-out row for training records' rephrases and one for dev /
+# test records'; two held-out caption prompts for training records, one for dev / test.
 _TABLE: tuple[tuple[str, str, str], ...] = (
     ("color_of_shape", TRAIN, "What color is the {shape}?"),
     ("color_of_shape", TRAIN, "Which color is the {shape}?"),
     ("color_of_shape", TRAIN, "What is the color of the {shape}?"),
     ("color_of_shape", TRAIN, "The {shape} is what color?"),
     ("color_of_shape", HELDOUT, "Tell me which color the {shape} has."),
+    ("color_of_shape", HELDOUT_EVAL, "Say the color of the {shape} in this picture."),
     ("shape_of_color", TRAIN, "What shape is the {color} object?"),
     ("shape_of_color", TRAIN, "Which shape is the {color} object?"),
     ("shape_of_color", TRAIN, "What is the shape of the {color} object?"),
     ("shape_of_color", TRAIN, "The {color} object is what shape?"),
     ("shape_of_color", HELDOUT, "Tell me which shape the {color} thing has."),
+    ("shape_of_color", HELDOUT_EVAL, "Say the shape of the {color} thing in this picture."),
     ("count", TRAIN, "How many objects are there?"),
     ("count", TRAIN, "How many objects are in the image?"),
     ("count", TRAIN, "What is the number of objects?"),
     ("count", TRAIN, "Count the objects in the image."),
     ("count", HELDOUT, "How many things can you see in this picture?"),
+    ("count", HELDOUT_EVAL, "What number of things does this picture show?"),
     ("position", TRAIN, "What shape is in the {region}?"),
     ("position", TRAIN, "Which shape is in the {region}?"),
     ("position", TRAIN, "What is the shape of the object in the {region}?"),
     ("position", TRAIN, "The object in the {region} is what shape?"),
     ("position", HELDOUT, "Name the shape you see in the {region} of this picture."),
+    ("position", HELDOUT_EVAL, "Say which shape sits in the {region} here."),
     ("exists", TRAIN, "Is there {a} {color} {shape}?"),
     ("exists", TRAIN, "Is there {a} {color} {shape} in the image?"),
     ("exists", TRAIN, "Does the image contain {a} {color} {shape}?"),
     ("exists", TRAIN, "Can you see {a} {color} {shape}?"),
     ("exists", HELDOUT, "Would you find {a} {color} {shape} somewhere in this picture?"),
+    ("exists", HELDOUT_EVAL, "Does this picture show {a} {color} {shape} anywhere?"),
     ("caption", TRAIN, "a photo of"),
     ("caption", HELDOUT, "a picture of"),
     ("caption", HELDOUT, "an image of"),
+    ("caption", HELDOUT_EVAL, "a drawing of"),
 )
 # What each slot can hold, for recognising a filled-in template.
 _SLOT_PATTERNS = {"a": "an?", "shape": "[a-z]+", "color": "[a-z]+", "region": "[a-z]+ [a-z]+"}
@@ -90,11 +103,11 @@ FAMILIES: tuple[str, ...] = tuple(dict.fromkeys(t.family for t in TEMPLATES))
 
 
 def templates(family: str, split: str) -> tuple[Template, ...]:
-    """The templates of one family in one split ("train" or "heldout"), in table order."""
+    """The templates of one family in one split ("train", "heldout" or "heldout_eval"), in table order."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
-    if split not in (TRAIN, HELDOUT):
-        raise ValueError(f"split must be {TRAIN!r} or {HELDOUT!r}, got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     return tuple(t for t in TEMPLATES if t.family == family and t.split == split)
 
 

@@ -5,12 +5,17 @@
 
 Order of work:
 1. ``restore()``; the probe input's logits (default: the first record's image + edit prompt) are kept.
-2. Pre-edit T-Loc and M-Loc predictions for EVERY record, before any edit is applied.
+2. Pre-edit T-Loc, M-Loc and same-image predictions for EVERY record, before any edit is applied.
 3. Per record: ``edit`` (timed) → Rel, T-Gen, M-Gen in one batch of three rows; T-Loc and M-Loc each
-   alone → ``restore`` → the probe's logits must be bit-identical to step 1 (`RestoreError` if not).
+   alone, the same-image questions in one batch → ``restore`` → the probe's logits must be bit-identical
+   to step 1 (`RestoreError` if not).
 
-T-Loc and M-Loc run one row per forward both before and after the edit, so the two runs see the same
-shapes and padding and differ only by the edit. Images are opened when needed, never all held.
+Locality rows run with the same batch composition before and after the edit, so the two runs see the
+same shapes and padding and differ only by the edit. Images are opened when needed, never all held.
+
+Same-image locality (``loc_same_image``) asks other questions about the edit's own image (the world's
+truth.json lists them per record: `attrib.world.dataset`); records without them (real MMEdit files) leave
+the metric out, not at zero.
 """
 from __future__ import annotations
 
@@ -34,13 +39,25 @@ class RestoreError(AssertionError):
     """After ``restore()`` the probe's logits differ from the unedited model's."""
 
 
+def same_image_questions(record: EditRecord) -> list[dict]:
+    """The record's same-image questions ({"question", "answer", ...}); [] where the data has none."""
+    return list((record.truth or {}).get("same_image") or [])
+
+
 def _locality(editor: Editor, record: EditRecord, formats: dict[str, str]) -> list[RowPredictions]:
-    """[T-Loc row (text only), M-Loc row] predictions under the editor's current state."""
+    """[T-Loc row (text only), M-Loc row, same-image rows...] predictions under the editor's current state."""
     backbone = editor.backbone
     t_loc = predict_rows(backbone, None, [formats["loc"].format(loc=record.loc)], [record.loc_ans], k=1)
     m_loc = predict_rows(backbone, [record.load_image("m_loc")], [formats["m_loc"].format(m_loc_q=record.m_loc_q)],
                          [record.m_loc_a], k=M_LOC_TOP_K)
-    return t_loc + m_loc
+    questions = same_image_questions(record)
+    same = []
+    if questions:
+        image = record.load_image("image")
+        same = predict_rows(backbone, [image] * len(questions),
+                            [formats["m_loc"].format(m_loc_q=q["question"]) for q in questions],
+                            [q["answer"] for q in questions], k=1)
+    return t_loc + m_loc + same
 
 
 def _generality(editor: Editor, record: EditRecord, edit_prompt: str) -> list[RowPredictions]:
@@ -107,6 +124,7 @@ def evaluate_edits(editor: Editor, records: Sequence[EditRecord], task: str = "v
         if not torch.equal(_probe_logits(editor, probe), reference):
             raise RestoreError(f"after restoring the edit of record {record.index} the probe's logits differ "
                                "from the unedited model's")
+        novel = (record.truth or {}).get("novel_target")
         scores.records.append(score_record(record.index, generality, pre[position], post,
-                                           same_object(record), edit_ms))
+                                           same_object(record), edit_ms, novel))
     return scores

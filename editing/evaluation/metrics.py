@@ -7,6 +7,10 @@ scored (the logits one position before each target token).
   records) and exact match (every target token right).
 - T-Loc / M-Loc, VisEdit protocol (primary): the fraction of answer positions (``loc_ans`` /
   ``m_loc_a``) whose post-edit argmax equals the pre-edit argmax.
+- Same-image locality (``loc_same_image``, beside the five, not in their mean): the same agreement on
+  other questions about the edit's own image, per record the mean over its questions.
+- Novel targets: Rel / T-Gen / M-Gen also reported over the edits whose target is a word the model never
+  produced (``novel``) and over the rest (``known``), where the data marks them.
 - T-Loc / M-Loc, EasyEdit protocol (secondary, labelled): over every real position of the row, top-1
   (T-Loc) or the top-10 ids compared rank by rank (M-Loc), as EasyEdit's multimodal trainer does.
 """
@@ -97,14 +101,21 @@ class RecordScores:
     m_loc_top10: float
     same_object: bool | None = None
     edit_ms: float = 0.0
+    loc_same_image: float | None = None
+    novel: bool | None = None
 
 
 def score_record(index: int, generality: Sequence[RowPredictions], pre_loc: Sequence[RowPredictions],
                  post_loc: Sequence[RowPredictions], same_object: bool | None = None,
-                 edit_ms: float = 0.0) -> RecordScores:
-    """Scores from post-edit (rel, t_gen, m_gen) predictions and pre/post (t_loc, m_loc) predictions."""
+                 edit_ms: float = 0.0, novel: bool | None = None) -> RecordScores:
+    """Scores from post-edit (rel, t_gen, m_gen) predictions and pre/post locality predictions
+    ([t_loc, m_loc, same-image rows...])."""
     rel, t_gen, m_gen = generality
-    (pre_t, pre_m), (post_t, post_m) = pre_loc, post_loc
+    (pre_t, pre_m, *pre_same), (post_t, post_m, *post_same) = pre_loc, post_loc
+    same_image = None
+    if pre_same:
+        same_image = float(np.mean([agreement(a.answer_argmax, b.answer_argmax)
+                                    for a, b in zip(pre_same, post_same, strict=True)]))
     return RecordScores(
         index,
         token_accuracy(rel.answer_argmax, rel.labels), exact_match(rel.answer_argmax, rel.labels),
@@ -113,7 +124,7 @@ def score_record(index: int, generality: Sequence[RowPredictions], pre_loc: Sequ
         agreement(pre_t.answer_argmax, post_t.answer_argmax), agreement(pre_m.answer_argmax, post_m.answer_argmax),
         agreement(pre_t.sequence_top[:, :1], post_t.sequence_top[:, :1]),
         agreement(pre_m.sequence_top[:, :10], post_m.sequence_top[:, :10]),
-        same_object, edit_ms,
+        same_object, edit_ms, same_image, novel,
     )
 
 
@@ -135,12 +146,24 @@ class EditScores:
         rows = self.records if subset is None else subset
         return _percent([getattr(r, name) for r in rows])
 
+    def generality(self, subset: Sequence[RecordScores]) -> dict:
+        """Rel / T-Gen / M-Gen (token accuracy and exact match, percent) over ``subset``."""
+        out: dict = {"n": len(subset)}
+        for name in ("rel", "t_gen", "m_gen"):
+            out[name] = self.mean(name, subset)
+            out[f"{name}_em"] = self.mean(f"{name}_em", subset)
+        return out
+
     def to_json(self) -> dict:
         """``rel`` … ``m_loc`` in percent (VisEdit protocol), exact match, the same-object split of
-        M-Loc, the EasyEdit numbers under ``secondary``, and the mean edit time."""
+        M-Loc, same-image locality, the novel / known target split, the EasyEdit numbers under
+        ``secondary``, and the mean edit time."""
         same = [r for r in self.records if r.same_object is True]
         other = [r for r in self.records if r.same_object is False]
         times = [r.edit_ms for r in self.records]
+        with_same_image = [r for r in self.records if r.loc_same_image is not None]
+        novel = [r for r in self.records if r.novel is True]
+        known = [r for r in self.records if r.novel is False]
         return {
             "task": self.task,
             "n_eval": len(self.records),
@@ -152,6 +175,9 @@ class EditScores:
             "m_loc_other": self.mean("m_loc", other),
             "n_same_object": len(same),
             "n_other": len(other),
+            "loc_same_image": self.mean("loc_same_image", with_same_image),
+            "n_same_image": len(with_same_image),
+            "targets": {"novel": self.generality(novel), "known": self.generality(known)} if novel or known else None,
             "secondary": {"protocol": EASYEDIT_PROTOCOL, "t_loc_top1": self.mean("t_loc_top1"),
                           "m_loc_top10": self.mean("m_loc_top10")},
             "edit_ms": round(float(np.mean(times)), 3) if times else None,

@@ -7,11 +7,11 @@ import pytest
 from PIL import Image
 
 import attrib.world.dataset as dataset
-from attrib.world.dataset import FIELDS, IMAGE_ROLES, SPLITS, build_split, write_world
+from attrib.world.dataset import FIELDS, IMAGE_ROLES, NOVEL_WORDS, SPLITS, build_split, make_record, write_world
 from attrib.world.facts import FACTS
 from attrib.world.questions import CAPTION_PROMPT, VQA_FAMILIES, answer_pool, caption, evaluate
 from attrib.world.scene import COLORS, WorldConfig
-from attrib.world.templates import HELDOUT, TRAIN, match_template
+from attrib.world.templates import HELDOUT, HELDOUT_EVAL, TRAIN, match_template
 
 N = 40
 COUNTS = dict(n_train=N, n_eval=N, n_caption_train=N, n_caption_eval=N)
@@ -62,7 +62,7 @@ def test_truth_json_shape(world):
         records = _load(world, f"{split}.json")
         assert len(truth[split]) == len(records)
         for entry, record in zip(truth[split], records):
-            assert set(entry) == {"family", "answer", "image", "image_rephrase", "m_loc"}
+            assert set(entry) == {"family", "answer", "image", "image_rephrase", "m_loc", "novel_target", "same_image"}
             assert entry["answer"] == record["pred"]
             assert entry["family"] == ("caption" if split.startswith("caption") else entry["family"])
             assert entry["family"] in VQA_FAMILIES + ("caption",)
@@ -101,18 +101,19 @@ def test_box_null_exactly_where_no_single_object_is_asked(world):
         assert entry["family"] == "caption" and entry["image"] is None and entry["image_rephrase"] is None
 
 
-def test_templates_train_in_src_heldout_in_rephrase(world):
+def test_templates_train_in_src_heldout_in_rephrase_another_heldout_for_eval(world):
     for split in ("vqa_train", "vqa_eval"):
         for r, entry in zip(_load(world, f"{split}.json"), _load(world, "truth.json")[split]):
             src, reph = match_template(r["src"], entry["family"]), match_template(r["rephrase"], entry["family"])
             assert src is not None and src.split == TRAIN
-            assert reph is not None and reph.split == HELDOUT
+            assert reph is not None and reph.split == (HELDOUT if split.endswith("train") else HELDOUT_EVAL)
             m = match_template(r["m_loc_q"])
             assert m.split == TRAIN and m.family != entry["family"]
     for split in ("caption_train", "caption_eval"):
         for r in _load(world, f"{split}.json"):
             assert r["src"] == CAPTION_PROMPT
-            assert match_template(r["rephrase"], "caption").split == HELDOUT
+            assert match_template(r["rephrase"], "caption").split == (HELDOUT if split.endswith("train")
+                                                                        else HELDOUT_EVAL)
             assert match_template(r["m_loc_q"]).split == TRAIN
 
 
@@ -124,8 +125,50 @@ def test_alt_is_a_different_answer_of_the_same_type(world):
             if entry["family"] == "caption":
                 diff = [a != b for a, b in zip(r["alt"].split(), r["pred"].split())]
                 assert len(r["alt"].split()) == len(r["pred"].split()) and sum(diff) == 1
+            elif entry["novel_target"]:
+                assert split.endswith("eval") and r["alt"] in NOVEL_WORDS[entry["family"]]
+                assert r["alt"] not in answer_pool(entry["family"])
             else:
                 assert {r["alt"], r["pred"]} <= set(answer_pool(entry["family"]))
+
+
+def test_novel_targets_only_in_eval_vqa_and_at_the_asked_share():
+    records = build_split(SEED, "vqa_eval", 600)
+    share = sum(r.novel_target for r in records) / len(records)
+    assert abs(share - 1 / 3) < 0.06
+    assert not any(r.novel_target for r in build_split(SEED, "vqa_train", 100))
+    assert not any(r.novel_target for r in build_split(SEED, "vqa_eval", 100, novel_share=0.0))
+    assert not any(r.novel_target and r.family == "exists" for r in records)
+    with pytest.raises(ValueError, match="novel_share"):
+        write_world(Path("unused"), SEED, novel_share=0.9)
+
+
+def test_extras_leave_every_other_draw_alone():
+    # The novel target and the eval rephrase replace two fields; everything else is what the record's
+    # own stream drew, whatever the share.
+    for index in range(30):
+        plain, novel = make_record(SEED, "vqa_eval", index, novel_share=0.0), make_record(SEED, "vqa_eval", index)
+        same = {k: v for k, v in plain.fields.items() if k != "alt"}
+        assert same == {k: v for k, v in novel.fields.items() if k != "alt"}
+        assert plain.scenes == novel.scenes and plain.same_image == novel.same_image
+
+
+def test_same_image_questions_leave_the_edited_object_and_the_edit_alone(world):
+    truth = _load(world, "truth.json")
+    for split in SPLITS:
+        records = build_split(SEED, split, N)
+        for record, entry in zip(records, truth[split]):
+            assert 1 <= len(entry["same_image"]) <= 3
+            assert [q["question"] for q in entry["same_image"]] == [q.text for q in record.same_image]
+            asked = [(q.family, sorted(q.slots.items())) for q in record.same_image]
+            assert len(set(map(str, asked))) == len(asked)
+            for question in record.same_image:
+                assert evaluate(record.scenes["image"], question.family, question.slots)[0] == question.answer
+                if record.question is not None:
+                    assert record.question.target is None or question.target != record.question.target
+                    assert not set(question.slots.values()) & ({record.fields["alt"], record.fields["pred"]}
+                                                               | set(record.question.slots.values()))
+                    assert not (record.family == question.family == "count")
 
 
 def test_loc_pairs_are_facts(world):

@@ -24,7 +24,8 @@ def test_corpus_is_deterministic_and_sized():
 def test_corpus_covers_every_template_answer_and_fact():
     lines = corpus_lines(0, 600)
     matched = {t.key for line in lines if (t := match_template(line)) is not None}
-    assert matched == {t.key for t in TEMPLATES}  # held-out templates included
+    # Held-out templates included; the dev / test rephrases never (no backbone may see them).
+    assert matched == {t.key for t in TEMPLATES if t.split != "heldout_eval"}
     words = set(" ".join(lines).split())
     assert set(answer_words()) <= words
     assert {f"{f.question} {f.answer}" for f in FACTS} <= set(lines)

@@ -7,10 +7,12 @@ import pytest
 
 from attrib.backbones.loader import load_backbone
 from attrib.data import DataError, load_records
+from editing.editor import Editor
 from editing.evaluation.evaluate import RestoreError, evaluate_edits
 
 KEYS = {"task", "n_eval", "n_skipped", "protocol", "rel", "t_gen", "m_gen", "t_loc", "m_loc", "exact_match",
-        "m_loc_same_object", "m_loc_other", "n_same_object", "n_other", "secondary", "edit_ms"}
+        "m_loc_same_object", "m_loc_other", "n_same_object", "n_other", "secondary", "edit_ms", "loc_same_image",
+        "n_same_image", "targets"}
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,49 @@ def test_runs_on_every_backbone_and_returns_all_metrics(tiny_backbone, tiny_worl
         assert 0.0 <= out[key] <= 100.0
     assert out["t_loc"] == 100.0 and out["secondary"]["t_loc_top1"] == 100.0  # text-only inputs bypass
     assert out["n_same_object"] + out["n_other"] == 2  # the count question names no object
+    assert out["n_same_image"] == 3 and 0.0 <= out["loc_same_image"] <= 100.0
+    assert out["targets"]["novel"]["n"] + out["targets"]["known"]["n"] == 3
     assert not editor.is_edited
+
+
+def test_same_image_locality_sees_an_edit_that_rewrites_its_image(llava, tiny_world, monkeypatch):
+    records = load_records(tiny_world / "vqa_eval.json")
+    forward = llava.forward
+    state = {"edited": False}
+
+    def edited_forward(inputs, **kwargs):
+        out = forward(inputs, **kwargs)
+        if state["edited"] and inputs.get("pixel_values") is not None:
+            out.logits[..., 7] += 1e4  # every image row now answers token 7
+        return out
+
+    class Everything(Editor):
+        backbone = llava
+
+        def edit(self, request):
+            state["edited"] = True
+
+        def restore(self):
+            state["edited"] = False
+
+    monkeypatch.setattr(llava, "forward", edited_forward)
+    rewrite = evaluate_edits(Everything(), records).to_json()
+    assert rewrite["loc_same_image"] < 50.0 and rewrite["m_loc"] < 50.0 and rewrite["t_loc"] == 100.0
+
+    class Nothing(Everything):
+        def edit(self, request):
+            pass
+
+    untouched = evaluate_edits(Nothing(), records).to_json()
+    assert untouched["loc_same_image"] == 100.0 and untouched["m_loc"] == 100.0
+
+
+def test_same_image_locality_is_absent_without_the_questions(llava, tiny_world, make_editor, tmp_path):
+    # A copy of the file without truth.json beside it: real MMEdit data has no same-image questions.
+    (tmp_path / "vqa_eval.json").write_text((tiny_world / "vqa_eval.json").read_text())
+    records = load_records(tmp_path / "vqa_eval.json", image_root=tiny_world)
+    out = evaluate_edits(make_editor(llava, 0), records).to_json()
+    assert out["loc_same_image"] is None and out["n_same_image"] == 0 and out["targets"] is None
 
 
 def test_captions(llava, tiny_world, make_editor):
