@@ -42,6 +42,8 @@ SKIP_BAD ?=#               edit: 1 = skip bad records (counted) instead of stopp
 SCENE_GATE ?= 1#           edit: 0 = no scene gate (with TARGET_ROLE=0: the paper's adapter)
 SCENE_SIMILARITY ?= salient# edit: what the scene gate compares: salient | chamfer
 TARGET_ROLE ?= 1#          edit: 0 = VEAD without the target role
+METHODS ?= all#            compare: comma-separated methods (none, visedit, visedit_gated, ft_l, ft_v, tp, ike, mend, serac, lookup)
+TEST_SEED ?= 2#            compare: world seed of the test split (never 1, the development world)
 N_TRAIN ?=#                world: records in each train split (empty: 3000 VQA / 1000 captions)
 N_EVAL ?=#                 world: records in each eval split (empty: 1000 VQA / 300 captions)
 BACKBONES ?= llava,minigpt4,blip2# toy-models: the defaults to train, in this order
@@ -51,7 +53,7 @@ WORLD_EVAL := $(WORLD)/vqa_eval.json
 on = $(filter 1 yes true,$(1))
 opt = $(if $(2),$(1) $(2),)
 
-.PHONY: help setup test lint heatmaps validate edit scenes bench smoke-full world toy-models clean
+.PHONY: help setup test lint heatmaps validate edit compare scenes bench smoke-full world toy-models clean
 
 help: ## list the targets and variables
 	@echo "Targets:"
@@ -95,6 +97,11 @@ edit: setup $(if $(or $(TRAIN),$(EVAL)),,$(WORLD_EVAL)) ## train and evaluate Vi
 		--seed $(SEED) $(if $(call on,$(RESUME)),--resume,) $(if $(call on,$(SKIP_BAD)),--skip-bad,) \
 		$(if $(call on,$(SCENE_GATE)),--scene-gate,--no-scene-gate) --scene-similarity $(SCENE_SIMILARITY) \
 		$(if $(call on,$(TARGET_ROLE)),--target-role,--no-target-role)
+
+compare: setup $(if $(or $(TRAIN),$(EVAL)),,$(WORLD_EVAL)) ## every editing method on BACKBONE: train, dev, test (TEST_SEED)
+	$(VISEDIT) compare $(model_args) --task $(TASK) --methods $(METHODS) --test-seed $(TEST_SEED) \
+		$(call opt,--train,$(TRAIN)) $(call opt,--eval,$(EVAL)) $(call opt,--images,$(IMAGES)) \
+		--seed $(SEED) $(call opt,--out,$(OUT))
 
 scenes: setup $(if $(DATA),,$(WORLD_EVAL)) ## how well scene similarity tells an edit's images apart, untrained
 	$(VISEDIT) scenes $(model_args) $(data_args) --n $(N) $(call opt,--out,$(OUT))

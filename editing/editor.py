@@ -66,3 +66,7 @@ class Editor(ABC):
     @abstractmethod
     def restore(self) -> None:
         """Undo every edit: the backbone's outputs are bit-identical to the unedited model's again."""
+
+    def close(self) -> None:
+        """Undo every edit and take out whatever the method put into the backbone (hooks), for good."""
+        self.restore()

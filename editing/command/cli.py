@@ -11,6 +11,7 @@ from pathlib import Path
 
 from attrib.commands import WORLD, add_model_arguments
 from editing.adapter.scene_gate import SCENE_SIMILARITIES
+from editing.command.compare import CompareOptions, run_compare
 from editing.command.run import TASKS, EditOptions, default_steps, run_edit
 
 
@@ -96,4 +97,39 @@ def scenes(args: argparse.Namespace) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.out, text + "\n")
     print(text)
+    return 0
+
+
+def compare_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--task", default="vqa", choices=TASKS, help="E-VQA (vqa) or E-IC (caption)")
+    p.add_argument("--methods", default="all",
+                   help="comma-separated methods (default: all): " + ", ".join(_method_names()))
+    p.add_argument("--test-seed", type=int, default=CompareOptions.test_seed,
+                   help="world seed of the test split (not 1, the development world's)")
+    p.add_argument("--train", type=Path, default=None, help="MMEdit training JSON (real data; dev is carved from it)")
+    p.add_argument("--eval", type=Path, default=None, help="MMEdit test JSON (real data)")
+    p.add_argument("--images", type=Path, default=None, help="image root (default: each file's folder)")
+    p.add_argument("--n-test", type=int, default=CompareOptions.n_test, help="test edits (the first N)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every method and of the dev draw")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/compare/<backbone>-<task>)")
+
+
+def _method_names() -> list[str]:
+    from editing.methods import METHODS
+
+    return list(METHODS)
+
+
+def compare(args: argparse.Namespace) -> int:
+    """Every editing method on one backbone, trained on train, chosen on dev, reported on test."""
+    options = CompareOptions(backbone=args.backbone, model=args.model, task=args.task,
+                             methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+                             test_seed=args.test_seed, train=args.train, eval=args.eval, images=args.images,
+                             n_test=args.n_test, seed=args.seed, out=args.out, progress=not args.no_progress)
+    results = run_compare(options)
+    for name, method in results["methods"].items():
+        print(f"{name:>14}: " + " ".join(f"{k} {method[k]}" for k in ("rel", "t_gen", "m_gen", "t_loc", "m_loc", "mean",
+                                                                     "loc_same_image")))
+    print(f"results in {options.output()}")
     return 0

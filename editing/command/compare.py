@@ -1,0 +1,210 @@
+"""The comparison behind ``visedit compare`` / ``make compare``: every editing method, one harness, a test
+split no method or choice was tuned on.
+
+    results = run_compare(CompareOptions(backbone="blip2", test_seed=2))
+    # runs/compare/blip2-vqa/results.json, results.md, metrics.png, methods/<name>.json, attribution/
+
+Data roles (recorded in ``results.json`` under ``roles``):
+- world: *train* = the development world's training split (``runs/world``, seed 1), *dev* = its eval
+  split, *test* = the eval split of the world of ``test_seed`` (written under ``runs/world-<seed>`` when
+  missing), so a new seed is a fresh test set;
+- real MMEdit files: *train* = ``train`` minus *dev*, *dev* = ``dev_n`` records of ``train`` drawn with
+  ``seed``, *test* = ``eval``.
+Placement (attribution and patching ceiling) reads training records only. Learned methods fit on train
+(``Editor.prepare``); dev is for choices (lookup's threshold, curves); test is only evaluated.
+
+Each method runs in its own process (spawned), so its peak memory is its own and a hook it leaves behind
+cannot reach the next; its result is written to ``methods/<name>.json`` at once, and a run started again
+skips the methods already there (a killed comparison resumes at the next method).
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from attrib.data import DataError, EditRecord, load_records
+from attrib.io import atomic_write_text, stored_path
+from editing.command.report import METRICS
+
+DEV_WORLD = Path("runs/world")
+DEV_SEED = 1
+
+
+@dataclass
+class CompareOptions:
+    """The command's options (``visedit compare --help``)."""
+
+    backbone: str = "blip2"
+    model: Path | None = None
+    task: str = "vqa"
+    methods: tuple[str, ...] = ("all",)
+    test_seed: int = 2
+    train: Path | None = None
+    eval: Path | None = None
+    images: Path | None = None
+    out: Path | None = None
+    n_test: int | None = 300  # the first N test records (None: all)
+    n_dev: int = 100
+    dev_n: int = 300  # real files: records of ``train`` set aside as dev
+    seed: int = 0
+    attribution_n: int = 24
+    ceiling_n: int = 48
+    progress: bool = True
+    world_root: Path = field(default=Path("runs"))
+
+    def output(self) -> Path:
+        return self.out or Path("runs/compare") / f"{self.backbone}-{self.task}"
+
+    def method_names(self) -> list[str]:
+        from editing.methods import METHODS
+
+        names = list(METHODS) if "all" in self.methods else list(self.methods)
+        unknown = [n for n in names if n not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+        return names
+
+
+@dataclass
+class Roles:
+    """The records of each role and where they came from."""
+
+    train: list[EditRecord]
+    dev: list[EditRecord]
+    test: list[EditRecord]
+    described: dict
+
+
+def _world(seed: int, root: Path) -> Path:
+    """The world folder of ``seed`` (the development world for seed 1), written when missing."""
+    from attrib.world import write_world
+
+    folder = root / "world" if seed == DEV_SEED else root / f"world-{seed}"
+    if not (folder / "vqa_eval.json").is_file():
+        write_world(folder, seed, n_train=3000, n_eval=300, n_caption_train=1000, n_caption_eval=300,
+                    overwrite=folder.exists())
+    return folder
+
+
+def data_roles(options: CompareOptions) -> Roles:
+    """Train / dev / test records of the module docstring."""
+    task = options.task
+    if (options.train is None) != (options.eval is None):
+        raise ValueError("give both --train and --eval (or neither, for the world)")
+    if options.train is None:
+        if options.test_seed == DEV_SEED:
+            raise ValueError(f"test seed {DEV_SEED} is the development world's: pick another (TEST_SEED=...)")
+        dev_world, test_world = _world(DEV_SEED, options.world_root), _world(options.test_seed, options.world_root)
+        train = load_records(dev_world / f"{task}_train.json")
+        dev = load_records(dev_world / f"{task}_eval.json")
+        test = load_records(test_world / f"{task}_eval.json")[:options.n_test]
+        described = {"train": {"file": stored_path(dev_world / f"{task}_train.json"), "world_seed": DEV_SEED},
+                     "dev": {"file": stored_path(dev_world / f"{task}_eval.json"), "world_seed": DEV_SEED},
+                     "test": {"file": stored_path(test_world / f"{task}_eval.json"), "world_seed": options.test_seed}}
+        return Roles(train, dev, test, described)
+    pool = load_records(options.train, options.images)
+    if options.dev_n >= len(pool):
+        raise DataError(f"{options.train}: {len(pool)} records cannot give {options.dev_n} dev records and a train set")
+    order = np.random.default_rng(options.seed).permutation(len(pool))
+    dev = [pool[i] for i in sorted(order[:options.dev_n])]
+    train = [pool[i] for i in sorted(order[options.dev_n:])]
+    test = load_records(options.eval, options.images)[:options.n_test]
+    described = {"train": {"file": stored_path(options.train), "n": len(train)},
+                 "dev": {"file": stored_path(options.train), "n": len(dev), "drawn_with_seed": options.seed},
+                 "test": {"file": stored_path(options.eval)}}
+    return Roles(train, dev, test, described)
+
+
+def placement_from_train(backbone, roles: Roles, options: CompareOptions, out: Path):
+    """The VisEdit placement from an attribution of training records (reused when already saved)."""
+    from attrib.attribution import AttributionConfig, run_attribution
+    from editing.adapter.visedit import EditPlacement
+
+    folder = out / "attribution"
+    if not (folder / "attribution.json").is_file():
+        records = roles.train
+        if options.task == "caption":  # attribution prompts are questions: the VQA file beside the captions
+            vqa = records[0].source.with_name("vqa_train.json") if records else None
+            if vqa is not None and vqa.is_file():
+                records = load_records(vqa, options.images)
+        config = AttributionConfig(draws=2, causal_samples=1, causal_draws=1, ceiling_samples=options.ceiling_n)
+        attribution = run_attribution(backbone, records[:options.attribution_n], config,
+                                      dataset=stored_path(records[0].source), ceiling_records=records,
+                                      progress=options.progress)
+        attribution.save(folder)
+    return EditPlacement.from_artifact(folder / "attribution.json", backbone)
+
+
+def _peak_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+
+
+def run_method(options: CompareOptions, name: str) -> dict:
+    """Build, prepare and evaluate one method on the test records (in the calling process)."""
+    import torch
+
+    from attrib.defaults import load_model
+    from editing.command.run import inference_overhead
+    from editing.evaluation.evaluate import evaluate_edits
+    from editing.methods import MethodContext, build_method
+
+    torch.manual_seed(options.seed)
+    out = options.output()
+    backbone = load_model(options.backbone, options.model)
+    roles = data_roles(options)
+    extra = {}
+    if name.startswith("visedit"):
+        extra["placement"] = placement_from_train(backbone, roles, options, out)
+    context = MethodContext(backbone, task=options.task, seed=options.seed, work=out / "work" / name,
+                            progress=options.progress, extra=extra)
+    editor = build_method(name, context)
+    start = time.perf_counter()
+    prepared = editor.prepare(roles.train, roles.dev[:options.n_dev])
+    prepare_s = time.perf_counter() - start
+    scores = evaluate_edits(editor, roles.test, options.task, progress=options.progress).to_json()
+    overhead = inference_overhead(editor, roles.test, options.task)
+    editor.close()
+    five = [scores[k] for k in METRICS]
+    result = {**scores, "mean": round(float(np.mean(five)), 2), "t_loc_by_construction": not editor.text_edits,
+              "prepare_s": round(prepare_s, 2), "inference_overhead": overhead, "peak_mem_mb": _peak_mb(),
+              "hyper": context.hyper, "seed": options.seed, "prepare": prepared}
+    return result
+
+
+def _child(options: CompareOptions, name: str, path: str) -> None:
+    result = run_method(options, name)
+    atomic_write_text(Path(path), json.dumps(result, indent=1, default=str) + "\n")
+
+
+def run_compare(options: CompareOptions) -> dict:
+    """Every method in its own process (module docstring); then results.json, results.md, metrics.png."""
+    names = options.method_names()
+    out = options.output()
+    (out / "methods").mkdir(parents=True, exist_ok=True)
+    roles = data_roles(options)  # writes the test world when missing, once, before any child
+    methods = {}
+    for name in names:
+        path = out / "methods" / f"{name}.json"
+        if not path.is_file():
+            child = multiprocessing.get_context("spawn").Process(target=_child, args=(options, name, str(path)))
+            child.start()
+            child.join()
+            if child.exitcode != 0:
+                raise RuntimeError(f"method {name} failed (exit code {child.exitcode}); the methods before it "
+                                   f"are kept in {out / 'methods'}")
+        methods[name] = json.loads(path.read_text())
+    results = {"backbone": options.backbone, "task": options.task, "n_test": len(roles.test),
+               "roles": roles.described, "options": {k: str(v) for k, v in asdict(options).items()},
+               "protocol": methods[names[0]]["protocol"] if names else None, "methods": methods}
+    from editing.command.compare_report import compare_markdown, plot_metrics
+
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=str) + "\n")
+    atomic_write_text(out / "results.md", compare_markdown(results))
+    plot_metrics(results, out / "metrics.png")
+    return results

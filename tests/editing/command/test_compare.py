@@ -1,0 +1,51 @@
+"""The comparison harness: data roles, one process per method, results files, resuming after a cut."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from attrib.world import write_world
+from editing.command.compare import CompareOptions, data_roles, run_compare
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return write_world(tmp_path_factory.mktemp("cmp") / "w", seed=0, n_train=8, n_eval=3, n_caption_train=1,
+                       n_caption_eval=1)
+
+
+def _options(world, tiny_dirs, out, **kwargs) -> CompareOptions:
+    return CompareOptions(backbone="blip2", model=tiny_dirs["blip2"], train=world / "vqa_train.json",
+                          eval=world / "vqa_eval.json", dev_n=3, n_dev=3, out=out, progress=False, **kwargs)
+
+
+def test_roles_carve_dev_from_train_by_seed_and_test_is_eval(world, tiny_dirs, tmp_path):
+    roles = data_roles(_options(world, tiny_dirs, tmp_path))
+    assert len(roles.train) == 5 and len(roles.dev) == 3 and len(roles.test) == 3
+    assert not {r.index for r in roles.train} & {r.index for r in roles.dev}
+    again = data_roles(_options(world, tiny_dirs, tmp_path))
+    assert [r.index for r in again.dev] == [r.index for r in roles.dev]
+    assert roles.described["dev"]["drawn_with_seed"] == 0
+    with pytest.raises(ValueError, match="test seed 1"):
+        data_roles(CompareOptions(test_seed=1))
+
+
+def test_methods_run_apart_and_a_second_run_resumes(world, tiny_dirs, tmp_path):
+    options = _options(world, tiny_dirs, tmp_path, methods=("none", "lookup"))
+    results = run_compare(options)
+    none, lookup = results["methods"]["none"], results["methods"]["lookup"]
+    assert lookup["rel"] == 100.0 and lookup["t_loc"] == 100.0 and lookup["t_loc_by_construction"]
+    assert none["m_loc"] == 100.0 and none["loc_same_image"] == 100.0
+    for method in (none, lookup):
+        assert method["mean"] == pytest.approx(sum(method[k] for k in ("rel", "t_gen", "m_gen", "t_loc", "m_loc")) / 5,
+                                               abs=0.01)
+        assert method["peak_mem_mb"] > 0 and method["prepare_s"] >= 0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["roles"]["test"]["file"].endswith("vqa_eval.json") and set(saved["methods"]) == {"none", "lookup"}
+    assert "**100.0**" in (tmp_path / "results.md").read_text() and (tmp_path / "metrics.png").is_file()
+    stamp = (tmp_path / "methods" / "lookup.json").stat().st_mtime_ns
+    (tmp_path / "methods" / "none.json").unlink()  # as if the run had been killed during "none"
+    run_compare(options)
+    assert (tmp_path / "methods" / "lookup.json").stat().st_mtime_ns == stamp  # kept, not run again
+    assert (tmp_path / "methods" / "none.json").is_file()
