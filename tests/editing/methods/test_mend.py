@@ -1,0 +1,177 @@
+"""MEND on the tiny backbones: the gradient factors, the untrained network as gradient descent, edits,
+exact restore, training and its checkpoint."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attrib.data import load_records
+from editing.editor import EditRequest
+from editing.evaluation.metrics import predict_rows
+from editing.methods import MethodContext, build_method, method_config
+from editing.methods.common import target_loss
+from editing.methods.mend_net import edit_factors, frozen, low_rank_update
+
+PROMPT = "what color is the circle? The answer is:"
+SMALL = {"n_edit_layers": 2, "rank": 16, "steps": 40, "batch_size": 2, "lr": 1e-3, "lr_lr": 1e-3, "eval_every": 20,
+         "n_dev": 2, "max_seconds": 300.0}
+
+
+@pytest.fixture
+def make_mend():
+    """``make_mend(backbone, work=None, **hyper)``: a MEND editor with small sizes; restored at teardown."""
+    made = []
+
+    def make(backbone, work=None, **hyper):
+        config = {**method_config("mend", backbone.spec.name), **SMALL, **hyper}
+        editor = build_method("mend", MethodContext(backbone, hyper=config, work=work))
+        made.append(editor)
+        return editor
+
+    yield make
+    for editor in made:
+        editor.restore()
+
+
+def _weight_gradients(backbone, modules, image, prompt, target):
+    weights = [m.weight for m in modules]
+    flags = [w.requires_grad for w in weights]
+    for weight in weights:
+        weight.requires_grad_(True)
+    try:
+        return torch.autograd.grad(target_loss(backbone, [image], [prompt], [target]), weights)
+    finally:
+        for weight, flag in zip(weights, flags):
+            weight.requires_grad_(flag)
+
+
+def _hook_count(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
+
+
+@torch.no_grad()
+def _logits(backbone, images, prompt):
+    return backbone.forward(backbone.encode(images, [prompt]), use_cache=False).logits
+
+
+def test_the_rank_one_terms_sum_to_the_weight_gradient(tiny_backbone, tiny_images, make_mend):
+    editor = make_mend(tiny_backbone)
+    with frozen(tiny_backbone.model):
+        factors = edit_factors(tiny_backbone, editor.modules, [tiny_images[0]], [PROMPT], ["red"])
+    expected = _weight_gradients(tiny_backbone, editor.modules, tiny_images[0], PROMPT, "red")
+    for layer, grad in zip(factors, expected, strict=True):
+        assert layer.inputs.shape[:2] == layer.grads.shape[:2] == layer.mask.shape
+        assert not layer.mask[0, -1]  # the last position feeds no loss: no rank-1 term
+        torch.testing.assert_close(layer.gradient(), grad, rtol=1e-4, atol=1e-7)
+
+
+def test_each_row_of_a_batch_gets_the_factors_of_its_own_edit(tiny_backbone, tiny_images, make_mend):
+    editor = make_mend(tiny_backbone)
+    shape = "what shape is it?"
+    with frozen(tiny_backbone.model):
+        both = edit_factors(tiny_backbone, editor.modules, tiny_images, [PROMPT, shape], ["red", "square"])
+        alone = edit_factors(tiny_backbone, editor.modules, [tiny_images[1]], [shape], ["square"])
+    for pair, single in zip(both, alone, strict=True):
+        row = pair.grads[1][pair.mask[1]]
+        torch.testing.assert_close(row, single.grads[0][single.mask[0]], rtol=1e-4, atol=1e-7)
+
+
+def test_an_untrained_mend_edits_by_one_gradient_step_of_size_alpha(tiny_backbone, tiny_images, make_mend):
+    editor = make_mend(tiny_backbone, edit_lr=0.5)
+    before = [m.weight.detach().clone() for m in editor.modules]
+    grads = _weight_gradients(tiny_backbone, editor.modules, tiny_images[0], PROMPT, "blue")
+    editor.edit(EditRequest(tiny_images[0], PROMPT, "blue"))
+    for module, old, grad in zip(editor.modules, before, grads, strict=True):
+        torch.testing.assert_close(module.weight.detach() - old, -0.5 * grad, rtol=1e-4, atol=1e-7)
+
+
+def test_an_edit_makes_the_target_the_teacher_forced_answer(tiny_backbone, tiny_images, make_mend):
+    editor = make_mend(tiny_backbone, edit_lr=50.0)  # untrained: one large gradient step
+    editor.edit(EditRequest(tiny_images[0], PROMPT, "blue"))
+    row = predict_rows(tiny_backbone, [tiny_images[0]], [PROMPT], ["blue"])[0]
+    assert torch.equal(row.answer_argmax, row.labels)
+
+
+def test_restore_is_bit_exact_on_image_and_text_inputs(tiny_backbone, tiny_images, make_mend):
+    editor = make_mend(tiny_backbone, edit_lr=50.0)
+    image_before, text_before = _logits(tiny_backbone, [tiny_images[1]], PROMPT), _logits(tiny_backbone, None, PROMPT)
+    editor.edit(EditRequest(tiny_images[0], PROMPT, "blue"))
+    assert not torch.equal(_logits(tiny_backbone, [tiny_images[1]], PROMPT), image_before)
+    assert not torch.equal(_logits(tiny_backbone, None, PROMPT), text_before)  # text_edits: the LM's weights change
+    editor.restore()
+    assert torch.equal(_logits(tiny_backbone, [tiny_images[1]], PROMPT), image_before)
+    assert torch.equal(_logits(tiny_backbone, None, PROMPT), text_before)
+
+
+def test_an_edit_changes_only_the_edited_projections(tiny_backbone, tiny_images, make_mend):
+    editor = make_mend(tiny_backbone, edit_lr=1.0)
+    flags = {name: (p.requires_grad, p.grad is None) for name, p in tiny_backbone.model.named_parameters()}
+    before = {name: p.detach().clone() for name, p in tiny_backbone.model.named_parameters()}
+    hooks = _hook_count(tiny_backbone.model)
+    editor.edit(EditRequest(tiny_images[0], PROMPT, "blue"))
+    edited = {id(m.weight) for m in editor.modules}
+    last = tiny_backbone.n_layers - 1
+    assert editor.modules[-1] is tiny_backbone.module(f"{tiny_backbone.spec.layers}.{last}.{editor.hyper['weight']}")
+    for name, parameter in tiny_backbone.model.named_parameters():
+        assert torch.equal(parameter, before[name]) != (id(parameter) in edited), name
+        assert (parameter.requires_grad, parameter.grad is None) == flags[name], name
+    assert _hook_count(tiny_backbone.model) == hooks
+
+
+def test_the_functional_update_equals_adding_delta_w(tiny_backbone, tiny_images, make_mend):
+    editor = make_mend(tiny_backbone, edit_lr=1.0)
+    with frozen(tiny_backbone.model):
+        factors = edit_factors(tiny_backbone, editor.modules, [tiny_images[0]], [PROMPT], ["blue"])
+    with torch.no_grad():
+        transformed = editor.net.transform(factors)
+        with low_rank_update(editor.modules, transformed, editor.net.edit_lrs, torch.arange(1)):
+            functional = _logits(tiny_backbone, [tiny_images[1]], PROMPT)
+    editor.edit(EditRequest(tiny_images[0], PROMPT, "blue"))
+    torch.testing.assert_close(_logits(tiny_backbone, [tiny_images[1]], PROMPT), functional, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_backbone, tiny_world, tmp_path_factory):
+    """(editor, report, training loss before, train records, dev records, work folder) of a MEND trained on
+    the tiny world's two train records, per backbone."""
+    train, dev = load_records(tiny_world / "vqa_train.json"), load_records(tiny_world / "vqa_eval.json")
+    work = tmp_path_factory.mktemp(f"mend-{tiny_backbone.spec.name}")
+    editor = build_method("mend", MethodContext(tiny_backbone, hyper={**method_config("mend", tiny_backbone.spec.name),
+                                                                      **SMALL}, work=work))
+    with torch.no_grad():
+        start = editor.objective(train)["total"].item()
+    report = editor.prepare(train, dev)
+    yield editor, report, start, train, dev, work
+    editor.restore()
+
+
+def test_prepare_lowers_the_training_loss_and_reports(trained):
+    editor, report, start, train, _, work = trained
+    with torch.no_grad():
+        assert editor.objective(train)["total"].item() < start
+    assert report["steps"] == SMALL["steps"] and "shortened" in report and report["seconds"] > 0
+    assert [point["step"] for point in report["dev_curve"]] == [0, 20, 40]
+    assert {"rel", "t_gen", "m_gen", "t_loc", "m_loc"} <= set(report["dev_curve"][0])
+    assert report["loss_curve"][-1]["step"] == SMALL["steps"]
+    assert (work / "mend.safetensors").is_file()
+
+
+def test_a_trained_mend_makes_multi_token_edits(trained, tiny_backbone):
+    editor, _, _, train, _, _ = trained
+    for record in train:
+        request = EditRequest.from_record(record)
+        editor.edit(request)
+        row = predict_rows(tiny_backbone, [request.image], [request.prompt], [request.target])[0]
+        editor.restore()
+        assert len(row.labels) > 1 and torch.equal(row.answer_argmax, row.labels), record.alt
+
+
+def test_prepare_loads_a_network_trained_with_the_same_config(trained, tiny_backbone, make_mend):
+    editor, report, _, train, dev, work = trained
+    again = make_mend(tiny_backbone, work=work)
+    loaded = again.prepare(train, dev)
+    assert loaded["loaded"] == str(work / "mend.safetensors") and loaded["steps"] == report["steps"]
+    for (name, mine), theirs in zip(editor.net.state_dict().items(), again.net.state_dict().values()):
+        assert torch.equal(mine, theirs), name
+    other = make_mend(tiny_backbone, work=work, steps=2)  # another config: trained afresh
+    assert "loaded" not in other.prepare(train, dev)
