@@ -51,6 +51,9 @@ def edit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rows-per-backward", type=int, default=0,
                    help="run the layers above the edit site on this many rows at a time, to bound memory on "
                         "large backbones (default: 0 = every row of a step at once)")
+    p.add_argument("--same-image-weight", type=float, default=0.0,
+                   help="weight of the same-image locality term: other questions about the edit image held to "
+                        "their unedited answers (default: 0 = none, the paper's loss)")
 
 
 def edit(args: argparse.Namespace) -> int:
@@ -62,7 +65,7 @@ def edit(args: argparse.Namespace) -> int:
         seed=args.seed, mid_dim=args.mid_dim, heads=args.heads, scene_gate=args.scene_gate,
         scene_similarity=args.scene_similarity, target_role=args.target_role, n_eval=args.n_eval,
         checkpoint_every=args.checkpoint_every, rows_per_backward=args.rows_per_backward,
-        progress=not args.no_progress)
+        same_image_weight=args.same_image_weight, progress=not args.no_progress)
     results = run_edit(options)
     v = results["methods"]["visedit"]
     skipped = results["n_skipped"]

@@ -173,7 +173,7 @@ def run_method(options: CompareOptions, name: str) -> dict:
     five = [scores[k] for k in METRICS]
     result = {**scores, "mean": round(float(np.mean(five)), 2), "t_loc_by_construction": not editor.text_edits,
               "prepare_s": round(prepare_s, 2), "inference_overhead": overhead, "peak_mem_mb": _peak_mb(),
-              "hyper": context.hyper, "seed": options.seed, "prepare": prepared}
+              "hyper": context.hyper, "seed": options.seed, "prepare": prepared, "threads": torch.get_num_threads()}
     return result
 
 

@@ -68,6 +68,7 @@ class EditOptions:
     maps_n: int = 200
     checkpoint_every: int = 100
     rows_per_backward: int = 0  # TrainConfig.rows_per_backward: 0 = every row of a step at once
+    same_image_weight: float = 0.0  # TrainConfig.same_image_weight: 0 = no same-image locality term
     progress: bool = True
 
     def output(self) -> Path:
@@ -201,7 +202,7 @@ def _train(options: EditOptions, editor: VisEditEditor, records: list[EditRecord
     steps = options.steps or default_steps(options.backbone)
     config = TrainConfig(steps=steps, batch_size=options.batch_size, lr=lr, seed=options.seed,
                          checkpoint_every=options.checkpoint_every, task=options.task,
-                         rows_per_backward=options.rows_per_backward)
+                         rows_per_backward=options.rows_per_backward, same_image_weight=options.same_image_weight)
     trained = train(editor, records, config, out / "checkpoint", resume=options.resume, progress=options.progress)
     info = {"steps": trained.steps, "config": config.to_json(), "products_s": round(trained.products_s, 2)}
     return round(trained.train_s, 2), info, editor.save_weights(out / "adapter.safetensors")

@@ -35,7 +35,8 @@ class VisEditMethod(VisEditEditor):
         self.train_config = TrainConfig(steps=int(hyper.get("steps") or default_steps(context.backbone.spec.name)),
                                         batch_size=int(hyper.get("batch_size", 4)),
                                         lr=float(hyper.get("lr") or default_lr(width)), seed=context.seed,
-                                        task=context.task, checkpoint_every=int(hyper.get("checkpoint_every", 100)))
+                                        task=context.task, checkpoint_every=int(hyper.get("checkpoint_every", 100)),
+                                        same_image_weight=float(hyper.get("same_image_weight", 0.0)))
 
     def close(self) -> None:
         self.remove()

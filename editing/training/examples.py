@@ -44,14 +44,23 @@ ALIGN_ROLES = ROLES[:3]  # the samples an IM alignment / up target can come from
 Row = tuple[Image.Image, str, str]  # (image, prompt in the dataset format, target)
 
 
-_ROW_IMAGE = {"rel": "image", "t_gen": "image", "m_gen": "image_rephrase", "m_loc": "m_loc"}
+_ROW_IMAGE = {"rel": "image", "t_gen": "image", "m_gen": "image_rephrase", "m_loc": "m_loc", "same_image": "image"}
+
+
+def has_same_image(record: EditRecord) -> bool:
+    """Whether the record lists a same-image question (`attrib.world.dataset`; real MMEdit files do not)."""
+    return bool((record.truth or {}).get("same_image"))
 
 
 def example_row(record: EditRecord, role: str, task: str, formats: dict[str, str]) -> Row:
-    """One teacher-forced row of a record (one of ROLES); opens only that row's image."""
+    """One teacher-forced row of a record (one of ROLES, or "same_image": the record's first same-image
+    question on its own image, with its true answer); opens only that row's image."""
     image = record.load_image(_ROW_IMAGE[role])
     if role == "m_loc":
         return image, formats["m_loc"].format(m_loc_q=record.m_loc_q), record.m_loc_a
+    if role == "same_image":
+        question = record.truth["same_image"][0]
+        return image, formats["m_loc"].format(m_loc_q=question["question"]), question["answer"]
     return image, formats[task].format(src=record.rephrase if role == "t_gen" else record.src), record.alt
 
 
@@ -197,6 +206,12 @@ class ExampleStore:
         """[n, V] unedited log-probs at the record's M-Loc answer positions."""
         return self._record_part(index, "pre_loc", self._pre_locs)
 
+    def pre_same(self, index: int) -> torch.Tensor:
+        """[n, V] unedited log-probs at the answer positions of the record's same-image row."""
+        with_rows = [i for i in self.members(index) if has_same_image(self.records[i])]
+        return self._cached((index, "pre_same"), lambda: [(i, "pre_same") for i in with_rows],
+                            lambda keys: self._pre_locs([i for i, _ in keys], "same_image"))
+
     def influence(self, index: int, role: int) -> torch.Tensor:
         """[P] token influence for ``ALIGN_ROLES[role]`` (unnormalised)."""
         return self._cached((index, "influence", role),
@@ -242,8 +257,8 @@ class ExampleStore:
         return out
 
     @torch.no_grad()
-    def _pre_locs(self, members: list[int]) -> list[torch.Tensor]:
-        batch = teacher_forced_batch(self.editor.backbone, *self._rows(members, "m_loc"))
+    def _pre_locs(self, members: list[int], role: str = "m_loc") -> list[torch.Tensor]:
+        batch = teacher_forced_batch(self.editor.backbone, *self._rows(members, role))
         select, _ = answer_positions(batch.target_lengths, batch.inputs["input_ids"].shape[1])
         site = self.split.prefix(batch.inputs)
         logp = torch.log_softmax(self.split.top(site, None, select).float(), -1).cpu()

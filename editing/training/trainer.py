@@ -16,6 +16,7 @@ model, computed once under no_grad (`editing.training.examples`).
 Loss = w_rel·NLL(rel) + w_gen·(NLL(t_gen) + NLL(m_gen)) + w_loc·KL(p_pre ‖ p_post)(m_loc + partners)
      + w_align·alignment + w_up·up + w_down·down                       (weights 1, 1, 1, 0.1, 0.1, 0.1)
      [+ w_scene·scene, with a scene gate: its logistic loss, m_gen rows open, M-Loc rows shut (weight 1)]
+     [+ w_same·KL(p_pre ‖ p_post)(same-image rows), with ``same_image_weight`` > 0]
 The IM terms use, per record, one of its rel / t_gen / m_gen rows (drawn at random) and ``im_tokens``
 visual tokens drawn at random: the IM logits of those tokens of that row (visual states at the edit
 site) against the row's edit query; the alignment target is the row's own token influence restricted
@@ -54,6 +55,7 @@ from editing.training.examples import (
     answer_positions,
     example_row,
     example_rows,
+    has_same_image,
     stack_signals,
 )
 
@@ -80,7 +82,11 @@ class TrainConfig:
     (the first N records' ``image``; `editing.adapter.scene_gate`);
     ``rows_per_backward``: run the layers above the edit site on this many rows at a time, back-propagating
     each part before the next (bounds the autograd graph's memory on large backbones; 0 = every row of the
-    step at once)."""
+    step at once);
+    ``same_image_weight``: weight of a same-image locality term (0 = none, the paper's loss): per record
+    that lists same-image questions (`attrib.world.dataset`), its first one on the record's own image,
+    held by KL(p_pre ‖ p_post) to the unedited answer under the record's edit — the edit must not
+    rewrite what else is asked about its image."""
 
     steps: int = 1000
     batch_size: int = 4
@@ -104,6 +110,7 @@ class TrainConfig:
     scene_weight: float = 1.0
     scene_reference: int = 256
     rows_per_backward: int = 0
+    same_image_weight: float = 0.0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -202,18 +209,22 @@ class Trainer:
         signals = [self.store.signal(i) for i in indices]
         loc_records = indices + [i for drawn in partners for i in drawn]  # own M-Loc rows, then the partners'
         pre_loc = [self.store.pre_loc(i) for i in loc_records]
+        same = [j for j, i in enumerate(indices) if config.same_image_weight > 0 and has_same_image(self.records[i])]
+        pre_same = [self.store.pre_same(indices[j]) for j in same]
         influence = torch.stack([self.store.influence(i, int(r)) for i, r in zip(indices, roles)])
         rows = [example_rows(self.records[i], config.task, self.formats) for i in indices]
         shown = [rows[j][role] for role in ROLES for j in range(b)]  # role-major
         shown += [example_row(self.records[i], "m_loc", config.task, self.formats) for i in loc_records[b:]]
+        shown += [example_row(self.records[indices[j]], "same_image", config.task, self.formats) for j in same]
         images, prompts, targets = zip(*shown)
         batch = teacher_forced_batch(editor.backbone, images, prompts, targets)
         select, mask = answer_positions(batch.target_lengths, batch.inputs["input_ids"].shape[1])
         labels = batch.inputs["input_ids"].gather(1, select + 1)  # the token each selected position predicts
         edit_of_row = [j for _ in range(len(ROLES) + len(partners)) for j in range(b)]  # partner rows: record j's edit
-        stacked = stack_signals(signals, edit_of_row)
+        stacked = stack_signals(signals, edit_of_row + same)  # same-image rows: their own record's edit
         if 0 < config.rows_per_backward < len(shown):
-            return self._step_in_parts(step, batch, select, labels, mask, stacked, signals, roles, influence, pre_loc)
+            return self._step_in_parts(step, batch, select, labels, mask, stacked, signals, roles, influence,
+                                       pre_loc, pre_same)
         site = self.split.prefix(batch.inputs)
         editor.hook.signal = stacked
         try:
@@ -226,7 +237,7 @@ class Trainer:
         part = {role: slice(r * b, (r + 1) * b) for r, role in enumerate(ROLES)}
         terms = {role: losses.target_nll(logp[part[role]], labels[part[role]], mask[part[role]])
                  for role in ALIGN_ROLES}  # rel, t_gen, m_gen: NLL of alt
-        loc = slice(part["m_loc"].start, logp.shape[0])  # the own M-Loc rows, then the partners'
+        loc = slice(part["m_loc"].start, part["m_loc"].start + len(loc_records))  # own M-Loc rows, then partners'
         k_loc = logp.shape[1]
         pre = torch.stack([_pad_positions(p, k_loc) for p in pre_loc]).to(device)
         terms["loc"] = losses.locality_kl(pre, logp[loc], mask[loc])
@@ -234,6 +245,11 @@ class Trainer:
         total = (config.rel_weight * terms["rel"] + config.gen_weight * (terms["t_gen"] + terms["m_gen"])
                  + config.loc_weight * terms["loc"] + config.align_weight * terms["align"]
                  + config.up_weight * terms["up"] + config.down_weight * terms["down"])
+        if same:
+            rows_same = slice(loc.stop, logp.shape[0])
+            before = torch.stack([_pad_positions(p, k_loc) for p in pre_same]).to(device)
+            terms["same_image"] = losses.locality_kl(before, logp[rows_same], mask[rows_same])
+            total = total + config.same_image_weight * terms["same_image"]
         if editor.adapter.scene is not None:
             terms["scene"] = self._scene_term(site, stacked, part["m_gen"], loc)
             total = total + config.scene_weight * terms["scene"]
@@ -244,19 +260,23 @@ class Trainer:
 
     def _step_in_parts(self, step: int, batch, select: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
                        stacked, signals: list, roles: torch.Tensor, influence: torch.Tensor,
-                       pre_loc: list[torch.Tensor]) -> dict[str, float]:
+                       pre_loc: list[torch.Tensor], pre_same: list[torch.Tensor]) -> dict[str, float]:
         """`step` with the layers above the edit site run on ``rows_per_backward`` rows at a time, each part's
         share of the loss back-propagated before the next part runs, so the autograd graph of one part is in
         memory at once (the gradient equals the one-pass step's up to float summation order). The IM and scene
         terms need no backbone layer and run once, on the parts' sites put together."""
         config, editor = self.config, self.editor
         b, n_rows = len(signals), select.shape[0]
-        group = ["rel"] * b + ["t_gen"] * b + ["m_gen"] * b + ["loc"] * (n_rows - 3 * b)  # role-major rows
+        n_loc, n_same = len(pre_loc), len(pre_same)
+        group = (["rel"] * b + ["t_gen"] * b + ["m_gen"] * b + ["loc"] * n_loc  # role-major rows
+                 + ["same_image"] * n_same)
         weight = {"rel": config.rel_weight, "t_gen": config.gen_weight, "m_gen": config.gen_weight,
                   "loc": config.loc_weight}
+        if n_same:
+            weight["same_image"] = config.same_image_weight
         rows_of = {name: torch.tensor([g == name for g in group]) for name in weight}
         count = {name: mask[rows_of[name]].sum().clamp(min=1).float() for name in weight}  # each term's denominator
-        pre = torch.stack([_pad_positions(p, select.shape[1]) for p in pre_loc])
+        pre = torch.stack([_pad_positions(p, select.shape[1]) for p in [*pre_loc, *pre_same]])  # rows 3b onwards
         self.optimizer.zero_grad(set_to_none=True)
         terms = dict.fromkeys(weight, 0.0)
         sites = []
@@ -275,8 +295,8 @@ class Trainer:
                 own = rows_of[name][lo:hi].to(logp.device)
                 if not own.any():
                     continue
-                if name == "loc":  # KL(p_pre ‖ p_post), as losses.locality_kl, over the part's locality rows
-                    before = pre[[r - 3 * b for r in range(lo, hi) if group[r] == "loc"]].to(logp.device)
+                if name in ("loc", "same_image"):  # KL(p_pre ‖ p_post), as losses.locality_kl
+                    before = pre[[r - 3 * b for r in range(lo, hi) if group[r] == name]].to(logp.device)
                     kl = (before.exp() * (before - logp[own])).sum(-1)
                     value = (kl * part_mask[own]).sum() / count[name]
                 else:  # the target NLL, as losses.target_nll
@@ -291,13 +311,14 @@ class Trainer:
         rest = (config.align_weight * extra["align"] + config.up_weight * extra["up"]
                 + config.down_weight * extra["down"])
         if editor.adapter.scene is not None:
-            extra["scene"] = self._scene_term(site, stacked, slice(2 * b, 3 * b), slice(3 * b, n_rows))
+            extra["scene"] = self._scene_term(site, stacked, slice(2 * b, 3 * b), slice(3 * b, 3 * b + n_loc))
             rest = rest + config.scene_weight * extra["scene"]
         rest.backward()
         self.optimizer.step()
         terms.update({name: value.item() for name, value in extra.items()})
         total = (config.rel_weight * terms["rel"] + config.gen_weight * (terms["t_gen"] + terms["m_gen"])
-                 + config.loc_weight * terms["loc"] + rest.item())
+                 + config.loc_weight * terms["loc"] + config.same_image_weight * terms.get("same_image", 0.0)
+                 + rest.item())
         return {"loss": total, **terms}
 
     def im_roles(self, step: int, b: int) -> torch.Tensor:

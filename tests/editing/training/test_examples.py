@@ -142,3 +142,16 @@ def test_stored_signals_equal_the_records_own_signal_wherever_the_padding_went(n
         torch.testing.assert_close(stored.query, own.query, rtol=1e-5, atol=1e-5)  # after layer 0: padded batch
         assert torch.equal(stored.prompt_end, own.prompt_end)
         assert torch.equal(stored.visual, own.visual)
+
+
+def test_the_same_image_row_asks_the_records_first_same_image_question_on_its_own_image(tiny_world):
+    from attrib.data import load_records
+    from attrib.prompts import load_prompts
+    from editing.training.examples import example_row, has_same_image
+
+    record = load_records(tiny_world / "vqa_train.json")[0]
+    assert has_same_image(record)
+    image, prompt, target = example_row(record, "same_image", "vqa", load_prompts())
+    question = record.truth["same_image"][0]
+    assert prompt == load_prompts()["m_loc"].format(m_loc_q=question["question"]) and target == question["answer"]
+    assert image.tobytes() == record.load_image("image").tobytes()

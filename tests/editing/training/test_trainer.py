@@ -159,15 +159,17 @@ def test_target_role_is_drawn_from_the_seed_and_trained(tiny_backbone, records, 
     assert not torch.equal(editor.adapter.vead.target_role, before)
 
 
-@pytest.mark.parametrize("name", ["llava", "blip2"])
-def test_a_step_in_parts_gives_the_one_pass_gradient(name, tiny_dirs, records, make_editor):
+@pytest.mark.parametrize(("name", "same_image"), [("llava", 0.0), ("blip2", 0.0), ("blip2", 0.5)])
+def test_a_step_in_parts_gives_the_one_pass_gradient(name, same_image, tiny_dirs, records, make_editor):
     """rows_per_backward runs the top layers a few rows at a time: the same losses and gradients as the
-    step that runs every row at once (scene gate and target role on, so every term is in the sum)."""
+    step that runs every row at once (scene gate and target role on, so every term is in the sum; with
+    the same-image term too)."""
     from dataclasses import replace
 
     backbone = load_backbone(name, tiny_dirs[name])
     gated = VeadConfig(mid_dim=16, n_heads=2, im_hidden=16, im_heads=2, scene_gate=True, target_role=True)
-    config = TrainConfig(steps=1, batch_size=2, lr=1e-2, influence_draws=1, loc_partners=1)
+    config = TrainConfig(steps=1, batch_size=2, lr=1e-2, influence_draws=1, loc_partners=1,
+                         same_image_weight=same_image)
     results = {}
     for rows in (0, 3, 1):
         editor = make_editor(backbone, EditPlacement(0, (1,), 1), gated)
@@ -180,6 +182,7 @@ def test_a_step_in_parts_gives_the_one_pass_gradient(name, tiny_dirs, records, m
         grads = {k: p.grad.clone() for k, p in editor.adapter.named_parameters() if p.grad is not None}
         results[rows] = losses, grads
     whole_losses, whole = results[0]
+    assert ("same_image" in whole_losses) == (same_image > 0)
     for rows in (3, 1):
         losses, grads = results[rows]
         assert losses.keys() == whole_losses.keys()
