@@ -14,6 +14,9 @@ def results_markdown(results: dict) -> str:
              "| VisEdit | " + " | ".join(cell(m[k]) for k in METRICS) + f" | {cell(m['m_loc_same_object'])} | "
              f"{cell(m['m_loc_other'])} | {cell(m['im_pointing_game'])} |", "",
              "Exact match: " + ", ".join(f"{k} {cell(v)}" for k, v in m["exact_match"].items()) + ".",
+             f"Same-image locality (other questions about the edit image): {cell(m.get('loc_same_image'))}."
+             + ("" if not m.get("targets") else f" Rel on novel targets {cell(m['targets']['novel']['rel'])}, "
+                f"on known targets {cell(m['targets']['known']['rel'])}."),
              f"Secondary ({m['secondary']['protocol']}): T-Loc top-1 {cell(m['secondary']['t_loc_top1'])}, "
              f"M-Loc top-10 {cell(m['secondary']['m_loc_top10'])}.", ""]
     p, t = results["placement"], results["timing"]

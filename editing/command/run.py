@@ -212,7 +212,8 @@ def _method_scores(scores: dict, maps, config: VeadConfig) -> dict:
     """The ``methods.visedit`` entry: the five metrics and their splits, the IM maps' and gates' summaries."""
     visedit = {k: scores[k] for k in METRICS}
     visedit.update({k: scores[k] for k in ("exact_match", "secondary", "m_loc_same_object", "m_loc_other",
-                                           "n_same_object", "n_other", "protocol")})
+                                           "n_same_object", "n_other", "loc_same_image", "n_same_image", "targets",
+                                           "protocol")})
     visedit["im_pointing_game"] = maps.pointing_game()
     visedit["im_pointing_note"] = maps.note
     visedit["im_gate_mean"] = maps.gate_means()

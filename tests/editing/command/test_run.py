@@ -12,7 +12,7 @@ from visedit.cli import main
 
 VISEDIT_KEYS = {"rel", "t_gen", "m_gen", "t_loc", "m_loc", "exact_match", "secondary", "m_loc_same_object",
                 "m_loc_other", "im_pointing_game", "im_gate_mean", "scene_gate", "scene_similarity", "scene_gate_mean",
-                "target_role"}
+                "target_role", "loc_same_image", "n_same_image", "targets"}
 QUIET = ["--no-progress", "--mid-dim", "16"]
 
 
