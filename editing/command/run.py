@@ -30,7 +30,7 @@ from editing.adapter.vead import VeadConfig, lm_width
 from editing.adapter.visedit import EditPlacement, VisEditEditor, weights_config, weights_placement
 from editing.checks import usable_records
 from editing.command.report import METRICS, results_markdown
-from editing.editor import EditRequest
+from editing.editor import Editor, EditRequest
 from editing.evaluation.evaluate import evaluate_edits
 from editing.evaluation.localisation import im_maps
 from editing.training.trainer import TrainConfig, train
@@ -101,17 +101,19 @@ def sized_vead_config(width: int, mid_dim: int | None = None, heads: int | None 
                       scene_gate=scene_gate, scene_similarity=scene_similarity, target_role=target_role)
 
 
-@torch.no_grad()
-def inference_overhead(editor: VisEditEditor, records: list[EditRecord], task: str, repeats: int = 5) -> float | None:
-    """Median edited / unedited forward time on a batch of up to 4 eval inputs (adapter share as deployed)."""
+def inference_overhead(editor: Editor, records: list[EditRecord], task: str, repeats: int = 5) -> float | None:
+    """Median edited / unedited forward time on a batch of up to 4 eval inputs, each encoded by the editor's
+    backbone of the moment (a method's own share as deployed: an adapter, routing, a longer prompt)."""
     if not records:
         return None
     formats = load_prompts()
     rows = records[:4]
-    backbone = editor.backbone
-    inputs = backbone.encode([r.load_image("image") for r in rows], [formats[task].format(src=r.src) for r in rows])
+    images, prompts = [r.load_image("image") for r in rows], [formats[task].format(src=r.src) for r in rows]
 
+    @torch.no_grad()
     def timed() -> float:
+        backbone = editor.backbone  # methods that rewrite the inputs (IKE) hand out another view while edited
+        inputs = backbone.encode(images, prompts)
         times = []
         for _ in range(repeats + 1):  # the first run warms up
             start = time.perf_counter()

@@ -128,6 +128,7 @@ class FinetuneEditor(Editor):
         self.snapshot: ParameterSnapshot | None = None
         self.last_losses: list[float] = []  # the target loss before each step of the latest edit
 
+    @torch.enable_grad()  # an edit trains, even when the caller runs under no_grad
     def edit(self, request: EditRequest) -> list[float]:
         """Fine-tune on ``request``; returns the target loss before each step."""
         if self.snapshot is None:

@@ -277,6 +277,7 @@ class TransformerPatcher(Editor):
         return rows
 
     # ------------------------------------------------------------------------------------------ edit
+    @torch.enable_grad()  # an edit trains, even when the caller runs under no_grad
     def edit(self, request: EditRequest) -> dict:
         """Train fresh patch neurons on ``request`` and leave them installed; returns steps and losses."""
         self.restore()
