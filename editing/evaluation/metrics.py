@@ -12,7 +12,8 @@ scored (the logits one position before each target token).
 - Novel targets: Rel / T-Gen / M-Gen also reported over the edits whose target is a word the model never
   produced (``novel``) and over the rest (``known``), where the data marks them.
 - T-Loc / M-Loc, EasyEdit protocol (secondary, labelled): over every real position of the row, top-1
-  (T-Loc) or the top-10 ids compared rank by rank (M-Loc), as EasyEdit's multimodal trainer does.
+  (T-Loc) or the top-10 ids compared rank by rank (M-Loc), as EasyEdit's multimodal trainer does; where an
+  edit lengthens the row (IKE's context), over the unedited row's positions, the post-edit row's suffix.
 """
 from __future__ import annotations
 
@@ -39,6 +40,14 @@ def token_accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
 def exact_match(predicted: torch.Tensor, labels: torch.Tensor) -> bool:
     """Every target token right. predicted, labels: [n]."""
     return bool((predicted == labels).all())
+
+
+def suffix_agreement(pre: torch.Tensor, post: torch.Tensor) -> float:
+    """`agreement` of the last min(len) rows of two [T, k] id lists: a method that writes text in front of
+    the prompt (IKE) makes the post-edit row longer, and the unedited row is its suffix (rows are
+    left-padded, the context goes first)."""
+    n = min(len(pre), len(post))
+    return agreement(pre[len(pre) - n:], post[len(post) - n:])
 
 
 def agreement(pre: torch.Tensor, post: torch.Tensor) -> float:
@@ -122,8 +131,8 @@ def score_record(index: int, generality: Sequence[RowPredictions], pre_loc: Sequ
         token_accuracy(t_gen.answer_argmax, t_gen.labels), exact_match(t_gen.answer_argmax, t_gen.labels),
         token_accuracy(m_gen.answer_argmax, m_gen.labels), exact_match(m_gen.answer_argmax, m_gen.labels),
         agreement(pre_t.answer_argmax, post_t.answer_argmax), agreement(pre_m.answer_argmax, post_m.answer_argmax),
-        agreement(pre_t.sequence_top[:, :1], post_t.sequence_top[:, :1]),
-        agreement(pre_m.sequence_top[:, :10], post_m.sequence_top[:, :10]),
+        suffix_agreement(pre_t.sequence_top[:, :1], post_t.sequence_top[:, :1]),
+        suffix_agreement(pre_m.sequence_top[:, :10], post_m.sequence_top[:, :10]),
         same_object, edit_ms, same_image, novel,
     )
 

@@ -89,3 +89,12 @@ def test_summary_in_percent_with_same_object_split():
     assert out["edit_ms"] == pytest.approx(5 / 3, abs=1e-3)
     empty = EditScores("vqa").to_json()
     assert empty["rel"] is None and empty["m_loc_same_object"] is None
+
+
+def test_suffix_agreement_compares_the_unedited_row_with_the_longer_rows_end():
+    from editing.evaluation.metrics import suffix_agreement
+
+    pre = torch.tensor([[1], [2], [3]])
+    post = torch.tensor([[9], [9], [1], [2], [4]])  # two context positions in front; the last id differs
+    assert suffix_agreement(pre, post) == pytest.approx(2 / 3)
+    assert suffix_agreement(pre, pre) == 1.0
