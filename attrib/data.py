@@ -13,15 +13,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from attrib.errors import DataError
 
 FIELDS = ("src", "pred", "rephrase", "alt", "image", "image_rephrase", "loc", "loc_ans", "m_loc", "m_loc_q",
           "m_loc_a")
 IMAGE_FIELDS = ("image", "image_rephrase", "m_loc")
-
-
-class DataError(ValueError):
-    """A bad record or image; the message is one line naming file, record and field."""
 
 
 @dataclass(frozen=True)
