@@ -16,6 +16,7 @@ from pathlib import Path
 from PIL import Image
 
 from attrib.errors import DataError
+from attrib.io import inside_root, open_image
 
 FIELDS = ("src", "pred", "rephrase", "alt", "image", "image_rephrase", "loc", "loc_ans", "m_loc", "m_loc_q",
           "m_loc_a")
@@ -37,18 +38,18 @@ class EditRecord:
             return self.fields[name]
         raise AttributeError(name)
 
+    def where(self, field: str) -> str:
+        """"<file>: record <i>, field '<field>'" — how every error about this record starts."""
+        return f"{self.source}: record {self.index}, field {field!r}"
+
     def image_path(self, field: str = "image") -> Path:
-        return self.image_root / self.fields[field]
+        """The image file of ``field``, refused (DataError) when its path leaves the image root."""
+        return inside_root(self.image_root, self.fields[field], self.where(field))
 
     def load_image(self, field: str = "image") -> Image.Image:
-        """The RGB image of ``field``; a missing or unreadable file raises a one-line DataError."""
-        path = self.image_path(field)
-        try:
-            with Image.open(path) as image:
-                return image.convert("RGB")
-        except (FileNotFoundError, IsADirectoryError, UnidentifiedImageError, OSError) as error:
-            raise DataError(f"{self.source}: record {self.index}, field {field!r}: cannot open image {path} "
-                            f"({type(error).__name__})") from None
+        """The RGB image of ``field``; a missing, unreadable or oversized file raises a one-line DataError
+        (the pixel limit is checked from the header, before decoding: `attrib.io.open_image`)."""
+        return open_image(self.image_path(field), self.where(field))
 
     def box(self, field: str = "image"):
         """Ground-truth box [x0, y0, x1, y1] of the asked-about object in ``field``'s image, or None."""

@@ -56,7 +56,7 @@ def test_bad_records_are_named(world, tmp_path):
     with pytest.raises(DataError, match="N=99 is larger than the dataset"):
         load_records(world / "vqa_eval.json", n=99)
     records = load_records(world / "vqa_eval.json", tmp_path)  # wrong image root
-    with pytest.raises(DataError, match=r"record 0, field 'image': cannot open image"):
+    with pytest.raises(DataError, match=r"record 0, field 'image': image not found"):
         records[0].load_image()
 
 
