@@ -9,12 +9,21 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
 from PIL import Image
 
 from attrib.backbones.build import BackboneSizes, build_backbone, save_backbone
 from attrib.backbones.loader import load_backbone
 from attrib.backbones.spec import SPECS
 from attrib.backbones.tokenizer import train_bpe_tokenizer
+
+# Fuzzing (hypothesis): derandomised, so a run is reproducible and CI sees the cases a developer saw.
+# `make test` uses "default"; HYPOTHESIS_PROFILE=thorough runs 20x the cases (docs/guarantees.md).
+_FUZZ = dict(derandomize=True, deadline=None, database=None, print_blob=True,
+             suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.register_profile("default", max_examples=100, **_FUZZ)
+settings.register_profile("thorough", max_examples=2000, **_FUZZ)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 BACKBONES = sorted(SPECS)
 TINY_CORPUS = [
