@@ -6,14 +6,18 @@ ValueError) and printed by the command line as one line.
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 
+from attrib.config import AttributionConfig
 from attrib.data import DataError
+from attrib.io import OutputLock
 
 WORLD = Path("runs/world")  # the default data: `visedit world --seed 1 --out runs/world` (make writes it)
 DEFAULT_DATA = WORLD / "vqa_eval.json"
 BACKBONES = "llava | blip2 | minigpt4"
+WORK = "work"  # the folder under OUT where `heatmaps` keeps finished attribution chunks until it is done
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +33,8 @@ def _data_arguments(parser: argparse.ArgumentParser, out: str) -> None:
     parser.add_argument("--images", type=Path, default=None, help="image root (default: the data file's folder)")
     parser.add_argument("--n", type=int, default=24, help="number of records (the first N)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every noise draw (recorded in the outputs)")
+    parser.add_argument("--batch-size", type=int, default=AttributionConfig.batch_size,
+                        help="samples per forward batch (smaller: less memory)")
     parser.add_argument("--out", type=Path, default=None, help=f"output folder (default: {out})")
 
 
@@ -91,15 +97,19 @@ def heatmaps_arguments(parser: argparse.ArgumentParser) -> None:
 
 def heatmaps(args: argparse.Namespace) -> int:
     """Contribution bars, region heatmaps per method, overlays, the artifact and the placement."""
-    from attrib.attribution import AttributionConfig, run_attribution
+    from attrib.attribution import run_attribution
 
     started = time.time()
-    backbone, records = _load(args)
     out = args.out or Path("runs/heatmaps") / args.backbone
-    attribution = run_attribution(backbone, records, AttributionConfig(seed=args.seed), dataset=str(args.data),
-                                  progress=not args.no_progress)
-    attribution.save(out)
-    figures = attribution.plot_all(out)
+    with OutputLock(out):
+        backbone, records = _load(args)
+        work = out / WORK  # finished chunks: a killed run started again resumes from them
+        config = AttributionConfig(seed=args.seed, batch_size=args.batch_size)
+        attribution = run_attribution(backbone, records, config, dataset=str(args.data), progress=not args.no_progress,
+                                      work=work)
+        attribution.save(out)
+        figures = attribution.plot_all(out)
+        shutil.rmtree(work, ignore_errors=True)
     placement = attribution.placement
     print(f"{args.backbone}: {len(records)} samples, edit layer {placement.edit_layer}, IT layers "
           f"{placement.it_layers[0]}–{placement.it_layers[-1]}; {len(figures)} figures and the artifact in {out} "
@@ -118,15 +128,17 @@ def validate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def validate(args: argparse.Namespace) -> int:
     """Score every region method and baseline against the world's truth boxes."""
-    from attrib.config import AttributionConfig
     from attrib.validation import validate as run_validation
     from attrib.validation import write_validation
 
-    backbone, records = _load(args)
-    result = run_validation(backbone, records, AttributionConfig(seed=args.seed), args.ig_steps,
-                            correct_only=not args.all_answers, min_objects=args.min_objects,
-                            progress=not args.no_progress)
-    out = write_validation(result, args.out or Path("runs/validate") / args.backbone)
+    out = args.out or Path("runs/validate") / args.backbone
+    with OutputLock(out):
+        backbone, records = _load(args)
+        config = AttributionConfig(seed=args.seed, batch_size=args.batch_size)
+        result = run_validation(backbone, records, config, args.ig_steps,
+                                correct_only=not args.all_answers, min_objects=args.min_objects,
+                                progress=not args.no_progress)
+        write_validation(result, out)
     best = max(result.methods, key=lambda name: result.methods[name]["best_pointing_game"])
     print(f"{args.backbone}: {result.n_samples} samples; best pointing game {best} "
           f"{result.methods[best]['best_pointing_game']:.1f}% (random cell {result.baselines['random_cell']:.1f}%); "
@@ -160,11 +172,13 @@ def train_defaults(args: argparse.Namespace) -> int:
     unknown = [name for name in names if name not in RECIPES]
     if unknown:
         raise ValueError(f"unknown default {unknown[0]!r}; choose from {', '.join(RECIPES)}")
-    for name in names:
-        out_dir = args.out / name if args.eval_only else train_default(name, args.out, args.work, scale=args.scale)
-        metrics = evaluate_default(RECIPES[name].backbone, out_dir)
-        write_manifest_metrics(out_dir, metrics)
-        print(name, metrics)
+    with OutputLock(args.work):  # the checkpoints; each model folder is locked while it is written
+        for name in names:
+            out_dir = args.out / name if args.eval_only else train_default(name, args.out, args.work,
+                                                                           scale=args.scale)
+            metrics = evaluate_default(RECIPES[name].backbone, out_dir)
+            write_manifest_metrics(out_dir, metrics)
+            print(name, metrics)
     return 0
 
 

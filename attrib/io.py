@@ -3,7 +3,11 @@
 Writing:
 - `writable_dir`: create an output folder and prove it can be written before any work starts.
 - `atomic_write`: write a file under a temporary name, flush it to disk and rename it into place, so a
-  reader (or a run killed half-way) sees the old file or the new one, never a partial one.
+  reader (or a run killed half-way) sees the old file or the new one, never a partial one;
+  `atomic_write_text`, `atomic_write_json` and `atomic_savefig` (a matplotlib figure) build on it;
+  `remove_partial_writes` clears the temporary files of writers that were killed.
+- `atomic_folder`: the same for a whole folder (world data, a model folder): built under a temporary
+  name beside it, renamed into place at the end.
 - `OutputLock`: one run at a time per output folder (an advisory lock the kernel drops when the process
   dies, so a killed run never leaves a stale lock).
 - `stored_path`: the string a result file records for a path — relative to the repository when the path is
@@ -14,7 +18,8 @@ there are some; `attrib.errors`):
 - `read_json`: a JSON file no larger than `max_json_bytes`, in UTF-8.
 - `read_safetensors`: the tensors and metadata of a safetensors file, truncation and corruption caught.
 - `inside_root`: a path taken from data, refused when it leaves its root (``..``, absolute, a symlink out).
-- `open_image`: an RGB image, refused before decoding when larger than `max_image_pixels`.
+- `open_image`: an RGB image, refused before decoding when larger than `max_image_pixels`;
+  `image_size` the same check from the header alone.
 - `require`: a field of a JSON object with the type it must have.
 
 Limits come from the environment (``VISEDIT_MAX_JSON_BYTES``, ``VISEDIT_MAX_IMAGE_PIXELS``) or the
@@ -23,18 +28,24 @@ defaults below: 256 MiB of JSON (MMEdit's E-VQA train file is ~4 MiB) and 50 meg
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import glob
 import json
 import os
+import shutil
+import tempfile
+import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from attrib.errors import ArtifactError, DataError, OutputBusy, VisEditError
 
 MAX_JSON_BYTES = 256 * 2**20
 MAX_IMAGE_PIXELS = 50_000_000
 LOCK_FILE = ".visedit.lock"
+DEAD_HOLDER_S = 5.0  # how long a lock whose holder has died may take to be released before it is reported
 
 REPOSITORY = Path(__file__).resolve().parent.parent  # the checkout the packages are imported from
 
@@ -89,42 +100,171 @@ def atomic_write_json(path: str | Path, data: Any, indent: int | None = 2) -> Pa
     return atomic_write_text(path, json.dumps(data, indent=indent, ensure_ascii=False) + "\n")
 
 
+def remove_partial_writes(folder: str | Path) -> list[Path]:
+    """Remove what `atomic_write` leaves in ``folder`` when its process is killed mid-write: the hidden
+    temporary files (``.<name>.<pid>.tmp``) of processes no longer running. Returns the removed paths."""
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and not _running(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not exited (a zombie waiting for its parent has)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][:1] not in ("Z", "X")
+    except (OSError, IndexError):  # no /proc: trust the signal test
+        return True
+
+
+def atomic_savefig(figure, path: str | Path, dpi: int = 110) -> Path:
+    """`atomic_write` of a matplotlib figure, in the format of ``path``'s suffix (the temporary name's
+    ``.tmp`` would otherwise choose it)."""
+    path = Path(path)
+    kind = path.suffix.lstrip(".").lower() or "png"
+    return atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=dpi, format=kind))
+
+
 class OutputLock:
-    """Hold ``out/.visedit.lock`` while a run writes into ``out``; a second run on the same folder gets
-    `OutputBusy` naming the holder's pid. The lock is ``flock``-based: the kernel releases it when the
-    holding process exits or is killed, so there is never a stale lock to delete by hand.
+    """Hold a lock file while a run writes into ``out``; a second run on the same folder gets `OutputBusy`
+    naming the holder's pid. The lock is ``flock``-based: the kernel releases it when the holding process
+    exits or is killed, so a killed run never blocks the next one. The file is ``out/.visedit.lock``, or
+    with ``beside`` ``.<name>.visedit.lock`` next to ``out`` (for a folder built elsewhere and renamed into
+    place, or a single output file); it is removed when the lock is let go, and so is ``out`` when the
+    lock created it and it is still empty (a run that failed early). Re-entering a lock this
+    process already holds is allowed (a command and the pipeline it calls may both take it).
 
         with OutputLock(out):
             ...  # write into out
     """
 
-    def __init__(self, out: str | Path):
+    _held: dict[str, int] = {}  # lock files this process holds → nesting depth
+
+    def __init__(self, out: str | Path, beside: bool = False):
         self.out = Path(out)
+        self.path = self.out.parent / f".{self.out.name}{LOCK_FILE}" if beside else self.out / LOCK_FILE
         self._handle = None
+        self._key = ""
+        self._created = False
 
     def __enter__(self) -> "OutputLock":
-        self.out.mkdir(parents=True, exist_ok=True)
-        handle = open(self.out / LOCK_FILE, "a+")
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            handle.close()
-            raise OutputBusy(f"{self.out}: another run (pid {holder}) is writing here; wait for it to end "
-                             f"or choose another output folder") from None
+        self._key = f"{os.getpid()}:{self.path.resolve()}"
+        if self._key in OutputLock._held:
+            OutputLock._held[self._key] += 1
+            return self
+        self._created = not self.path.parent.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + DEAD_HOLDER_S
+        while True:
+            handle = open(self.path, "a+")
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                handle.close()
+                if holder.isdigit() and not _running(int(holder)) and time.monotonic() < deadline:
+                    time.sleep(0.05)  # the holder is dead: the kernel lets its lock go a moment after
+                    continue
+                raise OutputBusy(f"{self.out}: another run (pid {holder}) is writing here; wait for it to end "
+                                 f"or choose another output folder") from None
+            if _same_file(self.path, handle):
+                break
+            handle.close()  # the previous holder removed the file after we opened it: lock the new one
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
         handle.flush()
         self._handle = handle
+        OutputLock._held[self._key] = 1
         return self
 
     def __exit__(self, *exc) -> None:
+        depth = OutputLock._held.get(self._key, 0)
+        if depth > 1:
+            OutputLock._held[self._key] = depth - 1
+            return
+        OutputLock._held.pop(self._key, None)
         if self._handle is not None:
+            self.path.unlink(missing_ok=True)  # before letting go, so no one can lock a file about to vanish
             fcntl.flock(self._handle.fileno(), fcntl.LOCK_UN)
             self._handle.close()
             self._handle = None
+            if self._created:
+                with contextlib.suppress(OSError):  # not empty: the run wrote its outputs
+                    self.path.parent.rmdir()
+
+
+def _same_file(path: Path, handle) -> bool:
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(handle.fileno())
+    return (found.st_dev, found.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+@contextlib.contextmanager
+def atomic_folder(out: str | Path, replace: bool = False) -> Iterator[Path]:
+    """Build a folder under a hidden temporary name beside ``out`` and rename it to ``out`` when the block
+    ends without an error, so a reader (or a run killed half-way) never sees a half-written folder at
+    ``out``. On an error the temporary folder is removed; what a killed build left behind
+    (``.<name>.partial-*``, ``.<name>.old-*``) is removed by the next build of ``out``. An existing ``out``
+    is replaced when it is empty or ``replace`` is true, else FileExistsError; two builds of one ``out``
+    at once are refused (`OutputLock` beside it).
+
+        with atomic_folder(out) as tmp:
+            ...  # write the folder's files into tmp
+    """
+    out = Path(out)
+    with OutputLock(out, beside=True):
+        for pattern in (".partial-*", ".old-*"):  # a killed build's leftovers: the lock proves their writer gone
+            for stale in out.parent.glob(f".{glob.escape(out.name)}{pattern}"):
+                if stale.is_dir() and not stale.is_symlink():
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    stale.unlink(missing_ok=True)
+        if not replace and _non_empty(out):
+            raise FileExistsError(f"{out} already exists and is not empty")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        try:
+            os.chmod(tmp, 0o755)  # mkdtemp's 0700 would survive the rename
+            yield tmp
+            if not replace and _non_empty(out):
+                raise FileExistsError(f"{out} appeared while writing; not replacing it")
+            _move_into_place(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def _non_empty(path: Path) -> bool:
+    return path.exists() and not (path.is_dir() and not any(path.iterdir()))
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` is renamed aside first and removed after."""
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        out.rmdir()
+    if not (out.exists() or out.is_symlink()):
+        os.rename(tmp, out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    os.rename(out, old)
+    os.rename(tmp, out)
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old)
+    else:
+        old.unlink()
 
 
 def _limit(name: str, default: int) -> int:
@@ -178,10 +318,12 @@ def read_json(path: str | Path, what: str = "JSON file", error: type[VisEditErro
                     f"expected a {what}") from None
     except RecursionError:
         raise error(f"{path}: JSON nested too deeply; expected a {what}") from None
+    except ValueError:  # e.g. an integer of more digits than Python converts
+        raise error(f"{path}: not valid JSON (a number too long to read); expected a {what}") from None
 
 
 _KINDS = {int: "a whole number", float: "a number", str: "a string", list: "a list", dict: "an object",
-          bool: "true or false"}
+          bool: "true or false", type(None): "null"}
 
 
 def _type_name(value: Any) -> str:
@@ -248,6 +390,18 @@ def open_image(path: str | Path, where: str, max_pixels: int | None = None,
     """The RGB image at ``path``; an image over ``max_pixels`` (width × height, default
     `max_image_pixels`) is refused from its header, before any pixel is decoded. Missing, unreadable,
     truncated or bomb-like files raise ``error``; ``where`` names the file, record and field."""
+    return _read_image(path, where, max_pixels, error, lambda image: image.convert("RGB"))
+
+
+def image_size(path: str | Path, where: str, max_pixels: int | None = None,
+               error: type[VisEditError] = DataError) -> tuple[int, int]:
+    """(width, height) of the image at ``path`` from its header alone (no pixel decoded), refused as
+    `open_image` refuses it: for checking a dataset's images up front without loading them."""
+    return _read_image(path, where, max_pixels, error, lambda image: image.size)
+
+
+def _read_image(path: str | Path, where: str, max_pixels: int | None, error: type[VisEditError],
+                read: Callable[[Any], Any]) -> Any:
     from PIL import Image, UnidentifiedImageError
 
     limit = max_image_pixels() if max_pixels is None else max_pixels
@@ -260,7 +414,7 @@ def open_image(path: str | Path, where: str, max_pixels: int | None = None,
                 if width * height > limit:
                     raise error(f"{where}: image {path} is {width} × {height} = {width * height:,} pixels, "
                                 f"over the {limit:,}-pixel limit (VISEDIT_MAX_IMAGE_PIXELS raises it)")
-                return image.convert("RGB")
+                return read(image)
     except VisEditError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

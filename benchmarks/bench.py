@@ -35,6 +35,7 @@ from typing import Any, Callable
 import torch
 
 from attrib.defaults import default_model as shipped_default
+from attrib.io import OutputLock, atomic_write_json
 from benchmarks.cases import explain_trace_overhead, region_sweep_case, trace_overhead_case
 from benchmarks.editing_cases import scaled_vead_config, vead_case
 from benchmarks.setups import FULL_SHAPES, QUICK_SHAPES, BenchModel, BenchShapes, default_llava, random_llava
@@ -191,29 +192,29 @@ def run_benchmarks(out_dir: str | Path = "runs/bench", repeats: int = 5, quick: 
     ``threads`` sets torch's intra-op threads for the run (and stays set); on a machine shared with
     another CPU job, 1 thread avoids cores waiting on each other (measured: 2 threads were 2-10× slower).
     """
-    if threads is not None:
-        torch.set_num_threads(threads)
-    ctx = BenchContext(quick, repeats, QUICK_SHAPES if quick else FULL_SHAPES,
-                       Path(default_model) if default_model is not None else shipped_default("llava"))
-    report: dict[str, Any] = {"mode": "quick" if quick else "full", "repeats": repeats,
-                              "machine": {**machine_note(), "note": note}, "goals": {}, "details": {}}
-    start = time.perf_counter()
-    for bench in BENCHMARKS.values():
-        if only and bench.name not in only:
-            continue
-        output = bench.run(ctx)
-        report.update(output.values)
-        report["details"][bench.name] = output.details
-        ctx.notes.extend(output.notes)
-        for key, goal in bench.goals.items():
-            if key in output.values:
-                report["goals"][key] = {"goal": str(goal), "met": goal.met(output.values[key])}
-    report["machine"]["load_average_after"] = machine_note()["load_average_1_5_15"]
-    report["notes"] = ctx.notes
-    report["wall_s"] = time.perf_counter() - start
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    with OutputLock(out):  # one run at a time: a second would also skew the first's timings
+        if threads is not None:
+            torch.set_num_threads(threads)
+        ctx = BenchContext(quick, repeats, QUICK_SHAPES if quick else FULL_SHAPES,
+                           Path(default_model) if default_model is not None else shipped_default("llava"))
+        report: dict[str, Any] = {"mode": "quick" if quick else "full", "repeats": repeats,
+                                  "machine": {**machine_note(), "note": note}, "goals": {}, "details": {}}
+        start = time.perf_counter()
+        for bench in BENCHMARKS.values():
+            if only and bench.name not in only:
+                continue
+            output = bench.run(ctx)
+            report.update(output.values)
+            report["details"][bench.name] = output.details
+            ctx.notes.extend(output.notes)
+            for key, goal in bench.goals.items():
+                if key in output.values:
+                    report["goals"][key] = {"goal": str(goal), "met": goal.met(output.values[key])}
+        report["machine"]["load_average_after"] = machine_note()["load_average_1_5_15"]
+        report["notes"] = ctx.notes
+        report["wall_s"] = time.perf_counter() - start
+        atomic_write_json(out / "bench.json", report)
     return report
 
 

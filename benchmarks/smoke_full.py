@@ -41,7 +41,7 @@ import torch
 
 from attrib.backbones.loader import Backbone, load_backbone
 from attrib.backbones.spec import get_spec
-from attrib.io import atomic_write_text, stored_path
+from attrib.io import OutputLock, atomic_write_text, stored_path
 
 # The real vocabularies (LLaVA-1.5's with its image token and padding, OPT's, Vicuna's with MiniGPT-4's image
 # token) and the official edit layers and influence-target layers of the VisEdit paper's code.
@@ -72,7 +72,8 @@ def _peak_rss_mb() -> float:
 def _reset_peak_rss() -> bool:
     """Reset the high-water mark to the current RSS (Linux ≥ 4.0); False where that is not allowed."""
     try:
-        Path("/proc/self/clear_refs").write_text("5")
+        with open("/proc/self/clear_refs", "w") as handle:  # a kernel control file, not an output
+            handle.write("5")
         return True
     except OSError:
         return False
@@ -123,8 +124,6 @@ def full_config(name: str, tokenizer):
 
 def _build(name: str, folder: str) -> None:
     """Write the random-initialised bf16 folder of ``name`` (run in a child process: `full_size_folder`)."""
-    import os
-
     import transformers
     from transformers import AutoTokenizer
 
@@ -144,10 +143,7 @@ def _build(name: str, folder: str) -> None:
     processor = build_processor(spec, config, tokenizer)
     manifest = {"backbone": name, "prompt_template": spec.prompt_template, "text_template": spec.text_template,
                 "random_init": "full-size architecture, random weights (seed 0), bf16; the world's tokenizer"}
-    target = Path(folder)
-    tmp = target.with_name(f".{target.name}.tmp")
-    save_backbone(model, processor, tmp, manifest)
-    os.replace(tmp, target)
+    save_backbone(model, processor, folder, manifest)  # built beside it, renamed into place
 
 
 def full_size_folder(name: str, folder: Path) -> tuple[Path, float]:
@@ -318,6 +314,11 @@ def run_smoke(name: str, out: Path, draws: int = 2, train_steps: int = 2, progre
     report it writes to ``out/smoke.json``. ``folder``: run on this model folder instead of the full-size
     one (the tests run the same steps on tiny models)."""
     get_spec(name)
+    with OutputLock(out):
+        return _run_smoke(name, out, draws, train_steps, progress, folder)
+
+
+def _run_smoke(name: str, out: Path, draws: int, train_steps: int, progress: bool, folder: Path | None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     folder, built_s = (folder, 0.0) if folder is not None else full_size_folder(name, out / "model")
     steps: list[Step] = []

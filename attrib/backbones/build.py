@@ -5,7 +5,6 @@ with its processor; `save_backbone` writes a plain HF folder that `load_backbone
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +26,7 @@ from transformers import (
 from attrib.backbones.loader import MANIFEST_FILE
 from attrib.backbones.processing import TemplateProcessor
 from attrib.backbones.spec import IMAGE_PLACEHOLDER, BackboneSpec, get_spec
+from attrib.io import atomic_folder, atomic_write_json
 
 
 @dataclass(frozen=True)
@@ -141,13 +141,21 @@ def build_backbone(name: str, sizes: BackboneSizes, tokenizer: PreTrainedTokeniz
 
 
 def save_backbone(model: PreTrainedModel, processor, out_dir: str | Path, manifest: dict | None = None) -> Path:
-    """Write a plain HF folder (config, safetensors, tokenizer, processor[, manifest.json])."""
+    """Write a plain HF folder (config, safetensors, tokenizer, processor[, manifest.json]).
+
+    The folder is built beside ``out_dir`` and renamed into place (`attrib.io.atomic_folder`), so a killed
+    save leaves the previous folder or none, never a half-written model. An existing ``out_dir`` is
+    replaced when it is empty or a model folder (has config.json); any other folder is refused."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    processor.save_pretrained(out_dir)
-    if manifest is not None:
-        (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    other = out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir()))
+    if other and not (out_dir / "config.json").is_file():
+        raise FileExistsError(f"{out_dir}: not empty and not a model folder; refusing to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_folder(out_dir, replace=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        if manifest is not None:
+            atomic_write_json(tmp / MANIFEST_FILE, manifest)
     return out_dir
 
 

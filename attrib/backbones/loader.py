@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import hashlib
-import json
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -14,6 +14,8 @@ from transformers import AutoProcessor, BatchFeature, PreTrainedModel
 
 from attrib.backbones.processing import TemplateProcessor, locate_visual_tokens
 from attrib.backbones.spec import BackboneSpec, get_spec
+from attrib.errors import ArtifactError
+from attrib.io import read_json, require
 
 MANIFEST_FILE = "manifest.json"  # written beside the shipped default models; may override the template
 
@@ -110,11 +112,14 @@ def load_backbone(name: str, path: str | Path, dtype: torch.dtype = torch.float3
     """Load backbone ``name`` ("llava", "blip2", "minigpt4") from the local HF directory ``path``.
 
     Offline only (``local_files_only``), safetensors weights, ``trust_remote_code`` off. The model is
-    put in eval mode. A ``manifest.json`` beside the weights may set ``prompt_template``.
+    put in eval mode. A ``manifest.json`` beside the weights may set ``prompt_template`` and
+    ``text_template`` (`read_manifest`). A malformed ``config.json`` or ``manifest.json`` raises
+    `ArtifactError` naming the file and field, before any weight is read.
     """
     spec = get_spec(name)
     path = Path(path)
     _check_folder(path, spec)
+    manifest = read_manifest(path)
     model_class = getattr(transformers, spec.model_class)
     model = model_class.from_pretrained(
         path, dtype=dtype, device_map=device_map, local_files_only=True, use_safetensors=True,
@@ -125,8 +130,6 @@ def load_backbone(name: str, path: str | Path, dtype: torch.dtype = torch.float3
         processor = TemplateProcessor.from_pretrained(path)
     else:
         processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    manifest_file = path / MANIFEST_FILE
-    manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
     return Backbone(model, processor, spec, path, manifest.get("prompt_template", ""),
                     manifest.get("text_template", ""), manifest)
 
@@ -143,12 +146,42 @@ def _check_folder(path: Path, spec: BackboneSpec) -> None:
     if not any(path.glob("*.safetensors")):
         raise FileNotFoundError(f"{path}: no *.safetensors weights; expected {spec.model_class} weights "
                                 "in safetensors format")
-    config = json.loads(config_file.read_text())
-    architectures = config.get("architectures") or []
-    text_type = (config.get("text_config") or {}).get("model_type")
+    config = read_json(config_file, "Hugging Face config.json", ArtifactError)
+    where = str(config_file)
+    architectures = require(config, "architectures", list, where, default=None) or []
+    text_config = require(config, "text_config", dict, where, default=None) or {}
+    text_type = require(text_config, "model_type", str, f"{where}, field 'text_config'", default=None)
     if spec.model_class not in architectures or text_type != spec.text_model_type:
-        raise ValueError(f"{config_file}: architectures={architectures}, text model_type={text_type!r}; "
-                         f"backbone {spec.name!r} expects {spec.model_class} with a {spec.text_model_type!r} LM")
+        raise ArtifactError(f"{config_file}: architectures={architectures!r:.200}, text model_type={text_type!r}; "
+                            f"backbone {spec.name!r} expects {spec.model_class} with a {spec.text_model_type!r} LM")
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The ``manifest.json`` of the model folder ``path`` ({} when there is none): an object whose
+    templates, when given, are strings holding ``{prompt}`` and no other field (an empty one means the
+    spec's); anything else raises `ArtifactError` naming the file and field."""
+    manifest_file = Path(path) / MANIFEST_FILE
+    if not manifest_file.is_file():
+        return {}
+    manifest = read_json(manifest_file, "model manifest (an object)", ArtifactError)
+    for key in ("prompt_template", "text_template"):
+        template = require(manifest, key, str, str(manifest_file), default=None)  # refuses a non-object too
+        if not template:  # absent or empty: the spec's template
+            continue
+        if not _is_template(template):
+            raise ArtifactError(f"{manifest_file}, field {key!r}: {template!r:.200} is not a template "
+                                "holding {prompt} and no other field")
+    return manifest
+
+
+def _is_template(text: str) -> bool:
+    """Whether ``text`` formats, with ``prompt`` as its only field name (used at least once)."""
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
+        text.format(prompt="")
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError):
+        return False
+    return names == {"prompt"}
 
 
 def model_fingerprint(path: str | Path) -> str:

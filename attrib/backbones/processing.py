@@ -6,14 +6,16 @@ runs the image processor beside the tokenizer, with the same call signature as a
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import transformers
 from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
+from transformers.image_processing_utils import BaseImageProcessor
 
 from attrib.backbones.spec import IMAGE_PLACEHOLDER
+from attrib.errors import ArtifactError
+from attrib.io import atomic_write_json, read_json, require
 
 TEMPLATE_PROCESSOR_FILE = "template_processor.json"
 
@@ -63,19 +65,48 @@ class TemplateProcessor:
         self.image_processor.save_pretrained(path)
         settings = {"num_image_tokens": self.num_image_tokens, "image_token": self.image_token,
                     "image_processor_class": type(self.image_processor).__name__}
-        (path / TEMPLATE_PROCESSOR_FILE).write_text(json.dumps(settings, indent=2))
+        atomic_write_json(path / TEMPLATE_PROCESSOR_FILE, settings)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "TemplateProcessor":
+        """The processor saved in ``path``; a malformed ``template_processor.json`` (not an object, a field
+        missing or of the wrong type, no image processor class of that name, an image token the tokenizer
+        lacks) raises `ArtifactError` naming the file and field."""
         path = Path(path)
         settings_file = path / TEMPLATE_PROCESSOR_FILE
         if not settings_file.is_file():
             raise FileNotFoundError(f"{settings_file}: missing; expected the TemplateProcessor settings "
                                     "(num_image_tokens, image_token, image_processor_class)")
-        settings = json.loads(settings_file.read_text())
-        image_processor = getattr(transformers, settings["image_processor_class"]).from_pretrained(path)
+        settings = read_json(settings_file, "TemplateProcessor settings (an object)", ArtifactError)
+        where = str(settings_file)
+        n_tokens = require(settings, "num_image_tokens", int, where)
+        image_token = require(settings, "image_token", str, where)
+        class_name = require(settings, "image_processor_class", str, where)
+        if n_tokens < 1:
+            raise ArtifactError(f"{where}, field 'num_image_tokens': {n_tokens} is not a positive count")
+        if not image_token:
+            raise ArtifactError(f"{where}, field 'image_token': empty")
+        image_processor_class = _image_processor_class(class_name, f"{where}, field 'image_processor_class'")
+        image_processor = image_processor_class.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        return cls(image_processor, tokenizer, settings["num_image_tokens"], settings["image_token"])
+        token_id = tokenizer.convert_tokens_to_ids(image_token)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise ArtifactError(f"{where}, field 'image_token': {image_token!r:.80} is not a token of the "
+                                f"tokenizer in {path}")
+        return cls(image_processor, tokenizer, n_tokens, image_token)
+
+
+def _image_processor_class(name: str, where: str) -> type:
+    """The transformers image processor class called ``name``; any other name is refused (the settings
+    file must not be able to make the loader build some other transformers object)."""
+    try:
+        found = getattr(transformers, name, None)
+    except (ImportError, RuntimeError):  # a class whose optional backend is not installed
+        found = None
+    if not (isinstance(found, type) and issubclass(found, BaseImageProcessor)):
+        raise ArtifactError(f"{where}: {name!r:.80} is not an image processor class of transformers "
+                            f"{transformers.__version__}")
+    return found
 
 
 def locate_visual_tokens(input_ids: torch.Tensor, image_token_id: int, expected: int,

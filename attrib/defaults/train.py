@@ -2,22 +2,31 @@
 
 Deterministic for a seed (fixed step counts; every draw from recorded generators), resumable: a
 checkpoint in the work folder after every ``save_every`` steps lets a killed run continue where it was.
+
+The checkpoint is two files, no pickle: ``checkpoint-stage<S>-step<N>.safetensors`` (model, patch heads
+and optimizer tensors) and ``checkpoint.json`` (stage, step, log, the optimizer's param groups, the
+sampler's and torch's RNG states), each written atomically, the JSON last: it names its tensor file and is
+the commit point, so a run killed mid-save resumes from the previous complete pair (older tensor files are
+removed only after the new JSON is in place). A malformed checkpoint raises `ArtifactError` before
+training; a NaN or infinite loss or gradient stops the run with `TrainingDiverged`, the last good
+checkpoint kept.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
+from attrib.artifact import check_state_dict, optimizer_state, optimizer_tensors, rng_state, rng_text
 from attrib.backbones.build import build_backbone, save_backbone, sizes_dict
 from attrib.backbones.loader import load_backbone
 from attrib.backbones.spec import get_spec
@@ -26,11 +35,15 @@ from attrib.defaults import DEFAULTS_DIR
 from attrib.defaults.batches import Templates
 from attrib.defaults.losses import PatchHeads, language_loss, vision_loss
 from attrib.defaults.recipe import PROMPTS, RECIPES, TOKENIZER_EXTRA, TOKENIZER_VOCAB, Recipe, Stage
-from attrib.io import stored_path
+from attrib.errors import ArtifactError, TrainingDiverged
+from attrib.io import atomic_write, atomic_write_json, read_json, read_safetensors, require, stored_path
 from attrib.world import SIZES, WorldConfig, WorldSampler, answer_words, corpus_lines
 
 DEFAULT_OUT = Path("runs/toy-models/models")  # the shipped folders are refreshed only when asked (--out)
 DEFAULT_WORK = Path("runs/toy-models/checkpoints")
+CHECKPOINT = "checkpoint.json"
+CHECKPOINT_FORMAT = "visedit-defaults-train/1"
+PICKLED_CHECKPOINT = "checkpoint.pt"  # what earlier versions wrote; never read (no pickle)
 
 
 def world_tokenizer(seed: int = 0):
@@ -72,10 +85,12 @@ def _param_groups(model, stage: Stage) -> list[dict]:
             for p, params in groups.items()]
 
 
-def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _optimizer(model, heads: PatchHeads, stage: Stage) -> torch.optim.AdamW:
+    """AdamW over the parameters ``stage`` trains (and the patch heads in a vision stage)."""
+    groups = _param_groups(model, stage)
+    if stage.kind == "vision":
+        groups.append({"params": list(heads.parameters()), "lr": stage.lr, "base_lr": stage.lr})
+    return torch.optim.AdamW(groups, weight_decay=0.01)
 
 
 def _init_from(model, recipe: Recipe, folder: Path) -> None:
@@ -134,7 +149,7 @@ class _Run:
     model: torch.nn.Module
     processor: object
     heads: PatchHeads
-    checkpoint: Path
+    checkpoint: Path  # the state JSON; its tensor file lies beside it
     log: dict  # finished stages and wall time, saved in every checkpoint
     started: float  # time.time() at the start, less the wall time of the runs this one resumes
     default_attention: str  # the model's own attention implementation (stages may switch to eager)
@@ -142,9 +157,100 @@ class _Run:
     scale: float
 
 
+def _tensors(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` under ``prefix``, contiguous on the CPU; tied tensors (one storage) copied apart, since
+    safetensors refuses to store shared memory."""
+    out, seen = {}, set()
+    for key, value in state.items():
+        value = value.detach().cpu().contiguous()
+        storage = value.untyped_storage().data_ptr()
+        out[prefix + key] = value.clone() if storage in seen else value
+        seen.add(storage)
+    return out
+
+
+def _save_checkpoint(run: _Run, stage: int, step: int, optimizer: torch.optim.Optimizer,
+                     sampler: WorldSampler) -> None:
+    """The tensors of (stage, step), then the JSON naming them, then older tensor files removed."""
+    folder = run.checkpoint.parent
+    name = f"checkpoint-stage{stage}-step{step:07d}.safetensors"
+    moments, groups = optimizer_tensors(optimizer)
+    tensors = {**_tensors("model.", run.model.state_dict()), **_tensors("heads.", run.heads.state_dict()),
+               **_tensors("optimizer.", moments)}
+    atomic_write(folder / name, lambda tmp: save_file(tensors, tmp))
+    atomic_write_json(run.checkpoint, {
+        "format": CHECKPOINT_FORMAT, "stage": stage, "step": step, "tensors": name,
+        "optimizer": {"param_groups": groups}, "sampler_rng": sampler.rng.bit_generator.state,
+        "torch_rng": rng_text(), "log": run.log}, indent=1)
+    for old in folder.glob("checkpoint-stage*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+
+
+def _read_checkpoint(work: Path, model: torch.nn.Module, heads: PatchHeads, n_stages: int) -> dict | None:
+    """The committed checkpoint in ``work`` with its model and heads weights loaded into ``model`` and
+    ``heads``, or None when there is none. Every field, the tensor file and its tensors (names, shapes,
+    finite values) are checked first; anything malformed raises `ArtifactError` naming file and field."""
+    path = work / CHECKPOINT
+    if not path.exists():
+        if (work / PICKLED_CHECKPOINT).exists():
+            raise ArtifactError(f"{work / PICKLED_CHECKPOINT}: a pickled checkpoint of an earlier version, which "
+                                f"is not read (no pickle); delete it to train {work.name} from the start")
+        return None
+    state, where = read_json(path, "default-model training checkpoint"), str(path)
+    if require(state, "format", str, where, default=None) != CHECKPOINT_FORMAT:
+        raise ArtifactError(f"{path}: not a default-model training checkpoint (format {state.get('format')!r}, "
+                            f"expected {CHECKPOINT_FORMAT!r})")
+    stage, step = require(state, "stage", int, where), require(state, "step", int, where)
+    if not 0 <= stage <= n_stages or step < 0:
+        raise ArtifactError(f"{path}: stage {stage}, step {step} is not a point of this recipe's {n_stages} stages")
+    name = require(state, "tensors", str, where)
+    if Path(name).name != name or not (work / name).is_file():
+        raise ArtifactError(f"{path}, field 'tensors': {name!r} is not a file in {work}; the checkpoint is incomplete")
+    log = require(state, "log", dict, where)
+    require(log, "stages", list, f"{where}, in 'log'")
+    require(log, "wall_s", float, f"{where}, in 'log'")
+    require(require(state, "optimizer", dict, where), "param_groups", list, f"{where}, in 'optimizer'")
+    try:  # numpy checks a bit generator's state as it is set
+        np.random.default_rng().bit_generator.state = require(state, "sampler_rng", dict, where)
+    except (TypeError, ValueError, KeyError, OverflowError) as error:
+        raise ArtifactError(f"{path}, field 'sampler_rng': not a numpy PCG64 state ({error})") from None
+    torch_rng = rng_state(require(state, "torch_rng", str, where), f"{path}, field 'torch_rng'")
+    tensors, _ = read_safetensors(work / name, "default-model checkpoint tensors")
+    parts = {prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+             for prefix in ("model.", "heads.", "optimizer.")}
+    unknown = sorted(k for k in tensors if not k.startswith(tuple(parts)))
+    if unknown:
+        raise ArtifactError(f"{work / name}: unexpected tensor {unknown[0]!r} (not model., heads. or optimizer.)")
+    check_state_dict(parts["model."], model.state_dict(), work / name, "this recipe's model")
+    check_state_dict(parts["heads."], heads.state_dict(), work / name, "this recipe's patch heads")
+    model.load_state_dict(parts["model."])
+    heads.load_state_dict(parts["heads."])
+    return {**state, "torch_rng": torch_rng, "optimizer_tensors": parts["optimizer."], "tensor_file": work / name}
+
+
+def _resume_stage(state: dict, optimizer: torch.optim.Optimizer, sampler: WorldSampler, steps: int,
+                  checkpoint: Path) -> int:
+    """Restore the optimizer and RNG states of a checkpoint taken mid-stage (read by `_read_checkpoint`
+    from ``checkpoint``); returns the step to go on from."""
+    if state["step"] >= steps:
+        raise ArtifactError(f"{checkpoint}: step {state['step']} of stage {state['stage']}, which has {steps} steps "
+                            f"at this scale; resume with the scale the run started with")
+    optimizer.load_state_dict(optimizer_state(state["optimizer_tensors"], state["optimizer"]["param_groups"],
+                                              optimizer, state["tensor_file"], f"{checkpoint}, in 'optimizer'"))
+    sampler.rng.bit_generator.state = state["sampler_rng"]
+    torch.set_rng_state(state["torch_rng"])
+    return state["step"]
+
+
+def _diverged(run: _Run, stage: Stage, step: int, steps: int, term: str, value: torch.Tensor) -> TrainingDiverged:
+    return TrainingDiverged(f"{run.name}: stage {stage.name!r}, step {step} of {steps}: {term} is {value.item()}; "
+                            f"stopped before the update, the last good checkpoint stays in {run.checkpoint}")
+
+
 def _run_stage(run: _Run, index: int, state: dict | None) -> None:
     """Train stage ``index`` of the run's recipe (resuming mid-stage from ``state``), checkpointing every
-    ``save_every`` steps and at its end."""
+    ``save_every`` steps and at its end; a non-finite loss or gradient raises `TrainingDiverged`."""
     recipe, model, processor, heads, log = run.recipe, run.model, run.processor, run.heads, run.log
     stage = recipe.stages[index]
     spec = get_spec(recipe.backbone)
@@ -154,16 +260,10 @@ def _run_stage(run: _Run, index: int, state: dict | None) -> None:
     steps = max(1, round(stage.steps * run.scale))
     sampler = WorldSampler(WorldConfig(), seed=recipe.seed * 1000 + index)
     world = sampler.config
-    groups = _param_groups(model, stage)
-    if stage.kind == "vision":
-        groups.append({"params": list(heads.parameters()), "lr": stage.lr, "base_lr": stage.lr})
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
+    optimizer = _optimizer(model, heads, stage)
     first = 0
     if state and index == state["stage"] and state["step"] > 0:  # mid-stage; at a boundary start fresh
-        optimizer.load_state_dict(state["optimizer"])
-        sampler.rng.bit_generator.state = state["rng"]
-        torch.set_rng_state(state["torch_rng"])
-        first = state["step"]
+        first = _resume_stage(state, optimizer, sampler, steps, run.checkpoint)
     # Attention weights come from eager attention only (sdpa returns none). Every stage under bf16 autocast
     # runs eager: sdpa's bf16 backward on the CPU took a third of a step.
     eager = stage.attend_layers or stage.layout_weight or bf16  # direction_layers need attend_layers
@@ -181,9 +281,13 @@ def _run_stage(run: _Run, index: int, state: dict | None) -> None:
                 loss, metric = vision_loss(model, processor, spec, heads, sampler, stage.batch_images)
             else:
                 loss = language_loss(model, processor, spec, templates, sampler, stage)
+        if not torch.isfinite(loss):
+            raise _diverged(run, stage, step + 1, steps, f"the {stage.kind} loss", loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+        norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
+        if not torch.isfinite(norm):
+            raise _diverged(run, stage, step + 1, steps, f"the gradient norm of the {stage.kind} loss", norm)
         optimizer.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", **({"patch_shape_acc": f"{metric:.3f}"} if metric else {}))
         done = step + 1
@@ -192,10 +296,7 @@ def _run_stage(run: _Run, index: int, state: dict | None) -> None:
             if done == steps:
                 log["stages"].append({"name": stage.name, "steps": steps, "final_loss": round(loss.item(), 4),
                                       "wall_s_total": round(log["wall_s"], 1)})
-            _save_atomic({"stage": index + (done == steps), "step": 0 if done == steps else done,
-                          "model": model.state_dict(), "heads": heads.state_dict(),
-                          "optimizer": optimizer.state_dict(), "rng": sampler.rng.bit_generator.state,
-                          "torch_rng": torch.get_rng_state(), "log": log}, run.checkpoint)
+            _save_checkpoint(run, index + (done == steps), 0 if done == steps else done, optimizer, sampler)
 
 
 def train_default(name: str, out_root: Path = DEFAULT_OUT, work_root: Path = DEFAULT_WORK,
@@ -214,13 +315,9 @@ def train_default(name: str, out_root: Path = DEFAULT_OUT, work_root: Path = DEF
     work = work_root / name
     work.mkdir(parents=True, exist_ok=True)
     model, processor, heads = _start(name, recipe, out_root, work)
-    ckpt_file = work / "checkpoint.pt"
-    state = torch.load(ckpt_file, weights_only=False) if ckpt_file.is_file() else None
+    state = _read_checkpoint(work, model, heads, len(recipe.stages))
     log = state["log"] if state else {"stages": [], "wall_s": 0.0}
-    if state:
-        model.load_state_dict(state["model"])
-        heads.load_state_dict(state["heads"])
-    run = _Run(name, recipe, model, processor, heads, ckpt_file, log, time.time() - log["wall_s"],
+    run = _Run(name, recipe, model, processor, heads, work / CHECKPOINT, log, time.time() - log["wall_s"],
                model.config._attn_implementation, save_every, scale)
     for index in range(len(recipe.stages)):
         if state and index < state["stage"]:
@@ -257,6 +354,7 @@ def _image_token_note(spec) -> str:
 
 def write_manifest_metrics(out_dir: Path, metrics: dict) -> None:
     manifest_file = out_dir / "manifest.json"
-    manifest = json.loads(manifest_file.read_text())
+    manifest = read_json(manifest_file, "default model manifest")
+    require(manifest, "backbone", str, str(manifest_file))  # an object, as `_write_default` wrote it
     manifest["heldout"] = metrics
-    manifest_file.write_text(json.dumps(manifest, indent=2) + "\n")
+    atomic_write_json(manifest_file, manifest)

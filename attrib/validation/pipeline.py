@@ -36,7 +36,7 @@ from PIL import Image
 from attrib.answers import teacher_forced_hits
 from attrib.backbones.loader import Backbone
 from attrib.config import AttributionConfig
-from attrib.io import atomic_write_text, writable_dir
+from attrib.io import atomic_savefig, atomic_write_text, writable_dir
 from attrib.prompts import load_prompts
 from attrib.regions.registry import methods_for, sweep_plan
 from attrib.regions.result import RegionResult
@@ -143,7 +143,7 @@ def write_validation(result: ValidationResult, out_dir: str | Path) -> Path:
     """validation.json, validation.png and validation.md in ``out_dir`` (JSON last, atomically)."""
     out_dir = writable_dir(out_dir)
     fig = result.plot()
-    fig.savefig(out_dir / "validation.png", dpi=110)
+    atomic_savefig(fig, out_dir / "validation.png")
     plt.close(fig)
     atomic_write_text(out_dir / "validation.md", result.table_markdown())
     atomic_write_text(out_dir / "validation.json", json.dumps(result.to_json(), indent=2) + "\n")

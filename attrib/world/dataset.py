@@ -1,7 +1,8 @@
 """MMEdit-format datasets of the synthetic world (E-VQA- and E-IC-like), with ground-truth boxes.
 
 `write_world(out_dir, seed)` writes, atomically (built in a hidden temp folder next to out_dir, renamed
-at the end, so a killed run never leaves a folder that looks complete):
+at the end, so a killed run never leaves a folder that looks complete; `attrib.io.atomic_folder`, which
+also refuses a second writer of the same folder):
 
     vqa_train.json  vqa_eval.json  caption_train.json  caption_eval.json   JSON lists, 11 string fields
     truth.json      {split: [{"family", "answer", "image", "image_rephrase", "m_loc",
@@ -30,14 +31,13 @@ the earlier draws made are the same with or without them.
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from attrib.io import atomic_folder, atomic_write_json
 
 from .facts import FACTS
 from .questions import (
@@ -280,34 +280,13 @@ def build_split(
     return [make_record(seed, split, i, config, avoid, novel_share) for i in range(n)]
 
 
-def _write_json(path: Path, data: object) -> None:
-    path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
 def _write_split(root: Path, split: str, records: list[WorldRecord]) -> None:
+    """The split's PNGs and JSON file into ``root``, the world's temporary folder (`atomic_folder`)."""
     (root / "images" / split).mkdir(parents=True, exist_ok=True)
     for record in records:
         for role in IMAGE_ROLES:
             render(record.scenes[role]).save(root / record.fields[role], format="PNG")
-    _write_json(root / f"{split}.json", [r.fields for r in records])
-
-
-def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished temp folder to `out`, replacing an empty folder or (with overwrite) any."""
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    if out.exists() or out.is_symlink():
-        if not overwrite:
-            raise FileExistsError(f"{out} appeared while writing; not replacing it")
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, old)
-        os.rename(tmp, out)
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)
-        else:
-            old.unlink()
-        return
-    os.rename(tmp, out)
+    atomic_write_json(root / f"{split}.json", [r.fields for r in records], indent=1)
 
 
 def write_world(
@@ -337,9 +316,7 @@ def write_world(
     if out.exists() and not overwrite and not (out.is_dir() and not any(out.iterdir())):
         raise FileExistsError(f"{out} already exists and is not empty (use overwrite / --overwrite)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would survive the rename
+    with atomic_folder(out, replace=overwrite) as tmp:
         truth: dict[str, list] = {}
         train_layouts: set = set()
         # Training splits first, so eval scenes can avoid every training layout.
@@ -350,7 +327,7 @@ def write_world(
                 train_layouts.update(r.scenes["image"].layout_key() for r in records)
             _write_split(tmp, split, records)
             truth[split] = [r.truth() for r in records]
-        _write_json(tmp / "truth.json", {split: truth[split] for split in SPLITS})
+        atomic_write_json(tmp / "truth.json", {split: truth[split] for split in SPLITS}, indent=1)
         meta = {
             "seed": seed,
             "counts": counts,
@@ -359,9 +336,5 @@ def write_world(
             "box_format": "[x0, y0, x1, y1] in pixels, x1/y1 exclusive; null = no single object asked about",
             "templates": template_table(),
         }
-        _write_json(tmp / "meta.json", meta)
-        _move_into_place(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write_json(tmp / "meta.json", meta, indent=1)
     return out

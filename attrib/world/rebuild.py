@@ -4,18 +4,26 @@
 M-Loc image's objects, or what a counterfactual of the edit image would look like). A world folder's
 ``meta.json`` holds the seed, the counts and the config `write_world` used, so its records can be rebuilt
 exactly; a rebuilt record is used only when its 11 fields equal the file's (anything else, e.g. real
-MMEdit data or an edited file, gives None).
+MMEdit data or an edited file, gives None). A malformed ``meta.json`` raises `ArtifactError` naming the
+file and field.
 """
 from __future__ import annotations
 
-import json
+from dataclasses import fields
 from pathlib import Path
 
 from attrib.data import EditRecord
-from attrib.world.dataset import SPLITS, WorldRecord, build_split
+from attrib.errors import ArtifactError
+from attrib.io import read_json, require
+from attrib.world.dataset import MAX_NOVEL_SHARE, SPLITS, WorldRecord, build_split
 from attrib.world.scene import WorldConfig
 
 _TRAIN_SPLITS = ("vqa_train", "caption_train")
+_CONFIG_MINIMUM = {"gap_patches": 0, "color_jitter": 0}  # every other WorldConfig setting is a positive size
+# Bounds on what a meta.json may ask to rebuild (~1 ms a record; scene placement scans the patch grid).
+MAX_COUNT = 100_000
+MAX_SETTING = 4096
+MAX_GRID = 64  # patches a side (the default world has 8)
 
 
 class WorldRebuild:
@@ -47,8 +55,7 @@ class WorldRebuild:
         meta_file = folder / "meta.json"
         if split not in SPLITS or not meta_file.is_file():
             return None
-        meta = json.loads(meta_file.read_text())
-        config = WorldConfig(**meta["config"])
+        seed, count, config, novel_share = read_meta(meta_file, split)
         avoid = frozenset()
         if split not in _TRAIN_SPLITS:  # write_world redraws eval scenes that repeat a training layout
             if folder not in self._train_layouts:
@@ -58,5 +65,42 @@ class WorldRebuild:
                     layouts.update(r.scenes["image"].layout_key() for r in records)
                 self._train_layouts[folder] = frozenset(layouts)
             avoid = self._train_layouts[folder]
-        # Folders written before novel targets existed hold none.
-        return build_split(meta["seed"], split, meta["counts"][split], config, avoid, meta.get("novel_share", 0.0))
+        try:
+            return build_split(seed, split, count, config, avoid, novel_share)
+        except RuntimeError as error:  # a config whose objects cannot be placed
+            raise ArtifactError(f"{meta_file}, field 'config': {error}") from None
+
+
+def read_meta(path: Path, split: str) -> tuple[int, int, WorldConfig, float]:
+    """(seed, record count of ``split``, world config, novel-target share) from a world's ``meta.json``;
+    anything malformed raises `ArtifactError` naming the file and field."""
+    meta = read_json(path, "world meta.json (an object)", ArtifactError)
+    where = str(path)
+    seed = require(meta, "seed", int, where)
+    counts = require(meta, "counts", dict, where)
+    count = require(counts, split, int, f"{where}, field 'counts'")
+    settings = require(meta, "config", dict, where)
+    # Folders written before novel targets existed hold none.
+    novel_share = require(meta, "novel_share", float, where, default=0.0)
+    if seed < 0:
+        raise ArtifactError(f"{where}, field 'seed': {seed} is negative")
+    if not 0 <= count <= MAX_COUNT:
+        raise ArtifactError(f"{where}, field 'counts', {split!r}: {count} is not in [0, {MAX_COUNT:,}]")
+    if not 0.0 <= novel_share <= MAX_NOVEL_SHARE:
+        raise ArtifactError(f"{where}, field 'novel_share': {novel_share} is not in [0, {MAX_NOVEL_SHARE}]")
+    known = {f.name for f in fields(WorldConfig)}
+    for key in settings:
+        if key not in known:
+            raise ArtifactError(f"{where}, field 'config': unknown setting {key!r:.80}")
+        value = require(settings, key, int, f"{where}, field 'config'")
+        low, high = _CONFIG_MINIMUM.get(key, 1), MAX_SETTING
+        if not low <= value <= high:
+            raise ArtifactError(f"{where}, field 'config', {key!r}: {value} is not in [{low}, {high}]")
+    try:
+        config = WorldConfig(**settings)
+    except ValueError as error:
+        raise ArtifactError(f"{where}, field 'config': {error}") from None
+    if config.grid > MAX_GRID:
+        raise ArtifactError(f"{where}, field 'config': image_size / patch_size = {config.grid} patches a side, "
+                            f"over the {MAX_GRID} a rebuild allows")
+    return seed, count, config, novel_share

@@ -24,11 +24,12 @@ from typing import Any, Sequence
 
 import torch
 from PIL import Image
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from attrib.artifact import artifact_paths, check_placement, check_state_dict, parse_json, safetensors_metadata
 from attrib.backbones.loader import Backbone
-from attrib.io import atomic_write
+from attrib.errors import ArtifactError
+from attrib.io import atomic_write, read_json, read_safetensors, require
 from editing.adapter.hook import LM_INPUT, AdapterHook
 from editing.adapter.vead import EditAdapter, EditSignal, VeadConfig, lm_width
 from editing.editor import Editor, EditRequest
@@ -79,21 +80,23 @@ class EditPlacement:
     @classmethod
     def from_artifact(cls, path: str | Path, backbone: Backbone, im_read_layer: int | None = None) -> "EditPlacement":
         """The placement of an attribution artifact (``attribution.json`` or its folder), refused when it
-        was made for another backbone or another model (fingerprint), saying which. ``im_read_layer``: the
-        artifact's own when not given (the edit layer when it has none)."""
-        path = Path(path)
-        path = path / "attribution.json" if path.is_dir() else path
-        data = json.loads(path.read_text())
-        if data.get("backbone") != backbone.spec.name:
-            raise ValueError(f"{path}: attribution was made for backbone {data.get('backbone')!r}, "
-                             f"not {backbone.spec.name!r}")
-        theirs, ours = data.get("model", {}).get("fingerprint"), backbone.fingerprint()
+        was made for another backbone or another model (fingerprint), saying which, or when its layers do
+        not fit this backbone (`ArtifactError`). ``im_read_layer``: the artifact's own when not given (the
+        edit layer when it has none)."""
+        path, _ = artifact_paths(path)
+        data = read_json(path, "VisEdit attribution artifact")
+        theirs = require(data, "backbone", str, str(path))
+        if theirs != backbone.spec.name:
+            raise ArtifactError(f"{path}: attribution was made for backbone {theirs!r}, not {backbone.spec.name!r}")
+        model = require(data, "model", dict, str(path))
+        theirs, ours = require(model, "fingerprint", str, f"{path}, in 'model'"), backbone.fingerprint()
         if theirs != ours:
-            raise ValueError(f"{path}: attribution was made for model fingerprint {theirs!r} "
-                             f"({data.get('model', {}).get('path')}), this model is {ours!r} ({backbone.path})")
-        placement = data["placement"]
-        read = placement.get("im_read_layer") if im_read_layer is None else im_read_layer
-        return cls(int(placement["edit_layer"]), tuple(placement.get("it_layers", ())), read)
+            raise ArtifactError(f"{path}: attribution was made for model fingerprint {theirs!r} "
+                                f"({model.get('path')}), this model is {ours!r} ({backbone.path})")
+        placement = check_placement(require(data, "placement", dict, str(path)), f"{path}, in 'placement'",
+                                    backbone.n_layers)
+        read = placement["im_read_layer"] if im_read_layer is None else im_read_layer
+        return cls(placement["edit_layer"], tuple(placement["it_layers"]), read)
 
 
 class _StopForward(Exception):
@@ -225,47 +228,79 @@ class VisEditEditor(Editor):
     def load_weights(self, weights: str | Path | dict[str, torch.Tensor]) -> None:
         """Load adapter weights; a file made for another width, config, backbone, edit layer or IM read
         layer is refused, naming each difference (the model fingerprint is recorded, not enforced: an
-        fp16 copy of the same model has another one)."""
+        fp16 copy of the same model has another one), and so are unreadable files and tensors that are
+        missing, extra, misshapen or not finite (`ArtifactError`, before any weight is copied)."""
+        source: str | Path = "adapter state dict"
         if isinstance(weights, (str, Path)):
+            source = weights
             meta = weights_metadata(weights)
-            placement = json.loads(meta.get("placement", "{}"))
+            placement = json.loads(meta["placement"])
             expected = {"width": str(self.adapter.width), "config": self.config.to_json(),
                         "backbone": self.backbone.spec.name, "edit_layer": self.placement.edit_layer,
                         "im_read_layer": self.placement.read_layer}
-            found = {"width": meta.get("width"), "config": _config_json(meta.get("config")),
-                     "backbone": meta.get("backbone"), "edit_layer": placement.get("edit_layer"),
+            found = {"width": meta["width"], "config": _config(meta["config"], weights, int(meta["width"])).to_json(),
+                     "backbone": meta["backbone"], "edit_layer": placement["edit_layer"],
                      "im_read_layer": placement.get("im_read_layer")}
             wrong = [f"{k}: file has {found[k]!r}, editor has {expected[k]!r}"
                      for k in expected if found[k] != expected[k]]
             if wrong:
-                raise ValueError(f"{weights}: adapter weights do not fit this editor ({'; '.join(wrong)})")
-            weights = load_file(str(weights))
+                raise ArtifactError(f"{weights}: adapter weights do not fit this editor ({'; '.join(wrong)})")
+            weights, _ = read_safetensors(weights, "VisEdit adapter weights file")
+        # The scene gate's reference is [positions, width], its length the backbone's: known from the file.
+        check_state_dict(weights, self.adapter.state_dict(), source, "this editor's adapter weights",
+                         free={"scene.reference": (None, self.adapter.width)})
         device = self.adapter.vead.begin.weight.device
         self.adapter.load_state_dict({k: v.to(device) for k, v in weights.items()})
 
 
-def _config_json(text: str | None) -> dict | None:
-    """A weights file's config as the editor writes it now (fields added since filled with what files
-    written before them meant); None when the file has none."""
-    return None if text is None else VeadConfig.from_json(json.loads(text)).to_json()
+def _config(text: str, path: str | Path, width: int) -> VeadConfig:
+    """A weights file's config as the editor reads it now (fields added since filled with what files
+    written before them meant), each field of the type its default has, the sizes fitting ``width``."""
+    where = f"{path}: metadata 'config'"
+    data = parse_json(text, where)
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{where}: expected a JSON object, found {json.dumps(data)[:40]}")
+    defaults = VeadConfig().to_json()
+    unknown = sorted(set(data) - set(defaults))
+    if unknown:
+        raise ArtifactError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}")
+    for key, default in defaults.items():
+        require(data, key, type(default), where, default=None)
+    config = VeadConfig.from_json(data)
+    if not isinstance(getattr(torch, config.dtype, None), torch.dtype) or not config.torch_dtype.is_floating_point:
+        raise ArtifactError(f"{where}, field 'dtype': {config.dtype!r} is not a torch floating point type")
+    small = {k: v for k, v in config.to_json().items() if type(v) is int and v < 1}
+    if small:
+        raise ArtifactError(f"{where}: sizes must be positive, found {small}")
+    try:
+        config.check(width)
+    except ValueError as error:
+        raise ArtifactError(f"{where}: {error}") from None
+    return config
 
 
 def weights_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata a `save_weights` file carries; refuses files of another format."""
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-    except (OSError, SafetensorError) as error:
-        raise ValueError(f"{path}: cannot read adapter weights ({error})") from None
+    """The metadata a `save_weights` file carries, checked: the format, a positive ``width``, a
+    ``backbone`` name, a ``config`` that fits the width and a ``placement`` (JSON objects). Unreadable
+    files, files of another format and missing or malformed fields raise `ArtifactError`."""
+    meta = safetensors_metadata(path, "VisEdit adapter weights file")
     if meta.get("format") != WEIGHTS_FORMAT:
-        raise ValueError(f"{path}: not a VisEdit adapter file (format {meta.get('format')!r}, "
-                         f"expected {WEIGHTS_FORMAT!r})")
+        raise ArtifactError(f"{path}: not a VisEdit adapter file (format {meta.get('format')!r}, "
+                            f"expected {WEIGHTS_FORMAT!r})")
+    missing = [key for key in ("width", "backbone", "config", "placement") if key not in meta]
+    if missing:
+        raise ArtifactError(f"{path}: adapter weights lack metadata {', '.join(map(repr, missing))}")
+    if not (meta["width"].isascii() and meta["width"].isdigit()) or int(meta["width"]) < 1:
+        raise ArtifactError(f"{path}: metadata 'width' is {meta['width']!r}, expected a positive whole number")
+    _config(meta["config"], path, int(meta["width"]))
+    check_placement(parse_json(meta["placement"], f"{path}: metadata 'placement'"), f"{path}: metadata 'placement'")
     return meta
 
 
 def weights_config(path: str | Path) -> VeadConfig:
     """The `VeadConfig` a weights file was saved with."""
-    return VeadConfig.from_json(json.loads(weights_metadata(path)["config"]))
+    meta = weights_metadata(path)
+    return _config(meta["config"], path, int(meta["width"]))
 
 
 def weights_placement(path: str | Path) -> EditPlacement:

@@ -6,6 +6,7 @@ it; `visedit.cli` puts them together and prints raised errors as one line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -89,16 +90,16 @@ def scenes(args: argparse.Namespace) -> int:
     """How well scene similarity separates each record's image_rephrase from its m_loc image, untrained."""
     from attrib.data import load_records
     from attrib.defaults import load_model
-    from attrib.io import atomic_write_text
+    from attrib.io import OutputLock, atomic_write_text
     from editing.adapter.scenes import scene_separation
 
-    backbone = load_model(args.backbone, args.model)
-    records = load_records(args.data, args.images, n=args.n)
-    summary = scene_separation(backbone, records, args.edit_layer, progress=not args.no_progress).to_json()
-    text = json.dumps(summary, indent=2)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.out, text + "\n")
+    with OutputLock(args.out, beside=True) if args.out is not None else contextlib.nullcontext():
+        backbone = load_model(args.backbone, args.model)
+        records = load_records(args.data, args.images, n=args.n)
+        summary = scene_separation(backbone, records, args.edit_layer, progress=not args.no_progress).to_json()
+        text = json.dumps(summary, indent=2)
+        if args.out is not None:
+            atomic_write_text(args.out, text + "\n")
     print(text)
     return 0
 

@@ -15,13 +15,23 @@ Placement (attribution and patching ceiling) reads training records only. Learne
 
 Each method runs in its own process (spawned), so its peak memory is its own and a hook it leaves behind
 cannot reach the next; its result is written to ``methods/<name>.json`` at once, and a run started again
-skips the methods already there (a killed comparison resumes at the next method).
+skips the methods already there (a killed comparison resumes at the next method; the kernel kills the
+method's process with it, so nothing writes into the folder after its lock is gone). Those files are read
+back checked (`compare_report.check_method`), all of them before any method runs: a malformed one stops the
+run with an `ArtifactError` naming it (delete it to run that method again) rather than being rerun
+silently, since files written atomically are never left half-written by a kill; one that does not read
+back was changed by something else, and a result silently replaced could mix two versions in one table.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import multiprocessing
+import os
 import resource
+import shutil
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,11 +39,13 @@ from pathlib import Path
 import numpy as np
 
 from attrib.data import DataError, EditRecord, load_records
-from attrib.io import atomic_write_text, stored_path
+from attrib.io import OutputLock, atomic_write_text, read_json, remove_partial_writes, stored_path
 from editing.command.report import METRICS
 
 DEV_WORLD = Path("runs/world")
 DEV_SEED = 1
+_PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
+METHOD_START = "spawn"  # each method in a fresh interpreter; tests fork an interpreter that has imported all
 
 
 @dataclass
@@ -134,10 +146,12 @@ def placement_from_train(backbone, roles: Roles, options: CompareOptions, out: P
             if vqa is not None and vqa.is_file():
                 records = load_records(vqa, options.images)
         config = AttributionConfig(draws=2, causal_samples=1, causal_draws=1, ceiling_samples=options.ceiling_n)
+        work = out / "attribution-work"  # finished chunks: a killed run resumes the attribution from them
         attribution = run_attribution(backbone, records[:options.attribution_n], config,
                                       dataset=stored_path(records[0].source), ceiling_records=records,
-                                      progress=options.progress)
+                                      progress=options.progress, work=work)
         attribution.save(folder)
+        shutil.rmtree(work, ignore_errors=True)
     return EditPlacement.from_artifact(folder / "attribution.json", backbone)
 
 
@@ -177,28 +191,59 @@ def run_method(options: CompareOptions, name: str) -> dict:
     return result
 
 
-def _child(options: CompareOptions, name: str, path: str) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel kill this process when the comparison that started it dies (Linux), so a killed
+    comparison leaves no method running on into its folder after its lock is gone."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before the request was in place
+        os._exit(1)
+
+
+def _child(options: CompareOptions, name: str, path: str, parent: int) -> None:
+    _die_with_parent(parent)
     result = run_method(options, name)
     atomic_write_text(Path(path), json.dumps(result, indent=1, default=str) + "\n")
 
 
+def read_method(path: Path) -> dict:
+    """A method's results file (``methods/<name>.json``), checked (`compare_report.check_method`)."""
+    from attrib.errors import ArtifactError
+    from editing.command.compare_report import check_method
+
+    try:
+        return check_method(read_json(path, "method results file"), str(path))
+    except ArtifactError as error:
+        raise ArtifactError(f"{error}; delete the file to run the method again") from None
+
+
 def run_compare(options: CompareOptions) -> dict:
-    """Every method in its own process (module docstring); then results.json, results.md, metrics.png."""
+    """Every method in its own process (module docstring); then results.json, results.md, metrics.png. A
+    second run on the same output folder is refused while this one runs (`OutputLock`)."""
     names = options.method_names()
+    with OutputLock(options.output()):
+        return _run_compare(options, names)
+
+
+def _run_compare(options: CompareOptions, names: list[str]) -> dict:
     out = options.output()
     (out / "methods").mkdir(parents=True, exist_ok=True)
+    remove_partial_writes(out / "methods")  # a results file a killed run was writing
     roles = data_roles(options)  # writes the test world when missing, once, before any child
-    methods = {}
+    methods = {name: read_method(out / "methods" / f"{name}.json") for name in names
+               if (out / "methods" / f"{name}.json").exists()}  # a bad one stops the run before hours of work
     for name in names:
         path = out / "methods" / f"{name}.json"
-        if not path.is_file():
-            child = multiprocessing.get_context("spawn").Process(target=_child, args=(options, name, str(path)))
+        if name not in methods:
+            child = multiprocessing.get_context(METHOD_START).Process(target=_child,
+                                                                 args=(options, name, str(path), os.getpid()))
             child.start()
             child.join()
             if child.exitcode != 0:
                 raise RuntimeError(f"method {name} failed (exit code {child.exitcode}); the methods before it "
                                    f"are kept in {out / 'methods'}")
-        methods[name] = json.loads(path.read_text())
+            methods[name] = read_method(path)
+    methods = {name: methods[name] for name in names}  # the order asked for
     results = {"backbone": options.backbone, "task": options.task, "n_test": len(roles.test),
                "roles": roles.described, "options": {k: str(v) for k, v in asdict(options).items()},
                "protocol": methods[names[0]]["protocol"] if names else None, "methods": methods}

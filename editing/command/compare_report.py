@@ -1,18 +1,65 @@
 """The comparison's report: ``results.md`` (methods as rows, the best of each column in bold) and
-``metrics.png`` (the five metrics per method, grouped bars)."""
+``metrics.png`` (the five metrics per method, grouped bars), and the reading of what the comparison wrote:
+`read_results` (``results.json``) and `check_method` (one method's results, ``methods/<name>.json``), which
+check every field the report reads and raise `ArtifactError` naming the file and field."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
 
+from attrib.errors import ArtifactError
+from attrib.io import atomic_savefig, read_json, require
 from editing.command.report import METRICS
 
 LABELS = {"rel": "Rel", "t_gen": "T-Gen", "m_gen": "M-Gen", "t_loc": "T-Loc", "m_loc": "M-Loc", "mean": "mean",
           "loc_same_image": "same-image loc", "novel_rel": "novel Rel"}
 EXTENSION = {"visedit_gated": "ours: VisEdit + scene gate + target role", "lookup": "control, not an editor",
              "none": "unedited model"}
+
+
+def _score(data: dict, key: str, where: str, default: Any = None) -> float | None:
+    """A score field: a finite number or null (``default`` when absent; ``...``: required)."""
+    value = require(data, key, (float, type(None)), where, default=default)
+    if value is not None and not math.isfinite(value):
+        raise ArtifactError(f"{where}, field {key!r}: {value}; expected a finite number")
+    return value
+
+
+def check_method(data: Any, where: str) -> dict:
+    """One method's results checked for what the report reads: the five metrics, ``mean`` and
+    ``protocol`` (required), the optional columns (numbers or null), ``targets.novel.rel``; ``where``
+    names the file (and entry). Returns ``data``."""
+    for key in (*METRICS, "mean"):
+        _score(data, key, where, default=...)
+    require(data, "protocol", str, where)
+    require(data, "t_loc_by_construction", bool, where, default=False)
+    for key in ("loc_same_image", "prepare_s", "edit_ms", "inference_overhead", "peak_mem_mb"):
+        _score(data, key, where)
+    targets = require(data, "targets", (dict, type(None)), where, default=None) or {}
+    novel = require(targets, "novel", (dict, type(None)), f"{where}, in 'targets'", default=None) or {}
+    _score(novel, "rel", f"{where}, in 'targets.novel'")
+    return data
+
+
+def read_results(path: str | Path) -> dict:
+    """A comparison's ``results.json`` (what `compare_markdown` and `plot_metrics` take), checked:
+    backbone, task, n_test, the three roles and every method's results (`check_method`)."""
+    data = read_json(path, "comparison results file (results.json)")
+    where = str(path)
+    require(data, "backbone", str, where)
+    require(data, "task", str, where)
+    require(data, "n_test", int, where)
+    require(data, "protocol", (str, type(None)), where, default=None)
+    roles = require(data, "roles", dict, where)
+    for role in ("train", "dev", "test"):
+        require(roles, role, dict, f"{where}, in 'roles'")
+    for name, method in require(data, "methods", dict, where).items():
+        check_method(method, f"{where}, in 'methods.{name}'")
+    return data
 
 
 def _row_values(method: dict) -> dict:
@@ -77,6 +124,6 @@ def plot_metrics(results: dict, path: Path) -> Path:
                  f"{results['n_test']} test edits")
     ax.legend(ncol=5, fontsize=7, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.35))
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    atomic_savefig(figure, path)
     plt.close(figure)
     return path

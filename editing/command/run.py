@@ -11,6 +11,7 @@ their pointing game → inference overhead (edited / unedited forward time) → 
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from attrib.backbones.spec import get_spec
 from attrib.commands import WORLD
 from attrib.data import DataError, EditRecord, load_records
 from attrib.defaults import load_model
-from attrib.io import atomic_write_text, stored_path
+from attrib.io import OutputLock, atomic_savefig, atomic_write_text, stored_path
 from attrib.prompts import load_prompts
 from editing.adapter.vead import VeadConfig, lm_width
 from editing.adapter.visedit import EditPlacement, VisEditEditor, weights_config, weights_placement
@@ -179,9 +180,11 @@ def _placement(options: EditOptions, backbone: Backbone, eval_file: Path, eval_r
     if options.task == "caption" and vqa_file.is_file():
         records = load_records(vqa_file, options.images)
     config = AttributionConfig(draws=2, causal_samples=1, causal_draws=1, ceiling_samples=options.ceiling_n)
+    work = out / "attribution-work"  # finished chunks: a killed run resumes the attribution from them
     attribution = run_attribution(backbone, records[:options.attribution_n], config, dataset=str(eval_file),
-                                  ceiling_records=records, progress=options.progress)
+                                  ceiling_records=records, progress=options.progress, work=work)
     folder = attribution.save(out / "attribution")
+    shutil.rmtree(work, ignore_errors=True)
     attribution.plot_all(folder, n_overlays=2)
     placed = attribution.placement
     placement = EditPlacement.from_artifact(folder, backbone)
@@ -227,10 +230,16 @@ def _method_scores(scores: dict, maps, config: VeadConfig) -> dict:
 
 
 def run_edit(options: EditOptions) -> dict:
-    """Run the pipeline of the module docstring; returns the results dict (also written to disk)."""
+    """Run the pipeline of the module docstring; returns the results dict (also written to disk). A second
+    run on the same output folder is refused while this one runs (`OutputLock`)."""
     torch.manual_seed(options.seed)
     get_spec(options.backbone)  # a wrong backbone name is reported before any file is looked for
     train_file, eval_file = _files(options)  # checks the task first
+    with OutputLock(options.output()):
+        return _run_edit(options, train_file, eval_file)
+
+
+def _run_edit(options: EditOptions, train_file: Path, eval_file: Path) -> dict:
     backbone = load_model(options.backbone, options.model)
     formats = load_prompts()
     train_records, eval_records, skipped = _records(options, backbone, train_file, eval_file, formats)
@@ -243,7 +252,7 @@ def run_edit(options: EditOptions) -> dict:
     scores = evaluate_edits(editor, eval_records, options.task, prompts=formats, progress=options.progress).to_json()
     maps = im_maps(editor, eval_records, options.task, formats, limit=options.maps_n)
     figure = maps.plot(n=4)
-    figure.savefig(out / "im_maps.png", dpi=110)
+    atomic_savefig(figure, out / "im_maps.png")
     plt.close(figure)
     world = options.train is None and options.eval is None
     results = {

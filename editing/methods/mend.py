@@ -44,12 +44,13 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
+from attrib.artifact import check_state_dict, parse_json
 from attrib.data import EditRecord
-from attrib.io import atomic_write
+from attrib.errors import ArtifactError
+from attrib.io import atomic_write, read_safetensors
 from attrib.prompts import load_prompts
 from editing.editor import Editor, EditRequest
 from editing.evaluation.metrics import agreement, exact_match, predict_rows
@@ -246,14 +247,19 @@ class MendEditor(Editor):
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"key": key, "report": json.dumps(report)}))
 
     def _load(self, path: Path, key: str) -> dict | None:
-        """The saved report after loading the network, or None (nothing loaded) if trained otherwise."""
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
+        """The saved report after loading the network, or None (nothing loaded) if trained otherwise. A
+        file that cannot be read, or holds another network or a malformed report, raises `ArtifactError`."""
+        hint = "; delete it to train again"
+        tensors, metadata = read_safetensors(path, "MEND network cache")
         if metadata.get("key") != key:
             return None
+        check_state_dict(tensors, self.net.state_dict(), path, "this MEND network", hint=hint)
+        report = parse_json(metadata.get("report"), f"{path}: metadata 'report'")
+        if not isinstance(report, dict):
+            raise ArtifactError(f"{path}: metadata 'report' is not a JSON object{hint}")
         device = self.modules[0].weight.device
-        self.net.load_state_dict({k: v.to(device) for k, v in load_file(str(path)).items()})
-        return json.loads(metadata["report"])
+        self.net.load_state_dict({k: v.to(device) for k, v in tensors.items()})
+        return report
 
 
 def build(context: MethodContext) -> MendEditor:

@@ -3,7 +3,6 @@ prompts and training loops, and the safetensors files `prepare` resumes from (`e
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from contextlib import contextmanager
@@ -13,12 +12,14 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from attrib.answers import target_token_ids, teacher_forced_hits
+from attrib.artifact import check_state_dict
 from attrib.backbones.loader import Backbone
 from attrib.data import EditRecord
+from attrib.io import atomic_write, atomic_write_json, read_json, read_safetensors, require
 from editing.inputs import teacher_forced_batch
 
 # Columns of a record's cached features: the first three are in the scope of the record's edit
@@ -303,23 +304,28 @@ def counterfactual_accuracy(copy: Backbone, records: Sequence[EditRecord], edit_
 def run_phase(work: Path | None, name: str, signature: dict, module: torch.nn.Module,
               parameter_names: Sequence[str], train: Callable[[], dict]) -> dict:
     """Train (``train()`` → report) and save ``module``'s named tensors as ``<work>/<name>.safetensors``
-    with the report in ``<name>.json``; when both exist with the same ``signature``, load them instead
-    (report marked ``resumed``). Without ``work`` nothing is saved."""
+    with the report in ``<name>.json`` (both atomic, the JSON last: it marks a complete pair); when both
+    exist with the same ``signature``, load them instead (report marked ``resumed``). A pair that cannot
+    be read or does not hold exactly ``parameter_names`` with their shapes raises `ArtifactError`, before
+    anything is loaded. Without ``work`` nothing is saved."""
     weights = None if work is None else Path(work) / f"{name}.safetensors"
     meta = None if work is None else Path(work) / f"{name}.json"
     if weights is not None and weights.is_file() and meta.is_file():
-        stored = json.loads(meta.read_text())
-        if stored.get("signature") == signature:
-            state = load_file(weights)
-            missing = set(parameter_names) - set(state)
-            if missing or module.load_state_dict(state, strict=False).unexpected_keys:
-                raise ValueError(f"{weights}: does not hold the tensors {name} saves; delete it to retrain")
-            return {**stored["report"], "resumed": True}
+        stored = read_json(meta, f"SERAC {name} report")
+        if require(stored, "signature", dict, str(meta), default=None) == signature:
+            report = require(stored, "report", dict, str(meta))
+            state, _ = read_safetensors(weights, f"SERAC {name} cache")
+            own = module.state_dict()
+            check_state_dict(state, {key: own[key] for key in parameter_names}, weights, f"the tensors {name} saves",
+                             hint="; delete it to train again")
+            module.load_state_dict(state, strict=False)
+            return {**report, "resumed": True}
     start = time.perf_counter()
     report = {**train(), "seconds": round(time.perf_counter() - start, 1)}
     if weights is not None:
         weights.parent.mkdir(parents=True, exist_ok=True)
         state = module.state_dict()
-        save_file({key: state[key].detach().contiguous().cpu() for key in parameter_names}, str(weights))
-        meta.write_text(json.dumps({"signature": signature, "report": report}, indent=1))
+        tensors = {key: state[key].detach().contiguous().cpu() for key in parameter_names}
+        atomic_write(weights, lambda tmp: save_file(tensors, tmp))
+        atomic_write_json(meta, {"signature": signature, "report": report}, indent=1)
     return report

@@ -30,6 +30,8 @@ thread count). Checkpoints: `editing.training.checkpoint`.
 """
 from __future__ import annotations
 
+import contextlib
+import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -39,6 +41,8 @@ import torch
 from tqdm import tqdm
 
 from attrib.data import EditRecord
+from attrib.errors import TrainingDiverged
+from attrib.io import OutputLock, remove_partial_writes
 from attrib.prompts import load_prompts
 from attrib.regions.attention_noise import AttentionNoise
 from attrib.regions.noise import noise_generator
@@ -223,8 +227,8 @@ class Trainer:
         edit_of_row = [j for _ in range(len(ROLES) + len(partners)) for j in range(b)]  # partner rows: record j's edit
         stacked = stack_signals(signals, edit_of_row + same)  # same-image rows: their own record's edit
         if 0 < config.rows_per_backward < len(shown):
-            return self._step_in_parts(step, batch, select, labels, mask, stacked, signals, roles, influence,
-                                       pre_loc, pre_same)
+            return self._step_in_parts(step, indices, batch, select, labels, mask, stacked, signals, roles,
+                                       influence, pre_loc, pre_same)
         site = self.split.prefix(batch.inputs)
         editor.hook.signal = stacked
         try:
@@ -253,13 +257,43 @@ class Trainer:
         if editor.adapter.scene is not None:
             terms["scene"] = self._scene_term(site, stacked, part["m_gen"], loc)
             total = total + config.scene_weight * terms["scene"]
+        self._check_losses(step, indices, total, terms)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
-        self.optimizer.step()
+        self._optimizer_step(step, indices)
         return {"loss": total.item(), **{name: value.item() for name, value in terms.items()}}
 
-    def _step_in_parts(self, step: int, batch, select: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
-                       stacked, signals: list, roles: torch.Tensor, influence: torch.Tensor,
+    def _where(self, step: int, indices: list[int]) -> str:
+        """"step S, batch of records [i, ...]" (record indices in their files) for an error message."""
+        return f"step {step}, batch of records {[self.records[i].index for i in indices]}"
+
+    def _check_losses(self, step: int, indices: list[int], total: torch.Tensor, terms: dict) -> None:
+        """Raise `TrainingDiverged` naming the first non-finite term when ``total`` is not finite (one
+        device sync per step; checked before any gradient reaches the weights)."""
+        if bool(torch.isfinite(torch.as_tensor(total))):
+            return
+        values = {name: float(torch.as_tensor(value).detach()) for name, value in terms.items()}
+        bad = next(((name, value) for name, value in values.items() if not math.isfinite(value)),
+                   ("loss", float(torch.as_tensor(total).detach())))
+        raise TrainingDiverged(f"{self._where(step, indices)}: loss term {bad[0]!r} is {bad[1]}; stopped before "
+                               f"the optimizer step")
+
+    def _optimizer_step(self, step: int, indices: list[int]) -> None:
+        """The optimizer step, refused when a gradient is not finite, and checked to leave finite weights."""
+        named = [(name, p) for name, p in self.editor.adapter.named_parameters() if p.requires_grad]
+        grads = [(name, p.grad) for name, p in named if p.grad is not None]
+        if grads and not bool(torch.stack([g.isfinite().all() for _, g in grads]).all()):
+            name = next(name for name, g in grads if not bool(g.isfinite().all()))
+            raise TrainingDiverged(f"{self._where(step, indices)}: the gradient of adapter weight {name!r} is not "
+                                   f"finite (the losses are); stopped before the optimizer step")
+        self.optimizer.step()
+        if not bool(torch.stack([p.isfinite().all() for _, p in named]).all()):
+            name = next(name for name, p in named if not bool(p.isfinite().all()))
+            raise TrainingDiverged(f"{self._where(step, indices)}: the optimizer step made adapter weight {name!r} "
+                                   f"non-finite (the losses and gradients were finite: lower the learning rate)")
+
+    def _step_in_parts(self, step: int, indices: list[int], batch, select: torch.Tensor, labels: torch.Tensor,
+                       mask: torch.Tensor, stacked, signals: list, roles: torch.Tensor, influence: torch.Tensor,
                        pre_loc: list[torch.Tensor], pre_same: list[torch.Tensor]) -> dict[str, float]:
         """`step` with the layers above the edit site run on ``rows_per_backward`` rows at a time, each part's
         share of the loss back-propagated before the next part runs, so the autograd graph of one part is in
@@ -304,6 +338,7 @@ class Trainer:
                     value = -(picked * part_mask[own]).sum() / count[name]
                 terms[name] += value.item()
                 part_loss = part_loss + weight[name] * value
+            self._check_losses(step, indices, part_loss, terms)
             part_loss.backward()
         site = EditSite(torch.cat([s.hidden for s in sites]), torch.cat([s.positions for s in sites]),
                         sites[0].layer_kwargs)
@@ -313,8 +348,9 @@ class Trainer:
         if editor.adapter.scene is not None:
             extra["scene"] = self._scene_term(site, stacked, slice(2 * b, 3 * b), slice(3 * b, 3 * b + n_loc))
             rest = rest + config.scene_weight * extra["scene"]
+        self._check_losses(step, indices, rest, extra)
         rest.backward()
-        self.optimizer.step()
+        self._optimizer_step(step, indices)
         terms.update({name: value.item() for name, value in extra.items()})
         total = (config.rel_weight * terms["rel"] + config.gen_weight * (terms["t_gen"] + terms["m_gen"])
                  + config.loc_weight * terms["loc"] + config.same_image_weight * terms.get("same_image", 0.0)
@@ -395,9 +431,23 @@ def train(editor: VisEditEditor, records: Sequence[EditRecord], config: TrainCon
     """Train ``editor``'s adapter (module docstring); checkpoints every ``config.checkpoint_every`` steps
     and at the end when ``checkpoint_dir`` is given. ``resume`` continues from its committed state (and
     starts fresh when there is none); without it an existing state is refused rather than overwritten.
-    ``on_step(step, losses)`` is called after each step (tests use it to kill a run)."""
-    trainer = Trainer(editor, records, config, prompts)
+    The checkpoint folder is locked while training runs (`OutputLock`: a second run on it is refused).
+    ``on_step(step, losses)`` is called after each step (tests use it to kill a run).
+
+    A non-finite loss term, gradient or updated weight raises `TrainingDiverged` naming the step, the
+    batch's records and the term (losses and gradients before the optimizer step), before any checkpoint
+    takes it in: the last good checkpoint stays in ``checkpoint_dir``, and the message names it."""
     folder = None if checkpoint_dir is None else Path(checkpoint_dir)
+    with OutputLock(folder) if folder is not None else contextlib.nullcontext():
+        if folder is not None:
+            remove_partial_writes(folder)  # a run killed inside a checkpoint write left its temporary files
+        return _train(editor, records, config, folder, resume, progress, on_step, prompts)
+
+
+def _train(editor: VisEditEditor, records: Sequence[EditRecord], config: TrainConfig, folder: Path | None,
+           resume: bool, progress: bool, on_step: Callable[[int, dict], None] | None,
+           prompts: dict[str, str] | None) -> TrainResult:
+    trainer = Trainer(editor, records, config, prompts)
     backbone = editor.backbone
     backbone.model.eval()
     backbone.model.requires_grad_(False)  # frozen: gradients reach only the adapter
@@ -418,6 +468,7 @@ def train(editor: VisEditEditor, records: Sequence[EditRecord], config: TrainCon
             scene.set_reference(reference_states(trainer.split, trainer.records, config.scene_reference))
     began = time.perf_counter()
     result = TrainResult(start, before_s, resumed_from=resumed)
+    saved = start  # the step of the checkpoint on disk (when there is one)
     running: dict[str, float] = {}
 
     def info() -> dict:
@@ -428,7 +479,13 @@ def train(editor: VisEditEditor, records: Sequence[EditRecord], config: TrainCon
     bar = tqdm(range(start + 1, config.steps + 1), initial=start, total=config.steps, desc="train VEAD + IM",
                disable=not progress, mininterval=1)
     for step in bar:
-        step_losses = trainer.step(step)
+        try:
+            step_losses = trainer.step(step)
+        except TrainingDiverged as error:
+            bar.close()
+            kept = ("no checkpoint folder" if folder is None else "no checkpoint written yet" if saved == 0
+                    else f"the last good checkpoint (step {saved}) is kept in {folder}")
+            raise TrainingDiverged(f"{error}; {kept}") from None
         result.history.append(step_losses)
         for name, value in step_losses.items():  # exponential running means for the progress bar
             running[name] = value if name not in running else 0.9 * running[name] + 0.1 * value
@@ -438,6 +495,7 @@ def train(editor: VisEditEditor, records: Sequence[EditRecord], config: TrainCon
             on_step(step, step_losses)
         if folder is not None and (step % config.checkpoint_every == 0 or step == config.steps):
             result.checkpoint = save_checkpoint(folder, editor, trainer.optimizer, step, info())
+            saved = step
     bar.close()
     editor.adapter.eval()
     result.train_s = before_s + time.perf_counter() - began

@@ -80,3 +80,62 @@ def test_prompt_without_visual_tokens_is_named(tiny_dirs, world, tmp_path):
     records = load_records(world / "vqa_eval.json", n=2)
     with pytest.raises(DataError, match=r"vqa_eval.json: record 0, field 'src': .*placeholder"):
         run_attribution(backbone, records, AttributionConfig(draws=1, causal_samples=1, causal_draws=1))
+
+
+def test_a_work_folder_keeps_chunks_that_only_the_same_run_reuses(tiny_dirs, world, tmp_path, monkeypatch):
+    """Chunked with a work folder, the artifact equals the one without; a rerun of the same run reads every
+    chunk back (computing nothing); any other run (here another seed) starts afresh and clears the old."""
+    from dataclasses import replace
+
+    import torch
+    from safetensors.torch import load_file
+
+    import attrib.attribution as pipeline
+    from attrib.backbones.loader import load_backbone
+    from attrib.contribution import contribution
+    from attrib.prompts import load_prompts
+    from attrib.regions.registry import methods_for
+    from attrib.regions.sweep import region_sweep
+
+    backbone = load_backbone("llava", tiny_dirs["llava"])
+    records, everything = load_records(world / "vqa_eval.json", n=3), load_records(world / "vqa_eval.json")
+    config = AttributionConfig(draws=1, causal_samples=2, causal_draws=1, window=1, batch_size=2, ceiling_samples=2)
+    work = tmp_path / "work"
+
+    def artifact(attribution, folder):
+        attribution.save(folder)
+        return json.loads((folder / ARTIFACT_JSON).read_text()), load_file(folder / ARTIFACT_TENSORS)
+
+    def attribute(config=config, **kwargs):
+        return run_attribution(backbone, records, config, ceiling_records=everything, progress=False, **kwargs)
+
+    plain = artifact(attribute(), tmp_path / "plain")
+    kept = artifact(attribute(work=work), tmp_path / "kept")
+    [key] = list(work.iterdir())
+    assert {p.name.rsplit("-", 1)[0] for p in key.iterdir()} >= {"contribution", "regions-attention_noise",
+                                                                  "regions-causal_noise", "ceiling"}
+    for name in ("plain", "kept"):
+        assert not list((tmp_path / name).glob(".*"))  # no lock or temporary file left behind
+    assert plain[0]["details"]["ceiling"]["n"] == 2
+    # Chunks are the batches of one pass: the same numbers as one call over every record.
+    prompts = [load_prompts()["vqa"].format(src=r.src) for r in records]
+    images = [r.load_image("image") for r in records]
+    whole = contribution(backbone, images, prompts, batch_size=2, progress=False).to_tensors()
+    assert all(torch.equal(plain[1][f"contribution.{k}"], whole[k]) for k in whole)
+    entry = methods_for(backbone)[0]
+    maps = region_sweep(backbone, images, prompts, entry.method(config), entry.regions(backbone, config),
+                        range(backbone.n_layers), batch_size=2, progress=False).maps
+    assert torch.equal(plain[1][f"regions.{entry.name}"], maps)
+    assert kept[0] == plain[0] and kept[1].keys() == plain[1].keys()
+    assert all(torch.equal(kept[1][k], plain[1][k]) for k in plain[1])
+
+    def never(*args, **kwargs):
+        raise AssertionError("computed again")
+
+    for name in ("contribution", "region_sweep", "visual_patching_ceiling"):
+        monkeypatch.setattr(pipeline, name, never)
+    again = artifact(attribute(work=work), tmp_path / "again")
+    assert again[0] == plain[0] and all(torch.equal(again[1][k], plain[1][k]) for k in plain[1])
+    monkeypatch.undo()
+    attribute(replace(config, seed=1), work=work)
+    assert [p.name for p in work.iterdir()] != [key.name] and len(list(work.iterdir())) == 1

@@ -228,7 +228,7 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(dataset, "_write_json", boom)
+    monkeypatch.setattr(dataset, "atomic_write_json", boom)
     with pytest.raises(RuntimeError):
         write_world(tmp_path / "w", 0, n_train=2, n_eval=2, n_caption_train=2, n_caption_eval=2)
     assert list(tmp_path.iterdir()) == []

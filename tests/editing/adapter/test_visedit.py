@@ -5,13 +5,25 @@ import json
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
+from attrib.backbones.loader import load_backbone
+from attrib.errors import ArtifactError
 from editing.adapter.vead import VeadConfig
 from editing.adapter.visedit import EditPlacement, VisEditEditor, weights_placement
 from editing.editor import EditRequest
 from editing.inputs import teacher_forced_batch
+from tests.mutations import damaged_bytes, json_mutations, valid_or_clean_error
 
 PROMPT, TARGET = "what color is the circle?", "blue square"
+
+
+@pytest.fixture(scope="module")
+def llava(tiny_dirs):
+    return load_backbone("llava", tiny_dirs["llava"])
 
 
 def _request(images, index: int = 0, prompt: str = PROMPT, target: str = TARGET) -> EditRequest:
@@ -110,7 +122,7 @@ def test_weights_for_another_placement_or_size_are_refused(tiny_backbone, make_e
     with pytest.raises(ValueError, match="config: file has"):
         make_editor(tiny_backbone, 1, config=VeadConfig(mid_dim=8, n_heads=2, im_hidden=16, im_heads=2), weights=path)
     (tmp_path / "other.safetensors").write_bytes(b"")
-    with pytest.raises(ValueError, match="cannot read adapter weights"):
+    with pytest.raises(ArtifactError, match="other.safetensors: not a readable VisEdit adapter weights file"):
         make_editor(tiny_backbone, 1, weights=tmp_path / "other.safetensors")
 
 
@@ -126,11 +138,39 @@ def test_placement_from_artifact_checks_backbone_and_fingerprint(tiny_backbone, 
     assert EditPlacement.from_artifact(path, tiny_backbone).read_layer == 1
     assert EditPlacement.from_artifact(path, tiny_backbone, im_read_layer=0).read_layer == 0
     path.write_text(json.dumps(dict(artifact, backbone="other")))
-    with pytest.raises(ValueError, match="made for backbone 'other'"):
+    with pytest.raises(ArtifactError, match="made for backbone 'other'"):
         EditPlacement.from_artifact(path, tiny_backbone)
     path.write_text(json.dumps(dict(artifact, model={"path": "x", "fingerprint": "0123"})))
-    with pytest.raises(ValueError, match="model fingerprint '0123'"):
+    with pytest.raises(ArtifactError, match="model fingerprint '0123'"):
         EditPlacement.from_artifact(path, tiny_backbone)
+
+
+def test_placement_from_a_malformed_artifact_names_the_field(llava, tmp_path):
+    good = {"backbone": "llava", "model": {"path": "m", "fingerprint": llava.fingerprint()},
+            "placement": {"edit_layer": 0, "it_layers": [1]}}
+    path = tmp_path / "attribution.json"
+    cases = [
+        ({**good, "placement": {"edit_layer": "0", "it_layers": [1]}},
+         r"attribution.json, in 'placement', field 'edit_layer': expected a whole number, found a string"),
+        ({**good, "placement": {"edit_layer": 5, "it_layers": [1]}},
+         r"in 'placement', field 'edit_layer': item 0 is 5, outside -1..1"),
+        ({**good, "placement": {"edit_layer": 0, "it_layers": [1, None]}},
+         r"in 'placement', field 'it_layers': item 1 is None, expected a whole number"),
+        ({**good, "placement": {"edit_layer": 0}}, r"in 'placement': missing field 'it_layers'"),
+        ({**good, "model": "m"}, r"attribution.json, field 'model': expected an object, found a string"),
+        ({k: v for k, v in good.items() if k != "backbone"}, r"attribution.json: missing field 'backbone'"),
+        ([good], r"attribution.json: expected an object, found a list"),
+    ]
+    for data, message in cases:
+        path.write_text(json.dumps(data))
+        with pytest.raises(ArtifactError, match=message):
+            EditPlacement.from_artifact(tmp_path, llava)
+    path.write_text("{")
+    with pytest.raises(ArtifactError, match=r"attribution.json: not valid JSON .*VisEdit attribution artifact"):
+        EditPlacement.from_artifact(path, llava)
+    path.unlink()
+    with pytest.raises(ArtifactError, match=r"attribution.json: file not found"):
+        EditPlacement.from_artifact(tmp_path, llava)
 
 
 def test_placement_coercion_and_range(tiny_backbone):
@@ -153,3 +193,115 @@ def test_gradients_flow_into_the_adapter_through_the_model(tiny_backbone, tiny_i
     grads = torch.autograd.grad(loss, params)  # .grad of the shared model stays untouched
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert grads[[n for n, _ in editor.adapter.named_parameters()].index("vead.end.weight")].abs().sum() > 0
+
+
+# -- weights files that do not fit, and fuzzing ---------------------------------------------------------------
+
+def _state(editor) -> dict:
+    return {k: v.clone() for k, v in editor.adapter.state_dict().items()}
+
+
+def _unchanged(editor, before: dict) -> bool:
+    return all(torch.equal(v, before[k]) for k, v in editor.adapter.state_dict().items())
+
+
+@pytest.fixture
+def saved_weights(llava, make_editor, tmp_path):
+    """(editor at layer 0, its weights file, the file's tensors and metadata)."""
+    editor = make_editor(llava, 0, config=VeadConfig(mid_dim=16, n_heads=2, im_hidden=16, im_heads=2, scene_gate=True))
+    editor.adapter.scene.set_reference(torch.randn(5, editor.adapter.width))
+    path = editor.save_weights(tmp_path / "adapter.safetensors")
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    return editor, path, load_file(path), metadata
+
+
+def test_weight_files_that_do_not_fit_are_named_and_nothing_is_loaded(saved_weights, tmp_path):
+    editor, path, tensors, metadata = saved_weights
+    before = _state(editor)
+    begin = tensors["vead.begin.weight"]
+    without = lambda key: {k: v for k, v in metadata.items() if k != key}
+    config = json.loads(metadata["config"])
+    cases = [
+        (path.read_bytes()[:200], None, "not a readable VisEdit adapter weights file"),
+        (b"not safetensors at all", None, "not a readable VisEdit adapter weights file"),
+        (tensors, without("placement"), "adapter weights lack metadata 'placement'"),
+        (tensors, {**metadata, "format": "other/1"}, "not a VisEdit adapter file .format 'other/1'"),
+        (tensors, {**metadata, "config": "{"}, "metadata 'config' is not JSON"),
+        (tensors, {**metadata, "config": "[" * 100_000}, "metadata 'config' is not JSON that can be read"),
+        (tensors, {**metadata, "placement": "9" * 5000}, "metadata 'placement' is not JSON that can be read"),
+        (tensors, {**metadata, "config": json.dumps({**config, "mid_dim": "16"})},
+         "metadata 'config', field 'mid_dim': expected a whole number, found a string"),
+        (tensors, {**metadata, "config": json.dumps({**config, "n_heads": 0})}, r"sizes must be positive"),
+        (tensors, {**metadata, "config": json.dumps({**config, "n_heads": 3})}, "mid_dim 16 is not divisible"),
+        (tensors, {**metadata, "config": json.dumps({**config, "extra": 1})}, "unknown field.s. 'extra'"),
+        (tensors, {**metadata, "width": "-3"}, "metadata 'width' is '-3'"),
+        (tensors, {**metadata, "placement": '{"edit_layer": "0"}'}, "metadata 'placement', field 'edit_layer'"),
+        (tensors, {**metadata, "backbone": "blip2"}, "do not fit this editor .backbone: file has 'blip2'"),
+        ({**tensors, "vead.begin.weight": begin[:, :-1]}, metadata,
+         r"tensor 'vead.begin.weight' has shape \[16, 31\], this editor's adapter weights need \[16, 32\]"),
+        ({k: v for k, v in tensors.items() if k != "im.map_edit.up.bias"}, metadata, "missing 'im.map_edit.up.bias'"),
+        ({**tensors, "vead.extra": begin}, metadata, "unexpected 'vead.extra'"),
+        ({**tensors, "vead.begin.weight": begin.long()}, metadata, "'vead.begin.weight' is torch.int64"),
+        ({**tensors, "vead.begin.weight": begin * float("inf")}, metadata, "'vead.begin.weight': .* NaN or infinite"),
+        ({**tensors, "scene.reference": torch.zeros(5, 7)}, metadata, r"'scene.reference' has shape \[5, 7\]"),
+    ]
+    for data, meta, message in cases:
+        bad = tmp_path / "bad.safetensors"
+        if isinstance(data, bytes):
+            bad.write_bytes(data)
+        else:
+            save_file({k: v.clone().contiguous() for k, v in data.items()}, bad, metadata=meta)
+        with pytest.raises(ArtifactError, match=message) as caught:
+            editor.load_weights(bad)
+        assert str(bad) in str(caught.value) and "\n" not in str(caught.value)
+        assert _unchanged(editor, before)
+    editor.load_weights({**tensors, "scene.reference": torch.zeros(9, 32)})  # its length is the file's
+    assert editor.adapter.scene.reference.shape == (9, 32)
+    with pytest.raises(ArtifactError, match="adapter state dict: does not hold"):
+        editor.load_weights({"x": begin})
+
+
+def _metadata_damage(metadata: dict, draw) -> dict:
+    """One metadata entry removed or replaced; the JSON ones may have one value inside them mutated."""
+    key = draw(st.sampled_from(sorted(metadata)))
+    action = draw(st.sampled_from(["remove", "text", "json"]))
+    if action == "remove":
+        return {k: v for k, v in metadata.items() if k != key}
+    if action == "text" or key not in ("config", "placement"):
+        return {**metadata, key: draw(st.text(max_size=12))}
+    return {**metadata, key: json.dumps(draw(json_mutations(json.loads(metadata[key]))))}
+
+
+def _tensor_damage(tensors: dict, draw) -> dict:
+    name = draw(st.sampled_from(sorted(tensors)))
+    action = draw(st.sampled_from(["drop", "add", "reshape", "retype"]))
+    out = dict(tensors)
+    if action == "drop":
+        del out[name]
+    elif action == "add":
+        out[name + ".x"] = torch.zeros(1)
+    elif action == "reshape":
+        out[name] = torch.rand(tuple(draw(st.lists(st.integers(0, 33), max_size=3))))
+    else:
+        out[name] = tensors[name].to(draw(st.sampled_from([torch.int64, torch.float16, torch.bool])))
+    return out
+
+
+@given(data=st.data())
+def test_fuzz_weight_files(saved_weights, tmp_path, data):
+    editor, path, tensors, metadata = saved_weights
+    bad = tmp_path / "fuzz.safetensors"
+    kind = data.draw(st.sampled_from(["bytes", "metadata", "tensors"]))
+    if kind == "bytes":
+        bad.write_bytes(data.draw(damaged_bytes(path.read_bytes())))
+    else:
+        meta = _metadata_damage(metadata, data.draw) if kind == "metadata" else metadata
+        damaged = _tensor_damage(tensors, data.draw) if kind == "tensors" else tensors
+        save_file({k: v.clone().contiguous() for k, v in damaged.items()}, bad, metadata=meta)
+    before = _state(editor)
+    _, error = valid_or_clean_error(lambda: editor.load_weights(bad), bad)
+    if error is not None:
+        assert _unchanged(editor, before)
+    else:
+        assert all(torch.isfinite(v).all() for v in editor.adapter.state_dict().values())

@@ -1,12 +1,19 @@
-"""The comparison harness: data roles, one process per method, results files, resuming after a cut."""
+"""The comparison harness: data roles, one process per method, results files, resuming after a cut, and
+its results read back checked (fuzzed)."""
 from __future__ import annotations
 
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from attrib.errors import ArtifactError
+from attrib.io import REPOSITORY
 from attrib.world import write_world
-from editing.command.compare import CompareOptions, data_roles, run_compare
+from editing.command.compare import CompareOptions, data_roles, read_method, run_compare
+from editing.command.compare_report import compare_markdown, read_results
+from tests.mutations import json_mutations, valid_or_clean_error
 
 
 @pytest.fixture(scope="module")
@@ -49,3 +56,56 @@ def test_methods_run_apart_and_a_second_run_resumes(world, tiny_dirs, tmp_path):
     run_compare(options)
     assert (tmp_path / "methods" / "lookup.json").stat().st_mtime_ns == stamp  # kept, not run again
     assert (tmp_path / "methods" / "none.json").is_file()
+
+
+# -- reading results back -------------------------------------------------------------------------------------
+
+SHIPPED = REPOSITORY / "figures" / "blip2" / "compare" / "results.json"  # a real comparison's results
+
+
+def test_a_malformed_method_result_stops_a_resumed_run_before_any_method_runs(world, tiny_dirs, tmp_path):
+    options = _options(world, tiny_dirs, tmp_path, methods=("none", "lookup"))
+    (tmp_path / "methods").mkdir()
+    result = json.loads(SHIPPED.read_text())["methods"]["lookup"]
+    cases = [("{", r"lookup.json: not valid JSON"),
+             (json.dumps({**result, "rel": "high"}), r"lookup.json, field 'rel': expected a number or null"),
+             (json.dumps({**result, "mean": float("nan")}), r"lookup.json, field 'mean': nan; expected a finite"),
+             (json.dumps({k: v for k, v in result.items() if k != "protocol"}), r"lookup.json: missing field 'protoc")]
+    for text, message in cases:
+        (tmp_path / "methods" / "lookup.json").write_text(text)
+        with pytest.raises(ArtifactError, match=message + r".*; delete the file to run the method again"):
+            run_compare(options)
+        assert not (tmp_path / "methods" / "none.json").exists()  # refused before "none" ran
+
+
+def test_results_json_is_read_back_checked(tmp_path):
+    results = read_results(SHIPPED)
+    assert "| visedit |" in compare_markdown(results)
+    bad = tmp_path / "results.json"
+    for data, message in [({**results, "methods": {"x": {**results["methods"]["none"], "targets": []}}},
+                           r"in 'methods.x', field 'targets': expected an object or null, found a list"),
+                          ({**results, "roles": {"train": {}, "dev": {}}}, r"in 'roles': missing field 'test'"),
+                          ({**results, "n_test": "300"}, r"field 'n_test': expected a whole number, found a string")]:
+        bad.write_text(json.dumps(data))
+        with pytest.raises(ArtifactError, match=message):
+            read_results(bad)
+
+
+@given(data=st.data())
+def test_fuzz_results_json(tmp_path, data):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(data.draw(json_mutations(json.loads(SHIPPED.read_text())))))
+    results, _ = valid_or_clean_error(lambda: read_results(path), path)
+    if results is not None:
+        compare_markdown(results)  # what the reader let through, the report can render
+
+
+@given(data=st.data())
+def test_fuzz_method_results(tmp_path, data):
+    shipped = json.loads(SHIPPED.read_text())
+    name = data.draw(st.sampled_from(sorted(shipped["methods"])))
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(data.draw(json_mutations(shipped["methods"][name]))))
+    method, _ = valid_or_clean_error(lambda: read_method(path), path)
+    if method is not None:
+        compare_markdown({**shipped, "methods": {**shipped["methods"], name: method}})

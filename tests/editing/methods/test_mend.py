@@ -175,3 +175,34 @@ def test_prepare_loads_a_network_trained_with_the_same_config(trained, tiny_back
         assert torch.equal(mine, theirs), name
     other = make_mend(tiny_backbone, work=work, steps=2)  # another config: trained afresh
     assert "loaded" not in other.prepare(train, dev)
+
+
+def test_a_damaged_network_cache_is_named_and_nothing_is_loaded(tiny_dirs, make_mend, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from attrib.backbones.loader import load_backbone
+    from attrib.errors import ArtifactError
+
+    editor = make_mend(load_backbone("llava", tiny_dirs["llava"]), work=tmp_path)
+    path, key = tmp_path / "mend.safetensors", editor._run_key([])
+    editor._save(path, key, {"steps": 1})
+    raw, tensors = path.read_bytes(), load_file(path)
+    meta = {"key": key, "report": "{}"}
+    name = next(k for k, v in sorted(tensors.items()) if v.dim() == 2)
+    before = {k: v.clone() for k, v in editor.net.state_dict().items()}
+    cases = [(lambda: path.write_bytes(raw[:-9]), "not a readable MEND network cache"),
+             (lambda: save_file({**tensors, name: tensors[name][..., :1].clone()}, path, metadata=meta),
+              f"tensor '{name}' has shape .*; delete it to train again"),
+             (lambda: save_file({**tensors, "extra": torch.zeros(1)}, path, metadata=meta), "unexpected 'extra'"),
+             (lambda: save_file(tensors, path, metadata={"key": key, "report": "{"}), "metadata 'report' is not JSON"),
+             (lambda: save_file(tensors, path, metadata={"key": key}), "metadata 'report': missing; expected JSON"),
+             (lambda: save_file(tensors, path, metadata={"key": key, "report": "[]"}), "'report' is not a JSON object")]
+    for damage, message in cases:
+        damage()
+        with pytest.raises(ArtifactError, match=message):
+            editor._load(path, key)
+        assert all(torch.equal(v, before[k]) for k, v in editor.net.state_dict().items())
+    save_file({"extra": torch.zeros(1)}, path, metadata={"key": "another run"})
+    assert editor._load(path, key) is None  # trained otherwise: trained again, not refused
+    path.write_bytes(raw)
+    assert editor._load(path, key) == {"steps": 1}

@@ -171,3 +171,34 @@ def test_an_edited_view_refuses_inputs_it_did_not_encode(serac, tiny_world):
             editor.backbone.forward(inputs)
     finally:
         editor.restore()
+
+
+def test_a_phase_cache_is_written_atomically_and_a_damaged_one_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    from attrib.errors import ArtifactError
+    from editing.methods.serac_parts import run_phase
+
+    module, calls = torch.nn.Linear(3, 2), []
+    train = lambda: calls.append(1) or {"steps": 5}  # noqa: E731
+    assert run_phase(tmp_path, "phase", {"a": 1}, module, ["weight"], train)["steps"] == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["phase.json", "phase.safetensors"]  # no temporary left
+    assert run_phase(tmp_path, "phase", {"a": 1}, module, ["weight"], train)["resumed"] and len(calls) == 1
+    weights, meta = tmp_path / "phase.safetensors", tmp_path / "phase.json"
+    raw, text = weights.read_bytes(), meta.read_text()
+    before = module.weight.detach().clone()
+    cases = [(lambda: meta.write_text("{"), "phase.json: not valid JSON"),
+             (lambda: meta.write_text('{"signature": [1]}'), "phase.json, field 'signature': expected an object"),
+             (lambda: meta.write_text('{"signature": {"a": 1}}'), "phase.json: missing field 'report'"),
+             (lambda: weights.write_bytes(raw[:20]), "phase.safetensors: not a readable SERAC phase cache"),
+             (lambda: save_file({"weight": torch.zeros(2, 4)}, weights), r"'weight' has shape \[2, 4\]"),
+             (lambda: save_file({"weight": torch.zeros(2, 3), "bias": torch.zeros(2)}, weights), "unexpected 'bias'"),
+             (lambda: save_file({"weight": torch.full((2, 3), float("nan"))}, weights), "NaN or infinite")]
+    for damage, message in cases:
+        weights.write_bytes(raw)
+        meta.write_text(text)
+        damage()
+        with pytest.raises(ArtifactError, match=message):
+            run_phase(tmp_path, "phase", {"a": 1}, module, ["weight"], train)
+        assert torch.equal(module.weight, before)
+    assert run_phase(tmp_path, "phase", {"a": 2}, module, ["weight"], train)["steps"] == 5 and len(calls) == 2

@@ -1,19 +1,24 @@
 """Training on a tiny backbone: the loss falls, a seed fixes the weights, and a killed run resumes to
-bit-identical weights; checkpoints are refused or resumed as asked."""
+bit-identical weights; checkpoints are refused or resumed as asked; a NaN or infinite loss stops the run
+before it reaches a checkpoint (kills by a real SIGKILL: tests/test_kills.py)."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from attrib.backbones.loader import load_backbone
 from attrib.data import load_records
+from attrib.errors import TrainingDiverged
 from editing.adapter.scenes import visual_states
 from editing.adapter.split import SplitForward
 from editing.adapter.vead import VeadConfig
 from editing.adapter.visedit import EditPlacement
 from editing.inputs import target_lengths
+from editing.training import losses
 from editing.training.checkpoint import STATE_FILE
 from editing.training.examples import example_rows
 from editing.training.trainer import TrainConfig, Trainer, reset_adapter, train
@@ -190,3 +195,48 @@ def test_a_step_in_parts_gives_the_one_pass_gradient(name, same_image, tiny_dirs
         assert grads.keys() == whole.keys()
         for key in whole:
             torch.testing.assert_close(grads[key], whole[key], rtol=1e-3, atol=1e-6, msg=f"{rows} rows: {key}")
+
+
+@pytest.mark.parametrize(("rows_per_backward", "poisoned", "term"), [(0, "target_nll", "rel"),
+                                                                     (3, "im_alignment", "align")])
+def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(rows_per_backward, poisoned, term, llava,
+                                                                     records, make_editor, tmp_path, monkeypatch):
+    """A NaN loss term at step 3 (a poisoned loss function; the step in one pass or in parts) stops the run
+    before the optimizer step, naming step, batch and term; the step-2 checkpoint stays, with finite weights."""
+    editor = make_editor(llava, EditPlacement(0, (1,), 1))
+    config = TrainConfig(steps=5, batch_size=2, lr=1e-2, influence_draws=1, checkpoint_every=1,
+                         rows_per_backward=rows_per_backward)
+    real, at = getattr(losses, poisoned), {"step": 0}
+    monkeypatch.setattr(losses, poisoned, lambda *a: real(*a) * (float("nan") if at["step"] == 3 else 1.0))
+    before = {}
+
+    def count(step, _):
+        at["step"] = step + 1
+        if step == 2:
+            before.update(_weights(editor))
+
+    with pytest.raises(TrainingDiverged) as stopped:
+        train(editor, records, config, tmp_path, progress=False, on_step=count)
+    message = str(stopped.value)
+    assert re.fullmatch(rf"step 3, batch of records \[\d+, \d+\]: loss term '{term}' is nan; stopped before the "
+                        rf"optimizer step; the last good checkpoint \(step 2\) is kept in {re.escape(str(tmp_path))}",
+                        message), message
+    assert all(torch.equal(v, before[k]) for k, v in _weights(editor).items())  # the NaN never reached the weights
+    assert json.loads((tmp_path / STATE_FILE).read_text())["step"] == 2
+    kept = load_file(tmp_path / "adapter-step0000002.safetensors")
+    assert all(torch.isfinite(t).all() for t in kept.values())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "adapter-step0000002.safetensors", "optimizer-step0000002.safetensors", STATE_FILE]
+
+
+def test_a_learning_rate_that_blows_up_stops_training_before_a_bad_checkpoint(llava, records, make_editor, tmp_path):
+    editor = make_editor(llava, EditPlacement(0, (1,), 1))
+    config = TrainConfig(steps=6, batch_size=2, lr=1e36, influence_draws=1, checkpoint_every=1)
+    diverged = (r"^step \d, batch of records \[\d+, \d+\]: (loss term '\w+' is (-?inf|nan)|the gradient of"
+                r"|the optimizer step made adapter weight)")
+    with pytest.raises(TrainingDiverged, match=diverged) as stopped:
+        train(editor, records, config, tmp_path, progress=False)
+    print(stopped.value)
+    state = json.loads((tmp_path / STATE_FILE).read_text()) if (tmp_path / STATE_FILE).is_file() else None
+    if state is not None:  # whatever was kept is finite
+        assert all(torch.isfinite(t).all() for t in load_file(tmp_path / state["weights"]).values())
