@@ -40,7 +40,7 @@ from benchmarks.cases import explain_trace_overhead, region_sweep_case, trace_ov
 from benchmarks.editing_cases import scaled_vead_config, vead_case
 from benchmarks.setups import FULL_SHAPES, QUICK_SHAPES, BenchModel, BenchShapes, default_llava, random_llava
 from editing.adapter.vead import lm_width
-from editing.command.run import sized_vead_config
+from editing.training.recipe import sized_vead_config
 
 
 @dataclass(frozen=True)

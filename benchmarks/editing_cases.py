@@ -15,11 +15,11 @@ from benchmarks.timing import interleaved
 from editing.adapter.split import SplitForward
 from editing.adapter.vead import VeadConfig, count_parameters, lm_width
 from editing.adapter.visedit import VisEditEditor
-from editing.command.run import sized_vead_config
 from editing.editor import EditRequest
 from editing.inputs import teacher_forced_batch
 from editing.training.examples import answer_positions
 from editing.training.losses import target_nll
+from editing.training.recipe import sized_vead_config
 
 
 def scaled_vead_config(width: int) -> VeadConfig:

@@ -257,9 +257,9 @@ def _edit(backbone: Backbone, records, placement, steps: list[Step], train_steps
     records (bit-exact restore checked after each edit), and one more restore check of our own."""
     from editing.adapter.vead import EditAdapter, count_parameters, lm_width
     from editing.adapter.visedit import VisEditEditor
-    from editing.command.run import default_lr, sized_vead_config
     from editing.editor import EditRequest
     from editing.evaluation.evaluate import evaluate_edits
+    from editing.training.recipe import default_lr, sized_vead_config
     from editing.training.trainer import TrainConfig, train
 
     width = lm_width(backbone.config)

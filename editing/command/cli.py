@@ -13,7 +13,8 @@ from pathlib import Path
 from attrib.commands import WORLD, add_model_arguments
 from editing.adapter.scene_gate import SCENE_SIMILARITIES
 from editing.command.compare import CompareOptions, run_compare
-from editing.command.run import TASKS, EditOptions, default_steps, run_edit
+from editing.command.run import TASKS, EditOptions, run_edit
+from editing.training.recipe import default_steps
 
 
 def edit_arguments(p: argparse.ArgumentParser) -> None:

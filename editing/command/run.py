@@ -34,6 +34,7 @@ from editing.command.report import METRICS, results_markdown
 from editing.editor import Editor, EditRequest
 from editing.evaluation.evaluate import evaluate_edits
 from editing.evaluation.localisation import im_maps
+from editing.training.recipe import default_lr, default_steps, sized_vead_config
 from editing.training.trainer import TrainConfig, train
 
 TASKS = ("vqa", "caption")
@@ -75,31 +76,6 @@ class EditOptions:
     def output(self) -> Path:
         """The output folder: ``out``, or runs/edit/<backbone>."""
         return self.out or Path("runs/edit") / self.backbone
-
-
-def default_steps(backbone: str) -> int:
-    """Training steps when none are asked for: 2,000 (at 1,000 the losses were still falling fast; twice as
-    many gained nothing beyond the run-to-run spread), 1,750 for LLaVA, whose rows carry 64 visual tokens
-    (a step takes ~4x BLIP-2's) and whose T-Gen fell at 1,500 (docs/experiments/editing-training.md)."""
-    return 1750 if backbone == "llava" else 2000
-
-
-def default_lr(width: int) -> float:
-    """Adam LR of the adapter: the paper's 1e-4 for 7B-scale LMs (width ≥ 2048); 1e-3 below, where 1e-4
-    learnt less than half as fast on the 128-wide defaults (docs/experiments/editing-training.md)."""
-    return 1e-4 if width >= 2048 else 1e-3
-
-
-def sized_vead_config(width: int, mid_dim: int | None = None, heads: int | None = None,
-                      scene_gate: bool = False, scene_similarity: str = "salient",
-                      target_role: bool = False) -> VeadConfig:
-    """Adapter sizes from the LM width: the paper's mid 1024 from width 2048 up (7B: 4096 → 1024,
-    OPT-2.7B: 2560 → 1024), the width itself below (small LMs would otherwise get a wider adapter than
-    model); heads: the largest of 8, 4, 2, 1 that divides."""
-    mid = mid_dim or (1024 if width >= 2048 else width)
-    pick = lambda n: next(h for h in (8, 4, 2, 1) if n % h == 0)  # noqa: E731
-    return VeadConfig(mid_dim=mid, n_heads=heads or pick(mid), im_hidden=mid, im_heads=pick(width),
-                      scene_gate=scene_gate, scene_similarity=scene_similarity, target_role=target_role)
 
 
 def inference_overhead(editor: Editor, records: list[EditRecord], task: str, repeats: int = 5) -> float | None:

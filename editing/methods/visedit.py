@@ -15,8 +15,8 @@ from typing import Sequence
 from attrib.data import EditRecord
 from editing.adapter.vead import lm_width
 from editing.adapter.visedit import VisEditEditor
-from editing.command.run import default_lr, default_steps, sized_vead_config
 from editing.methods import MethodContext
+from editing.training.recipe import default_lr, default_steps, sized_vead_config
 from editing.training.trainer import TrainConfig, train
 
 

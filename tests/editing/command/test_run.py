@@ -7,7 +7,6 @@ import shutil
 
 import pytest
 
-from editing.command.run import default_lr, sized_vead_config
 from visedit.cli import main
 
 VISEDIT_KEYS = {"rel", "t_gen", "m_gen", "t_loc", "m_loc", "exact_match", "secondary", "m_loc_same_object",
@@ -117,14 +116,3 @@ def test_unknown_backbone_lists_the_choices_and_no_progress_silences_transformer
         hf_logging.enable_progress_bar()
     err = capsys.readouterr().err.strip()
     assert err == "error: unknown backbone 'gpt'; choose one of: blip2, llava, minigpt4"
-
-
-def test_default_lr_follows_the_width():
-    assert default_lr(4096) == 1e-4 and default_lr(2560) == 1e-4 and default_lr(128) == 1e-3
-
-
-def test_adapter_is_sized_from_the_width():
-    assert sized_vead_config(4096).mid_dim == 1024 and sized_vead_config(2560).im_heads == 8
-    small = sized_vead_config(128)
-    assert (small.mid_dim, small.n_heads, small.im_heads) == (128, 8, 8)
-    assert sized_vead_config(36, heads=3).n_heads == 3 and sized_vead_config(36).im_heads == 4

@@ -12,6 +12,7 @@ from editing.editor import EditRequest
 from editing.methods import METHODS, MethodContext, build_method, method_config
 from editing.methods.common import target_loss
 from editing.methods.finetune import FinetuneConfig, bridge_parameters, build, mlp_output_projection
+from tests.editing.methods.forward import logits
 
 PROMPT = "what color is the circle? The answer is:"
 TEXT_PROMPT = "nq question: what is the capital of zorbia?"
@@ -36,10 +37,6 @@ def make_ft():
 
 
 @torch.no_grad()
-def _logits(backbone, images, prompt):
-    return backbone.forward(backbone.encode(images, [prompt]), use_cache=False).logits
-
-
 def _changed(backbone, before: dict[str, torch.Tensor]) -> set[str]:
     return {name for name, p in backbone.model.named_parameters() if not torch.equal(p, before[name])}
 
@@ -94,16 +91,16 @@ def test_on_the_shipped_models_the_configured_edit_is_learnt(tiny_world, backbon
 
 @pytest.mark.parametrize("name", ["ft_l", "ft_v"])
 def test_restore_gives_bit_identical_logits_on_image_and_text_inputs(tiny_backbone, tiny_images, make_ft, name):
-    before_image = _logits(tiny_backbone, [tiny_images[1]], PROMPT)
-    before_text = _logits(tiny_backbone, None, TEXT_PROMPT)
+    before_image = logits(tiny_backbone, [tiny_images[1]], PROMPT)
+    before_text = logits(tiny_backbone, None, TEXT_PROMPT)
     flags = [p.requires_grad for p in tiny_backbone.model.parameters()]
     editor = make_ft(tiny_backbone, name, **QUICK)
     editor.edit(EditRequest(tiny_images[0], PROMPT, "blue"))
     editor.edit(EditRequest(tiny_images[1], PROMPT, "yes"))  # edits stack until restore
-    assert not torch.equal(_logits(editor.backbone, [tiny_images[1]], PROMPT), before_image)
+    assert not torch.equal(logits(editor.backbone, [tiny_images[1]], PROMPT), before_image)
     editor.restore()
-    assert torch.equal(_logits(editor.backbone, [tiny_images[1]], PROMPT), before_image)
-    assert torch.equal(_logits(editor.backbone, None, TEXT_PROMPT), before_text)
+    assert torch.equal(logits(editor.backbone, [tiny_images[1]], PROMPT), before_image)
+    assert torch.equal(logits(editor.backbone, None, TEXT_PROMPT), before_text)
     assert [p.requires_grad for p in tiny_backbone.model.parameters()] == flags
 
 
@@ -136,13 +133,13 @@ def test_ft_v_changes_only_the_bridge_and_never_a_text_only_input(tiny_backbone,
     tuned = {id(p) for p in bridge_parameters(tiny_backbone, 1)}
     assert {id(p) for p in tiny_backbone.module(projection).parameters()} <= tuned
     before = _state(tiny_backbone)
-    text_before = _logits(tiny_backbone, None, TEXT_PROMPT)
+    text_before = logits(tiny_backbone, None, TEXT_PROMPT)
     editor.edit(EditRequest(tiny_images[0], PROMPT, "blue"))
     changed = _changed(tiny_backbone, before)
     assert any(name.startswith(projection) for name in changed)
     assert all(name.startswith(tiny_backbone.spec.bridge) for name in changed)
     assert {id(p) for n, p in tiny_backbone.model.named_parameters() if n in changed} <= tuned
-    assert torch.equal(_logits(editor.backbone, None, TEXT_PROMPT), text_before)
+    assert torch.equal(logits(editor.backbone, None, TEXT_PROMPT), text_before)
 
 
 def test_ft_v_tunes_the_last_qformer_layers_it_is_told(tiny_backbone):

@@ -12,6 +12,7 @@ from editing.editor import EditRequest
 from editing.inputs import teacher_forced_batch
 from editing.methods import MethodContext, build_method, method_config
 from editing.methods.ike import NEW_FACT, IkeEditor, InContextBackbone, demonstrations, embed_texts
+from tests.editing.methods.forward import logits
 
 PROMPT = "what color is the circle? The answer is:"
 TEXT_PROMPT = "nq question: what is the capital of zorbia?"
@@ -34,10 +35,6 @@ def make_ike():
 
 
 @torch.no_grad()
-def _logits(backbone, images, prompt):
-    return backbone.forward(backbone.encode(images, [prompt]), use_cache=False).logits
-
-
 def test_the_config_loads_with_easyedits_k():
     assert method_config("ike", "blip2")["k"] == 32
 
@@ -97,21 +94,21 @@ def test_every_prompt_gets_the_context_inside_the_template(tiny_backbone, tiny_i
     plain_batch = teacher_forced_batch(tiny_backbone, [tiny_images[0]], [PROMPT], ["blue"])
     assert batch.inputs["input_ids"].shape[1] > plain_batch.inputs["input_ids"].shape[1]
     assert batch.labels(0).tolist() == target_token_ids(view, PROMPT, "blue")
-    assert _logits(view, None, TEXT_PROMPT).shape[1] > _logits(tiny_backbone, None, TEXT_PROMPT).shape[1]
+    assert logits(view, None, TEXT_PROMPT).shape[1] > logits(tiny_backbone, None, TEXT_PROMPT).shape[1]
 
 
 def test_restore_gives_bit_identical_logits_on_image_and_text_inputs(tiny_backbone, tiny_images, tiny_world,
                                                                     make_ike):
-    before_image = _logits(tiny_backbone, [tiny_images[1]], PROMPT)
-    before_text = _logits(tiny_backbone, None, TEXT_PROMPT)
+    before_image = logits(tiny_backbone, [tiny_images[1]], PROMPT)
+    before_text = logits(tiny_backbone, None, TEXT_PROMPT)
     editor = make_ike(tiny_backbone, k=2)
     editor.prepare(load_records(tiny_world / "vqa_train.json"), [])
     editor.edit(EditRequest(tiny_images[0], PROMPT, "blue"))
-    assert not torch.equal(_logits(editor.backbone, None, TEXT_PROMPT)[:, -1], before_text[:, -1])
+    assert not torch.equal(logits(editor.backbone, None, TEXT_PROMPT)[:, -1], before_text[:, -1])
     editor.restore()
     assert editor.backbone is tiny_backbone
-    assert torch.equal(_logits(editor.backbone, [tiny_images[1]], PROMPT), before_image)
-    assert torch.equal(_logits(editor.backbone, None, TEXT_PROMPT), before_text)
+    assert torch.equal(logits(editor.backbone, [tiny_images[1]], PROMPT), before_image)
+    assert torch.equal(logits(editor.backbone, None, TEXT_PROMPT), before_text)
 
 
 def test_demonstrations_that_do_not_fit_the_positions_are_dropped(tiny_backbone, tiny_images, tiny_world,

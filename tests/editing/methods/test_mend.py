@@ -11,6 +11,7 @@ from editing.evaluation.metrics import predict_rows
 from editing.methods import MethodContext, build_method, method_config
 from editing.methods.common import target_loss
 from editing.methods.mend_net import edit_factors, frozen, low_rank_update
+from tests.editing.methods.forward import logits
 
 PROMPT = "what color is the circle? The answer is:"
 SMALL = {"n_edit_layers": 2, "rank": 16, "steps": 40, "batch_size": 2, "lr": 1e-3, "lr_lr": 1e-3, "eval_every": 20,
@@ -50,10 +51,6 @@ def _hook_count(model) -> int:
 
 
 @torch.no_grad()
-def _logits(backbone, images, prompt):
-    return backbone.forward(backbone.encode(images, [prompt]), use_cache=False).logits
-
-
 def test_the_rank_one_terms_sum_to_the_weight_gradient(tiny_backbone, tiny_images, make_mend):
     editor = make_mend(tiny_backbone)
     with frozen(tiny_backbone.model):
@@ -94,13 +91,13 @@ def test_an_edit_makes_the_target_the_teacher_forced_answer(tiny_backbone, tiny_
 
 def test_restore_is_bit_exact_on_image_and_text_inputs(tiny_backbone, tiny_images, make_mend):
     editor = make_mend(tiny_backbone, edit_lr=50.0)
-    image_before, text_before = _logits(tiny_backbone, [tiny_images[1]], PROMPT), _logits(tiny_backbone, None, PROMPT)
+    image_before, text_before = logits(tiny_backbone, [tiny_images[1]], PROMPT), logits(tiny_backbone, None, PROMPT)
     editor.edit(EditRequest(tiny_images[0], PROMPT, "blue"))
-    assert not torch.equal(_logits(tiny_backbone, [tiny_images[1]], PROMPT), image_before)
-    assert not torch.equal(_logits(tiny_backbone, None, PROMPT), text_before)  # text_edits: the LM's weights change
+    assert not torch.equal(logits(tiny_backbone, [tiny_images[1]], PROMPT), image_before)
+    assert not torch.equal(logits(tiny_backbone, None, PROMPT), text_before)  # text_edits: the LM's weights change
     editor.restore()
-    assert torch.equal(_logits(tiny_backbone, [tiny_images[1]], PROMPT), image_before)
-    assert torch.equal(_logits(tiny_backbone, None, PROMPT), text_before)
+    assert torch.equal(logits(tiny_backbone, [tiny_images[1]], PROMPT), image_before)
+    assert torch.equal(logits(tiny_backbone, None, PROMPT), text_before)
 
 
 def test_an_edit_changes_only_the_edited_projections(tiny_backbone, tiny_images, make_mend):
@@ -125,9 +122,9 @@ def test_the_functional_update_equals_adding_delta_w(tiny_backbone, tiny_images,
     with torch.no_grad():
         transformed = editor.net.transform(factors)
         with low_rank_update(editor.modules, transformed, editor.net.edit_lrs, torch.arange(1)):
-            functional = _logits(tiny_backbone, [tiny_images[1]], PROMPT)
+            functional = logits(tiny_backbone, [tiny_images[1]], PROMPT)
     editor.edit(EditRequest(tiny_images[0], PROMPT, "blue"))
-    torch.testing.assert_close(_logits(tiny_backbone, [tiny_images[1]], PROMPT), functional, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits(tiny_backbone, [tiny_images[1]], PROMPT), functional, rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")

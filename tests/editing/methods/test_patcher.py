@@ -11,6 +11,7 @@ from editing.editor import EditRequest
 from editing.inputs import teacher_forced_batch
 from editing.methods import MethodContext, build_method, method_config
 from editing.methods.patcher import PatcherConfig, ffn_modules
+from tests.editing.methods.forward import logits
 
 FAST = {"steps": 300, "lr": 0.05, "memory_records": 8, "memory_batch": 2, "memory_tail": 4, "memory_other": 2}
 PROMPT = "what color is the circle?"
@@ -39,11 +40,6 @@ def _answer_argmax(backbone, image, prompt: str, target: str) -> tuple[torch.Ten
     return batch.answer_logits(logits, 0).argmax(-1), batch.labels(0)
 
 
-def _logits(backbone, images, prompts) -> torch.Tensor:
-    with torch.no_grad():
-        return backbone.forward(backbone.encode(images, prompts), use_cache=False).logits
-
-
 @pytest.mark.parametrize(("neurons", "target"), [("edit", "blue"), ("token", "blue square")])
 def test_edit_makes_the_target_the_prediction(tiny_backbone, tiny_images, make_patcher, neurons, target):
     predicted, labels = _answer_argmax(tiny_backbone, tiny_images[0], PROMPT, target)
@@ -58,14 +54,14 @@ def test_edit_makes_the_target_the_prediction(tiny_backbone, tiny_images, make_p
 def test_restore_is_bit_exact_on_image_and_text_inputs(tiny_backbone, tiny_images, make_patcher):
     input_module, output_module = ffn_modules(tiny_backbone, tiny_backbone.n_layers - 1)
     hooks = (len(input_module._forward_pre_hooks), len(output_module._forward_hooks))
-    image_before = _logits(tiny_backbone, tiny_images[:1], [PROMPT])
-    text_before = _logits(tiny_backbone, None, [PROMPT])
+    image_before = logits(tiny_backbone, tiny_images[:1], [PROMPT])
+    text_before = logits(tiny_backbone, None, [PROMPT])
     editor = make_patcher(tiny_backbone)
     editor.edit(EditRequest(tiny_images[0], PROMPT, "blue"))
-    assert not torch.equal(_logits(tiny_backbone, tiny_images[:1], [PROMPT]), image_before)
+    assert not torch.equal(logits(tiny_backbone, tiny_images[:1], [PROMPT]), image_before)
     editor.restore()
-    assert torch.equal(_logits(tiny_backbone, tiny_images[:1], [PROMPT]), image_before)
-    assert torch.equal(_logits(tiny_backbone, None, [PROMPT]), text_before)
+    assert torch.equal(logits(tiny_backbone, tiny_images[:1], [PROMPT]), image_before)
+    assert torch.equal(logits(tiny_backbone, None, [PROMPT]), text_before)
     assert (len(input_module._forward_pre_hooks), len(output_module._forward_hooks)) == hooks
     editor.restore()  # a second restore is a no-op
 
@@ -86,12 +82,12 @@ def test_only_the_patch_learns(tiny_backbone, tiny_images, make_patcher):
 
 def test_patch_acts_on_text_only_inputs(tiny_backbone, tiny_images, make_patcher):
     assert make_patcher(tiny_backbone).text_edits
-    before = _logits(tiny_backbone, None, [PROMPT])
+    before = logits(tiny_backbone, None, [PROMPT])
     editor = make_patcher(tiny_backbone)
     editor.edit(EditRequest(tiny_images[0], PROMPT, "blue"))
     with torch.no_grad():
         editor.hook.neurons.bias.fill_(1e4)  # fire everywhere: the text LM's FFN carries the patch too
-    assert not torch.allclose(_logits(tiny_backbone, None, [PROMPT]), before)
+    assert not torch.allclose(logits(tiny_backbone, None, [PROMPT]), before)
 
 
 def test_training_shortcut_equals_the_hooked_model(tiny_backbone, tiny_images, make_patcher):
@@ -125,13 +121,13 @@ def test_memory_inputs_keep_their_logits(tiny_backbone, tiny_world, make_patcher
     editor.prepare(train, [])
     images = [r.load_image("image") for r in train]
     prompts = [load_prompts()["vqa"].format(src=r.src) for r in train]
-    before = [_logits(tiny_backbone, [image], [prompt])[0, -1] for image, prompt in zip(images, prompts)]
+    before = [logits(tiny_backbone, [image], [prompt])[0, -1] for image, prompt in zip(images, prompts)]
     report = editor.edit(EditRequest.from_record(record))
     assert report["silent"] and "memory" in report
     z = editor.hook.neurons.pre_activation(editor.memory)
     assert (z <= 0).all()  # the neuron stays silent on every stored memory state
     for image, prompt, reference in zip(images, prompts, before):
-        assert torch.allclose(_logits(tiny_backbone, [image], [prompt])[0, -1], reference, atol=1e-4)
+        assert torch.allclose(logits(tiny_backbone, [image], [prompt])[0, -1], reference, atol=1e-4)
 
 
 def test_config_is_checked():
