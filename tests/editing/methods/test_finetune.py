@@ -36,7 +36,6 @@ def make_ft():
         editor.restore()
 
 
-@torch.no_grad()
 def _changed(backbone, before: dict[str, torch.Tensor]) -> set[str]:
     return {name for name, p in backbone.model.named_parameters() if not torch.equal(p, before[name])}
 

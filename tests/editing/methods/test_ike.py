@@ -34,7 +34,6 @@ def make_ike():
         editor.restore()
 
 
-@torch.no_grad()
 def test_the_config_loads_with_easyedits_k():
     assert method_config("ike", "blip2")["k"] == 32
 

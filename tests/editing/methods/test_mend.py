@@ -50,7 +50,6 @@ def _hook_count(model) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
 
 
-@torch.no_grad()
 def test_the_rank_one_terms_sum_to_the_weight_gradient(tiny_backbone, tiny_images, make_mend):
     editor = make_mend(tiny_backbone)
     with frozen(tiny_backbone.model):
