@@ -53,7 +53,7 @@ WORLD_EVAL := $(WORLD)/vqa_eval.json
 on = $(filter 1 yes true,$(1))
 opt = $(if $(2),$(1) $(2),)
 
-.PHONY: help setup test lint heatmaps validate edit compare scenes bench smoke-full world toy-models clean
+.PHONY: help setup test lint heatmaps validate edit compare scenes bench smoke-full world toy-models notebooks clean
 
 help: ## list the targets and variables
 	@echo "Targets:"
@@ -119,6 +119,33 @@ world: setup ## the synthetic world with seed SEED in OUT (default runs/world-SE
 
 toy-models: setup ## retrain the default models (resumable); OUT=attrib/defaults/models replaces the shipped ones
 	$(VISEDIT) train-defaults --backbones $(BACKBONES) $(call opt,--out,$(OUT))
+
+# Each notebook runs in its own kernel from notebooks/ (as Jupyter opens it), so paths are made absolute; the
+# executed copy, outputs and all, goes to runs/notebooks/BACKBONE/ (OUT) and the committed ones stay without.
+define RUN_NOTEBOOK
+import sys, time
+from pathlib import Path
+import nbformat
+from nbclient import NotebookClient
+source, out = Path(sys.argv[1]), Path(sys.argv[2])
+notebook = nbformat.read(source, as_version=4)
+start = time.perf_counter()
+try:
+    NotebookClient(notebook, timeout=1800, kernel_name="python3", resources={"metadata": {"path": str(source.parent)}}).execute()
+finally:
+    out.mkdir(parents=True, exist_ok=True)
+    nbformat.write(notebook, out / source.name)
+print(f"{source}: {time.perf_counter() - start:.0f} s -> {out / source.name}")
+endef
+export RUN_NOTEBOOK
+
+notebooks: setup ## run notebooks/ top to bottom on BACKBONE (and MODEL, DATA, CHECKPOINT...) → runs/notebooks/
+	@for notebook in notebooks/[0-9]*.ipynb; do \
+		VISEDIT_BACKBONE=$(BACKBONE) VISEDIT_MODEL=$(abspath $(MODEL)) VISEDIT_DATA=$(abspath $(DATA)) \
+		VISEDIT_IMAGES=$(abspath $(IMAGES)) VISEDIT_TRAIN=$(abspath $(TRAIN)) VISEDIT_STEPS=$(STEPS) \
+		VISEDIT_ATTRIBUTION=$(abspath $(ATTRIBUTION)) VISEDIT_ADAPTER=$(abspath $(CHECKPOINT)) \
+		$(PY) -c "$$RUN_NOTEBOOK" $$notebook $(if $(OUT),$(OUT),runs/notebooks/$(BACKBONE)) || exit 1; \
+	done
 
 clean: ## remove the virtual environment and caches (not runs/)
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
