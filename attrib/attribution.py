@@ -44,6 +44,7 @@ from attrib.io import (
     stored_path,
     writable_dir,
 )
+from attrib.parallel import barrier, gather, processes
 from attrib.placement import Placement, place_edit
 from attrib.prompts import load_prompts
 from attrib.regions.registry import methods_for, sweep_plan
@@ -212,20 +213,42 @@ class AttributionWork:
         self.key = digest.hexdigest()[:16]
         self.folder = None if self.root is None else self.root / self.key
         self._lock = None if self.root is None else OutputLock(self.root)
+        self.procs = processes()
 
     def __enter__(self) -> "AttributionWork":
-        if self._lock is not None:
+        if self._lock is not None and self.procs.main:  # several processes: the main one locks and tidies
             self._lock.__enter__()
             for other in self.root.iterdir():
                 if other.is_dir() and other.name != self.key:  # another run's chunks: never reused
                     shutil.rmtree(other, ignore_errors=True)
             self.folder.mkdir(exist_ok=True)
             remove_partial_writes(self.folder)  # a chunk the last run was killed writing
+        barrier()
+        if self.folder is not None and not self.procs.main:
+            self.folder.mkdir(parents=True, exist_ok=True)  # the others' own disk when not shared
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._lock is not None:
+        if exc[0] is None:
+            barrier()
+        if self._lock is not None and self.procs.main:
             self._lock.__exit__(*exc)
+
+    def chunks(self, prefix: str, compute: Callable[[int, int], tuple[dict[str, torch.Tensor], dict]],
+               spans: list[tuple[int, int]], desc: str, progress: bool) -> list[tuple[dict[str, torch.Tensor], dict]]:
+        """`chunk` over ``spans`` (named ``<prefix>-<lo>``), in order. Under several processes each does its
+        round-robin share and every process gets all of them back (`attrib.parallel`): the chunks are the
+        same computations as alone, so the merged result equals a one-process run's."""
+        mine = self.procs.round_robin(range(len(spans)))
+        if self.procs.several:
+            desc = f"{desc} (process {self.procs.rank} of {self.procs.world})"
+        done = {k: self.chunk(f"{prefix}-{spans[k][0]:06d}", compute, *spans[k])
+                for k in tqdm(mine, desc=desc, disable=not progress)}
+        if self.procs.several:
+            moved = {k: ({name: t.detach().cpu() for name, t in tensors.items()}, meta)
+                     for k, (tensors, meta) in done.items()}
+            done = {k: part for shares in gather(moved) for k, part in shares.items()}
+        return [done[k] for k in range(len(spans))]
 
     def chunk(self, name: str, compute: Callable[[int, int], tuple[dict[str, torch.Tensor], dict]], lo: int,
               hi: int) -> tuple[dict[str, torch.Tensor], dict]:
@@ -257,10 +280,8 @@ def _contribution(kept: AttributionWork, backbone: Backbone, images: list, promp
 
     if not prompts:
         return contribution(backbone, images, prompts)  # refuses, as with no records at all
-    parts = []
-    for lo, hi in tqdm(_chunks(len(prompts), batch_size), desc="contribution",
-                       disable=not progress or len(prompts) <= batch_size):
-        parts.append(kept.chunk(f"contribution-{lo:06d}", compute, lo, hi)[0])
+    parts = [tensors for tensors, _ in kept.chunks("contribution", compute, _chunks(len(prompts), batch_size),
+                                                    "contribution", progress and len(prompts) > batch_size)]
     return ContributionResult(backbone=backbone.spec.name, model_fingerprint=backbone.fingerprint(),
                               **{name: torch.cat([part[name] for part in parts]) for name in parts[0]})
 
@@ -274,11 +295,10 @@ def _regions(kept: AttributionWork, name: str, backbone: Backbone, images: list,
 
     if not prompts:
         return region_sweep(backbone, images, prompts, method, regions, layers, progress=False)
-    maps, meta = [], {}
-    for lo, hi in tqdm(_chunks(len(prompts), batch_size), desc=method.name, disable=not progress):
-        tensors, meta = kept.chunk(f"regions-{name}-{lo:06d}", compute, lo, hi)
-        maps.append(tensors["maps"])
-    return RegionResult(torch.cat(maps), meta["layers"], regions, meta["method"], meta["meta"])
+    parts = kept.chunks(f"regions-{name}", compute, _chunks(len(prompts), batch_size), method.name, progress)
+    meta = parts[-1][1]
+    return RegionResult(torch.cat([tensors["maps"] for tensors, _ in parts]), meta["layers"], regions, meta["method"],
+                        meta["meta"])
 
 
 def _ceiling(kept: AttributionWork, backbone: Backbone, cases: list, size: int, progress: bool) -> CeilingResult:
@@ -288,8 +308,8 @@ def _ceiling(kept: AttributionWork, backbone: Backbone, cases: list, size: int, 
             {"indices": part.indices}
 
     flips, clean, counterfactual, indices = [], [], [], []
-    for lo, hi in tqdm(_chunks(len(cases), size), desc="visual patching ceiling", disable=not progress):
-        tensors, meta = kept.chunk(f"ceiling-{lo:06d}", compute, lo, hi)
+    for tensors, meta in kept.chunks("ceiling", compute, _chunks(len(cases), size), "visual patching ceiling",
+                                     progress):
         flips.append(tensors["flips"])
         clean.append(tensors["clean"])
         counterfactual.append(tensors["counterfactual"])

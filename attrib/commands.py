@@ -10,9 +10,11 @@ import shutil
 import time
 from pathlib import Path
 
+from attrib.backbones.placement import DEVICE_HELP, DTYPE_HELP
 from attrib.config import AttributionConfig
 from attrib.data import DataError
 from attrib.io import OutputLock
+from attrib.parallel import main_first, processes
 
 WORLD = Path("runs/world")  # the default data: `visedit world --seed 1 --out runs/world` (make writes it)
 DEFAULT_DATA = WORLD / "vqa_eval.json"
@@ -21,10 +23,12 @@ WORK = "work"  # the folder under OUT where `heatmaps` keeps finished attributio
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--backbone and --model, as every command that loads a backbone takes them."""
+    """--backbone, --model, --device and --dtype, as every command that loads a backbone takes them."""
     parser.add_argument("--backbone", default="llava", help=BACKBONES)
     parser.add_argument("--model", type=Path, default=None,
                         help="local Hugging Face folder (default: the shipped default of --backbone)")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument("--dtype", default="auto", help=DTYPE_HELP)
 
 
 def _data_arguments(parser: argparse.ArgumentParser, out: str) -> None:
@@ -46,7 +50,7 @@ def _load(args: argparse.Namespace):
     if args.data == DEFAULT_DATA and not DEFAULT_DATA.is_file():
         raise DataError(f"{DEFAULT_DATA}: the world data is not there; write it with `visedit world --seed 1 "
                         f"--out {WORLD}` (make does) or pass --data")
-    backbone = load_model(args.backbone, args.model)
+    backbone = load_model(args.backbone, args.model, args.device, args.dtype)
     records = load_records(args.data, args.images, n=args.n)
     return backbone, records
 
@@ -101,12 +105,15 @@ def heatmaps(args: argparse.Namespace) -> int:
 
     started = time.time()
     out = args.out or Path("runs/heatmaps") / args.backbone
-    with OutputLock(out):
+    procs = processes()  # under `accelerate launch` the chunks are shared out; the main process writes
+    with main_first(OutputLock(out)):
         backbone, records = _load(args)
         work = out / WORK  # finished chunks: a killed run started again resumes from them
         config = AttributionConfig(seed=args.seed, batch_size=args.batch_size)
         attribution = run_attribution(backbone, records, config, dataset=str(args.data), progress=not args.no_progress,
                                       work=work)
+        if not procs.main:
+            return 0
         attribution.save(out)
         figures = attribution.plot_all(out)
         shutil.rmtree(work, ignore_errors=True)

@@ -51,6 +51,11 @@ class Backbone:
         return self.model.config
 
     @property
+    def device(self) -> torch.device:
+        """Where inputs go: the device of the input embeddings (the first GPU of a spread model)."""
+        return self.model.get_input_embeddings().weight.device
+
+    @property
     def n_layers(self) -> int:
         return self.config.text_config.num_hidden_layers
 
@@ -70,7 +75,7 @@ class Backbone:
 
     def encode(self, images: Sequence[Image.Image] | None, prompts: Sequence[str],
                targets: Sequence[str] | None = None) -> BatchFeature:
-        """Batch of model inputs for ``prompts`` put into the template, left-padded.
+        """Batch of model inputs for ``prompts`` put into the template, left-padded, on the model's device.
 
         With ``images`` (one per prompt) the visual-token count of every row is checked. With
         ``targets``, each row is ``template(prompt) + " " + target`` (teacher forcing).
@@ -84,7 +89,8 @@ class Backbone:
         else:
             inputs = self.processor(images=list(images), text=texts, padding=True, return_tensors="pt")
             self.visual_positions(inputs["input_ids"])
-        return inputs
+        device = self.device
+        return inputs if device.type == "cpu" else inputs.to(device)
 
     def check_inputs(self, inputs) -> None:
         """Refuse image inputs whose rows lack the right number of image placeholders."""
@@ -100,8 +106,10 @@ class Backbone:
         return self.model(**inputs, **kwargs)
 
     def visual_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """LongTensor [B, n_visual_tokens]: where the image tokens are in each row (checked)."""
-        return locate_visual_tokens(input_ids, self.image_token_id, self.n_visual_tokens, self.spec.name)
+        """LongTensor [B, n_visual_tokens] on the CPU: where the image tokens are in each row (checked). Kept
+        on the CPU whatever the model's device: the region sets it combines with live there, and CPU indices
+        index GPU tensors."""
+        return locate_visual_tokens(input_ids.cpu(), self.image_token_id, self.n_visual_tokens, self.spec.name)
 
     def fingerprint(self) -> str:
         return model_fingerprint(self.path) if self.path is not None else "unsaved"

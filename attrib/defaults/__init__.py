@@ -21,12 +21,18 @@ def default_model(backbone: str) -> Path:
     return DEFAULTS_DIR / backbone
 
 
-def load_model(backbone: str, model: str | Path | None = None) -> Backbone:
+def load_model(backbone: str, model: str | Path | None = None, device: str = "auto", dtype: str = "auto"
+               ) -> Backbone:
     """The ``backbone`` at the local folder ``model``, or its shipped default — what every command loads. An
-    unknown backbone name lists the choices; a default not built yet says how to build it."""
+    unknown backbone name lists the choices; a default not built yet says how to build it. ``device`` and
+    ``dtype``: `attrib.backbones.placement.resolve_placement` (default: the GPU in bf16 when there is one,
+    else the CPU in float32)."""
+    from attrib.backbones.placement import resolve_placement
+
     get_spec(backbone)  # before any folder is looked for
     path = default_model(backbone) if model is None else Path(model)
     if model is None and not (path / "config.json").is_file():
         raise DataError(f"{path}: the default {backbone} model is not there; run `make toy-models "
                         f"OUT=attrib/defaults/models` or pass MODEL=")
-    return load_backbone(backbone, path)
+    torch_dtype, device_map = resolve_placement(device, dtype)
+    return load_backbone(backbone, path, dtype=torch_dtype, device_map=device_map)

@@ -36,6 +36,6 @@ class AttentionNoise(LocalMethod):
         for lo in range(0, index.shape[0], self.chunk):
             idx, ok = index[lo:lo + self.chunk], valid[lo:lo + self.chunk]
             noise = draw_noise(generator, idx.shape[0], self.draws, idx.shape[1], attn.hidden.shape[-1])
-            perturbed = attn.perturbed(idx, ok, noise.to(attn.hidden.dtype) * scale)  # [c, n, D]
+            perturbed = attn.perturbed(idx, ok, noise.to(attn.hidden.device, attn.hidden.dtype) * scale)  # [c, n, D]
             out.append(one_minus_cos(perturbed, attn.output).mean(1))
         return torch.cat(out)

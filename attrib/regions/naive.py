@@ -105,7 +105,7 @@ def naive_noise_map(backbone: Backbone, inputs, row: int, layer: int, regions: R
         noise = draw_noise(generator, 1, method.draws, regions.members.shape[1], states.shape[-1])[0]
         members = regions.members[c][regions.valid[c]]
         hidden = call["hidden_states"].repeat(1 + method.draws, 1, 1)
-        hidden[1:, site[members]] += noise[:, : len(members)] * scale
+        hidden[1:, site[members]] += noise[:, : len(members)].to(hidden.device, hidden.dtype) * scale
         out = module(**_batched_call(call, hidden))[0][:, -1]
         influence[c] = one_minus_cos(out[1:], out[0]).mean()
     return influence

@@ -77,14 +77,14 @@ def perturbed_run(backbone: Backbone, inputs, site: str, layer: int, token_index
     if site == "vit":
         batch["pixel_values"] = inputs["pixel_values"]
         states = clean_site.unsqueeze(0).repeat(1 + noise.shape[0], 1, 1)
-        states[rows[keep], token_index[keep]] += noise[keep].to(states.dtype)
+        states[rows[keep], token_index[keep]] += noise[keep].to(states.device, states.dtype)
         handle = backbone.module(backbone.spec.vision_tower).register_forward_hook(_tower_output(states))
     outputs, last = {}, None
     try:
         with torch.no_grad(), nm.trace(**batch) as tracer:
             if site == "lm":
                 states = envoy(nm, backbone.spec.layer_path(layer)).inputs[0][0]
-                states[rows[keep], token_index[keep]] += noise[keep]
+                states[rows[keep], token_index[keep]] += noise[keep].to(states.device, states.dtype)
             for read_layer in sorted(attention_layers):  # execution order
                 attn = envoy(nm, backbone.spec.layer_path(read_layer, "attn"))
                 outputs[read_layer] = (attn.output[0][:, -1] if attention_read == "output"
@@ -149,7 +149,7 @@ def propagated_sweep(backbone: Backbone, images, prompts, method: PropagatedMeth
                                                      attention_layers, method.attention_read, visual, states,
                                                      method.reads_logprobs)
                 effect = method.effects(logprobs, attention, read, clean, visual)  # [len(rows), R]
-                maps[n, rows, lo:hi] = effect.view(len(rows), hi - lo, method.draws).mean(-1)
+                maps[n, rows, lo:hi] = effect.view(len(rows), hi - lo, method.draws).float().mean(-1)
         bar.update(1)
     bar.close()
     return RegionResult(maps, read, regions, method.name,

@@ -61,7 +61,8 @@ def edit_arguments(p: argparse.ArgumentParser) -> None:
 def edit(args: argparse.Namespace) -> int:
     """Train VEAD + IM at the attribution's placement and evaluate single edits."""
     options = EditOptions(
-        backbone=args.backbone, model=args.model, task=args.task, train=args.train, eval=args.eval,
+        backbone=args.backbone, model=args.model, device=args.device, dtype=args.dtype, task=args.task,
+        train=args.train, eval=args.eval,
         images=args.images, attribution=args.attribution, checkpoint=args.checkpoint, steps=args.steps,
         out=args.out, resume=args.resume, skip_bad=args.skip_bad, batch_size=args.batch_size, lr=args.lr,
         seed=args.seed, mid_dim=args.mid_dim, heads=args.heads, scene_gate=args.scene_gate,
@@ -69,6 +70,8 @@ def edit(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, rows_per_backward=args.rows_per_backward,
         same_image_weight=args.same_image_weight, progress=not args.no_progress)
     results = run_edit(options)
+    if not results:  # a helper process under `accelerate launch`: the main one reports
+        return 0
     v = results["methods"]["visedit"]
     skipped = results["n_skipped"]
     note = f"; skipped {skipped['train']} train / {skipped['eval']} eval records" if sum(skipped.values()) else ""
@@ -95,7 +98,7 @@ def scenes(args: argparse.Namespace) -> int:
     from editing.adapter.scenes import scene_separation
 
     with OutputLock(args.out, beside=True) if args.out is not None else contextlib.nullcontext():
-        backbone = load_model(args.backbone, args.model)
+        backbone = load_model(args.backbone, args.model, args.device, args.dtype)
         records = load_records(args.data, args.images, n=args.n)
         summary = scene_separation(backbone, records, args.edit_layer, progress=not args.no_progress).to_json()
         text = json.dumps(summary, indent=2)
@@ -128,7 +131,8 @@ def _method_names() -> list[str]:
 
 def compare(args: argparse.Namespace) -> int:
     """Every editing method on one backbone, trained on train, chosen on dev, reported on test."""
-    options = CompareOptions(backbone=args.backbone, model=args.model, task=args.task,
+    options = CompareOptions(backbone=args.backbone, model=args.model, device=args.device, dtype=args.dtype,
+                             task=args.task,
                              methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
                              test_seed=args.test_seed, train=args.train, eval=args.eval, images=args.images,
                              n_test=args.n_test, seed=args.seed, out=args.out, progress=not args.no_progress)

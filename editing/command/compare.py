@@ -54,6 +54,8 @@ class CompareOptions:
 
     backbone: str = "blip2"
     model: Path | None = None
+    device: str = "auto"  # `attrib.backbones.placement`
+    dtype: str = "auto"
     task: str = "vqa"
     methods: tuple[str, ...] = ("all",)
     test_seed: int = 2
@@ -170,7 +172,7 @@ def run_method(options: CompareOptions, name: str) -> dict:
 
     torch.manual_seed(options.seed)
     out = options.output()
-    backbone = load_model(options.backbone, options.model)
+    backbone = load_model(options.backbone, options.model, options.device, options.dtype)
     roles = data_roles(options)
     extra = {}
     if name.startswith("visedit"):

@@ -26,6 +26,7 @@ from attrib.commands import WORLD
 from attrib.data import DataError, EditRecord, load_records
 from attrib.defaults import load_model
 from attrib.io import OutputLock, atomic_savefig, atomic_write_text, stored_path
+from attrib.parallel import barrier, main_first, processes
 from attrib.prompts import load_prompts
 from editing.adapter.vead import VeadConfig, lm_width
 from editing.adapter.visedit import EditPlacement, VisEditEditor, weights_config, weights_placement
@@ -46,6 +47,8 @@ class EditOptions:
 
     backbone: str = "llava"
     model: Path | None = None
+    device: str = "auto"  # `attrib.backbones.placement`
+    dtype: str = "auto"
     task: str = "vqa"  # "vqa" (E-VQA) or "caption" (E-IC): which prompt format wraps src and rephrase
     train: Path | None = None
     eval: Path | None = None
@@ -159,9 +162,12 @@ def _placement(options: EditOptions, backbone: Backbone, eval_file: Path, eval_r
     work = out / "attribution-work"  # finished chunks: a killed run resumes the attribution from them
     attribution = run_attribution(backbone, records[:options.attribution_n], config, dataset=str(eval_file),
                                   ceiling_records=records, progress=options.progress, work=work)
-    folder = attribution.save(out / "attribution")
-    shutil.rmtree(work, ignore_errors=True)
-    attribution.plot_all(folder, n_overlays=2)
+    folder = out / "attribution"
+    if processes().main:  # under `accelerate launch` the chunks were shared out; one process writes
+        attribution.save(folder)
+        shutil.rmtree(work, ignore_errors=True)
+        attribution.plot_all(folder, n_overlays=2)
+    barrier()  # the others read the placement from the artifact the main process wrote
     placed = attribution.placement
     placement = EditPlacement.from_artifact(folder, backbone)
     return placement, {"source": stored_path(folder / "attribution.json"), "ceiling": placed.to_json().get("ceiling")}
@@ -186,7 +192,8 @@ def _train(options: EditOptions, editor: VisEditEditor, records: list[EditRecord
                          rows_per_backward=options.rows_per_backward, same_image_weight=options.same_image_weight)
     trained = train(editor, records, config, out / "checkpoint", resume=options.resume, progress=options.progress)
     info = {"steps": trained.steps, "config": config.to_json(), "products_s": round(trained.products_s, 2)}
-    return round(trained.train_s, 2), info, editor.save_weights(out / "adapter.safetensors")
+    weights = editor.save_weights(out / "adapter.safetensors") if processes().main else None
+    return round(trained.train_s, 2), info, weights
 
 
 def _method_scores(scores: dict, maps, config: VeadConfig) -> dict:
@@ -211,12 +218,12 @@ def run_edit(options: EditOptions) -> dict:
     torch.manual_seed(options.seed)
     get_spec(options.backbone)  # a wrong backbone name is reported before any file is looked for
     train_file, eval_file = _files(options)  # checks the task first
-    with OutputLock(options.output()):
+    with main_first(OutputLock(options.output())):
         return _run_edit(options, train_file, eval_file)
 
 
 def _run_edit(options: EditOptions, train_file: Path, eval_file: Path) -> dict:
-    backbone = load_model(options.backbone, options.model)
+    backbone = load_model(options.backbone, options.model, options.device, options.dtype)
     formats = load_prompts()
     train_records, eval_records, skipped = _records(options, backbone, train_file, eval_file, formats)
     out = options.output()
@@ -225,6 +232,9 @@ def _run_edit(options: EditOptions, train_file: Path, eval_file: Path) -> dict:
     config = _adapter_config(options, backbone)
     editor = VisEditEditor(backbone, placement, config, weights=options.checkpoint)
     train_s, train_info, adapter_path = _train(options, editor, train_records, out)
+    if not processes().main:  # under `accelerate launch`: attribution and training shared; the main one evaluates
+        editor.remove()
+        return {}
     scores = evaluate_edits(editor, eval_records, options.task, prompts=formats, progress=options.progress).to_json()
     maps = im_maps(editor, eval_records, options.task, formats, limit=options.maps_n)
     figure = maps.plot(n=4)
@@ -241,7 +251,8 @@ def _run_edit(options: EditOptions, train_file: Path, eval_file: Path) -> dict:
         "methods": {"visedit": _method_scores(scores, maps, config)},
         "timing": {"train_s": train_s, "edit_ms": scores["edit_ms"],
                    "inference_overhead": inference_overhead(editor, eval_records, options.task)},
-        "model": {"path": stored_path(backbone.path), "fingerprint": backbone.fingerprint()},
+        "model": {"path": stored_path(backbone.path), "fingerprint": backbone.fingerprint(),
+                  "dtype": str(backbone.model.dtype).removeprefix("torch."), "device": str(backbone.device)},
         "adapter": {"path": stored_path(adapter_path), "config": config.to_json()},
         "train": train_info,
         "data": {"task": options.task, "train": None if options.checkpoint else stored_path(train_file),

@@ -43,6 +43,7 @@ from tqdm import tqdm
 from attrib.data import EditRecord
 from attrib.errors import TrainingDiverged
 from attrib.io import OutputLock, remove_partial_writes
+from attrib.parallel import main_first, processes, sum_
 from attrib.prompts import load_prompts
 from attrib.regions.attention_noise import AttentionNoise
 from attrib.regions.noise import noise_generator
@@ -154,6 +155,8 @@ class Trainer:
         if config.im_up not in ("mean", "influence"):
             raise ValueError(f"im_up must be 'mean' or 'influence', got {config.im_up!r}")
         self.editor, self.records, self.config = editor, list(records), config
+        self.procs = processes()  # under `accelerate launch`: this process's share of every global batch
+        self.procs.slice_of(config.batch_size)  # refuses a batch that does not split evenly
         self.formats = prompts or load_prompts()
         backbone = editor.backbone
         placement = editor.placement
@@ -187,7 +190,8 @@ class Trainer:
         n, seen, step = len(self.records), set(), 1
         while len(seen) < n * len(ALIGN_ROLES) and (step - 1) * self.config.batch_size < 1000 * n:
             indices = self.batch_indices(step)
-            for pair in zip(indices, self.im_roles(step, len(indices)).tolist()):
+            own = self.procs.slice_of(len(indices))  # the pairs this process's share asks for
+            for pair in zip(indices[own], self.im_roles(step, len(indices))[own].tolist()):
                 if pair not in seen:
                     seen.add(pair)
                     yield pair
@@ -205,10 +209,12 @@ class Trainer:
     def step(self, step: int) -> dict[str, float]:
         """One optimisation step; returns its losses (floats)."""
         config, editor = self.config, self.editor
-        indices = self.batch_indices(step)
+        batch_indices = self.batch_indices(step)
+        own = self.procs.slice_of(len(batch_indices))  # this process's records of the global batch
+        partners = [drawn[own] for drawn in self.partner_indices(step, batch_indices)]  # [loc_partners][b]
+        roles = self.im_roles(step, len(batch_indices))[own]
+        indices = batch_indices[own]
         b = len(indices)
-        partners = self.partner_indices(step, indices)  # [loc_partners][b]
-        roles = self.im_roles(step, b)
         # Products of the unedited model: before the signal is set.
         signals = [self.store.signal(i) for i in indices]
         loc_records = indices + [i for drawn in partners for i in drawn]  # own M-Loc rows, then the partners'
@@ -226,9 +232,12 @@ class Trainer:
         labels = batch.inputs["input_ids"].gather(1, select + 1)  # the token each selected position predicts
         edit_of_row = [j for _ in range(len(ROLES) + len(partners)) for j in range(b)]  # partner rows: record j's edit
         stacked = stack_signals(signals, edit_of_row + same)  # same-image rows: their own record's edit
+        n_loc = len(loc_records)
+        group = ["rel"] * b + ["t_gen"] * b + ["m_gen"] * b + ["loc"] * n_loc + ["same_image"] * len(same)
+        units = self._units(group, mask, b, n_loc)
         if 0 < config.rows_per_backward < len(shown):
-            return self._step_in_parts(step, indices, batch, select, labels, mask, stacked, signals, roles,
-                                       influence, pre_loc, pre_same)
+            return self._step_in_parts(step, indices, own, batch, select, labels, mask, stacked, signals, roles,
+                                       influence, pre_loc, pre_same, group, units)
         site = self.split.prefix(batch.inputs)
         editor.hook.signal = stacked
         try:
@@ -245,23 +254,42 @@ class Trainer:
         k_loc = logp.shape[1]
         pre = torch.stack([_pad_positions(p, k_loc) for p in pre_loc]).to(device)
         terms["loc"] = losses.locality_kl(pre, logp[loc], mask[loc])
-        terms.update(self._im_terms(step, site, signals, roles, influence))
-        total = (config.rel_weight * terms["rel"] + config.gen_weight * (terms["t_gen"] + terms["m_gen"])
-                 + config.loc_weight * terms["loc"] + config.align_weight * terms["align"]
-                 + config.up_weight * terms["up"] + config.down_weight * terms["down"])
+        terms.update(self._im_terms(step, site, signals, roles, influence, own))
         if same:
             rows_same = slice(loc.stop, logp.shape[0])
             before = torch.stack([_pad_positions(p, k_loc) for p in pre_same]).to(device)
             terms["same_image"] = losses.locality_kl(before, logp[rows_same], mask[rows_same])
+        if editor.adapter.scene is not None:
+            terms["scene"] = self._scene_term(site, stacked, part["m_gen"], loc, units)
+        terms = {name: value * _share(units, _UNIT[name]) for name, value in terms.items()}  # 1.0 alone
+        total = (config.rel_weight * terms["rel"] + config.gen_weight * (terms["t_gen"] + terms["m_gen"])
+                 + config.loc_weight * terms["loc"] + config.align_weight * terms["align"]
+                 + config.up_weight * terms["up"] + config.down_weight * terms["down"])
+        if same:
             total = total + config.same_image_weight * terms["same_image"]
         if editor.adapter.scene is not None:
-            terms["scene"] = self._scene_term(site, stacked, part["m_gen"], loc)
             total = total + config.scene_weight * terms["scene"]
         self._check_losses(step, indices, total, terms)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self._optimizer_step(step, indices)
-        return {"loss": total.item(), **{name: value.item() for name, value in terms.items()}}
+        return self._report({"loss": total, **terms})
+
+    def _units(self, group: list[str], mask: torch.Tensor, b: int, n_loc: int) -> dict[str, tuple[float, float]]:
+        """Per unit a loss term averages over, (this process's count, every process's): the real target
+        tokens of each row group, the records (IM terms, the scene term's open half) and the locality rows
+        (its shut half). A term's share of the global batch's mean is its local mean × local / global."""
+        names = ["rel", "t_gen", "m_gen", "loc", "same_image"]
+        tokens = [mask[torch.tensor([g == name for g in group], dtype=torch.bool)].sum().float() for name in names]
+        local = torch.stack([*tokens, torch.tensor(float(b)), torch.tensor(float(n_loc))])
+        total = sum_(local)
+        keys = [*names, "records", "loc_rows"]
+        return {name: (mine, every) for name, mine, every in zip(keys, local.tolist(), total.tolist())}
+
+    def _report(self, values: dict) -> dict[str, float]:
+        """The step's losses as floats, summed over the processes (each holds its share of the global mean)."""
+        stacked = torch.stack([torch.as_tensor(v).detach().double().cpu().reshape(()) for v in values.values()])
+        return dict(zip(values, sum_(stacked).tolist()))
 
     def _where(self, step: int, indices: list[int]) -> str:
         """"step S, batch of records [i, ...]" (record indices in their files) for an error message."""
@@ -281,6 +309,8 @@ class Trainer:
     def _optimizer_step(self, step: int, indices: list[int]) -> None:
         """The optimizer step, refused when a gradient is not finite, and checked to leave finite weights."""
         named = [(name, p) for name, p in self.editor.adapter.named_parameters() if p.requires_grad]
+        if self.procs.several:
+            _sum_gradients([p for _, p in named])
         grads = [(name, p.grad) for name, p in named if p.grad is not None]
         if grads and not bool(torch.stack([g.isfinite().all() for _, g in grads]).all()):
             name = next(name for name, g in grads if not bool(g.isfinite().all()))
@@ -292,9 +322,10 @@ class Trainer:
             raise TrainingDiverged(f"{self._where(step, indices)}: the optimizer step made adapter weight {name!r} "
                                    f"non-finite (the losses and gradients were finite: lower the learning rate)")
 
-    def _step_in_parts(self, step: int, indices: list[int], batch, select: torch.Tensor, labels: torch.Tensor,
-                       mask: torch.Tensor, stacked, signals: list, roles: torch.Tensor, influence: torch.Tensor,
-                       pre_loc: list[torch.Tensor], pre_same: list[torch.Tensor]) -> dict[str, float]:
+    def _step_in_parts(self, step: int, indices: list[int], own: slice, batch, select: torch.Tensor,
+                       labels: torch.Tensor, mask: torch.Tensor, stacked, signals: list, roles: torch.Tensor,
+                       influence: torch.Tensor, pre_loc: list[torch.Tensor], pre_same: list[torch.Tensor],
+                       group: list[str], units: dict[str, tuple[float, float]]) -> dict[str, float]:
         """`step` with the layers above the edit site run on ``rows_per_backward`` rows at a time, each part's
         share of the loss back-propagated before the next part runs, so the autograd graph of one part is in
         memory at once (the gradient equals the one-pass step's up to float summation order). The IM and scene
@@ -302,14 +333,12 @@ class Trainer:
         config, editor = self.config, self.editor
         b, n_rows = len(signals), select.shape[0]
         n_loc, n_same = len(pre_loc), len(pre_same)
-        group = (["rel"] * b + ["t_gen"] * b + ["m_gen"] * b + ["loc"] * n_loc  # role-major rows
-                 + ["same_image"] * n_same)
         weight = {"rel": config.rel_weight, "t_gen": config.gen_weight, "m_gen": config.gen_weight,
                   "loc": config.loc_weight}
         if n_same:
             weight["same_image"] = config.same_image_weight
         rows_of = {name: torch.tensor([g == name for g in group]) for name in weight}
-        count = {name: mask[rows_of[name]].sum().clamp(min=1).float() for name in weight}  # each term's denominator
+        count = {name: max(units[name][1], 1.0) for name in weight}  # each term's denominator: the global batch's
         pre = torch.stack([_pad_positions(p, select.shape[1]) for p in [*pre_loc, *pre_same]])  # rows 3b onwards
         self.optimizer.zero_grad(set_to_none=True)
         terms = dict.fromkeys(weight, 0.0)
@@ -326,27 +355,29 @@ class Trainer:
             part_labels, part_mask = labels[lo:hi].to(logp.device), mask[lo:hi].to(logp.device).float()
             part_loss = 0.0
             for name in weight:
-                own = rows_of[name][lo:hi].to(logp.device)
-                if not own.any():
+                in_part = rows_of[name][lo:hi].to(logp.device)
+                if not in_part.any():
                     continue
                 if name in ("loc", "same_image"):  # KL(p_pre ‖ p_post), as losses.locality_kl
                     before = pre[[r - 3 * b for r in range(lo, hi) if group[r] == name]].to(logp.device)
-                    kl = (before.exp() * (before - logp[own])).sum(-1)
-                    value = (kl * part_mask[own]).sum() / count[name]
+                    kl = (before.exp() * (before - logp[in_part])).sum(-1)
+                    value = (kl * part_mask[in_part]).sum() / count[name]
                 else:  # the target NLL, as losses.target_nll
-                    picked = logp[own].gather(-1, part_labels[own].unsqueeze(-1)).squeeze(-1)
-                    value = -(picked * part_mask[own]).sum() / count[name]
+                    picked = logp[in_part].gather(-1, part_labels[in_part].unsqueeze(-1)).squeeze(-1)
+                    value = -(picked * part_mask[in_part]).sum() / count[name]
                 terms[name] += value.item()
                 part_loss = part_loss + weight[name] * value
             self._check_losses(step, indices, part_loss, terms)
             part_loss.backward()
         site = EditSite(torch.cat([s.hidden for s in sites]), torch.cat([s.positions for s in sites]),
                         sites[0].layer_kwargs)
-        extra = self._im_terms(step, site, signals, roles, influence)
+        extra = self._im_terms(step, site, signals, roles, influence, own)
+        if editor.adapter.scene is not None:
+            extra["scene"] = self._scene_term(site, stacked, slice(2 * b, 3 * b), slice(3 * b, 3 * b + n_loc), units)
+        extra = {name: value * _share(units, _UNIT[name]) for name, value in extra.items()}
         rest = (config.align_weight * extra["align"] + config.up_weight * extra["up"]
                 + config.down_weight * extra["down"])
         if editor.adapter.scene is not None:
-            extra["scene"] = self._scene_term(site, stacked, slice(2 * b, 3 * b), slice(3 * b, 3 * b + n_loc))
             rest = rest + config.scene_weight * extra["scene"]
         self._check_losses(step, indices, rest, extra)
         rest.backward()
@@ -355,27 +386,31 @@ class Trainer:
         total = (config.rel_weight * terms["rel"] + config.gen_weight * (terms["t_gen"] + terms["m_gen"])
                  + config.loc_weight * terms["loc"] + config.same_image_weight * terms.get("same_image", 0.0)
                  + rest.item())
-        return {"loss": total, **terms}
+        return self._report({"loss": total, **terms})
 
     def im_roles(self, step: int, b: int) -> torch.Tensor:
         """[b] the sample (index into ALIGN_ROLES) each record's IM terms use at ``step``."""
         return torch.randint(len(ALIGN_ROLES), (b,), generator=noise_generator(self.config.seed, _STEP_STREAM, step))
 
-    def _scene_term(self, site: EditSite, signal, same: slice, unrelated: slice) -> torch.Tensor:
+    def _scene_term(self, site: EditSite, signal, same: slice, unrelated: slice,
+                    units: dict[str, tuple[float, float]]) -> torch.Tensor:
         """The scene gate's logistic loss: open on rows ``same`` (the edits' re-rendered images), shut on
-        rows ``unrelated`` (M-Loc inputs); ``signal`` holds one edit per row."""
+        rows ``unrelated`` (M-Loc inputs); ``signal`` holds one edit per row. Each half is this process's
+        share of its global mean (records, locality rows), so the term is left unscaled afterwards."""
         logits = self.editor.adapter.scene_logits(site.visual_states(), signal).float()
-        return 0.5 * (losses.im_up(logits[same]) + losses.im_down(logits[unrelated]))
+        return 0.5 * (losses.im_up(logits[same]) * _share(units, "records")
+                      + losses.im_down(logits[unrelated]) * _share(units, "loc_rows"))
 
-    def _im_terms(self, step: int, site: EditSite, signals: list, roles: torch.Tensor, influence: torch.Tensor
-                  ) -> dict[str, torch.Tensor]:
-        """IM alignment / up / down on the drawn rel-or-gen row per record and ``im_tokens`` drawn tokens."""
+    def _im_terms(self, step: int, site: EditSite, signals: list, roles: torch.Tensor, influence: torch.Tensor,
+                  own: slice) -> dict[str, torch.Tensor]:
+        """IM alignment / up / down on the drawn rel-or-gen row per record and ``im_tokens`` drawn tokens
+        (drawn for the whole global batch; this process takes its records' rows ``own``)."""
         generator = noise_generator(self.config.seed, _TOKEN_STREAM, step)
         adapter = self.editor.adapter
         dtype = adapter.vead.begin.weight.dtype
-        b, n_visual = len(roles), site.positions.shape[1]
+        n_visual = site.positions.shape[1]
         tokens = torch.stack([torch.randperm(n_visual, generator=generator)[:min(self.config.im_tokens, n_visual)]
-                              for _ in range(b)])
+                              for _ in range(self.config.batch_size)])[own]
         shown, unrelated, targets = im_inputs(site, influence, roles, tokens)
         query = torch.cat([s.query for s in signals]).to(shown.device, dtype)
         rg_logits = adapter.im(shown.to(dtype), query).float()  # [b, k]
@@ -409,6 +444,35 @@ def im_inputs(site: EditSite, influence: torch.Tensor, roles: torch.Tensor, toke
     return states(chosen), states(loc_rows), targets
 
 
+# The unit each loss term averages over (`Trainer._units`); the scene term scales its halves itself.
+_UNIT = {"rel": "rel", "t_gen": "t_gen", "m_gen": "m_gen", "loc": "loc", "same_image": "same_image",
+         "align": "records", "up": "records", "down": "records", "scene": None}
+
+
+def _share(units: dict[str, tuple[float, float]], unit: str | None) -> float:
+    """This process's share of the global batch in ``unit`` (1.0 for a process alone, exactly)."""
+    if unit is None:
+        return 1.0
+    local, total = units[unit]
+    return local / total if total else 0.0
+
+
+def _sum_gradients(parameters: list[torch.nn.Parameter]) -> None:
+    """Add up the processes' gradients in one collective (each process back-propagated its share of the
+    global batch's loss, so the sum is the global gradient: DDP's all-reduce, once per step because a step
+    may run several backward passes). A parameter no process gave a gradient keeps none, as alone."""
+    has_grad = [torch.ones(1, device=p.device) if p.grad is not None else torch.zeros(1, device=p.device)
+                for p in parameters]
+    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in parameters]
+    flat = torch.cat(has_grad + grads)
+    summed = sum_(flat)
+    has, offset = summed[:len(parameters)], len(parameters)
+    for k, p in enumerate(parameters):
+        n = p.numel()
+        p.grad = summed[offset:offset + n].view_as(p).to(p.dtype).clone() if has[k] > 0 else None
+        offset += n
+
+
 def _pad_positions(logp: torch.Tensor, k: int) -> torch.Tensor:
     """[n, V] → [k, V], repeating the last row (masked out by the caller)."""
     return logp if logp.shape[0] == k else torch.cat([logp, logp[-1:].expand(k - logp.shape[0], -1)])
@@ -438,8 +502,8 @@ def train(editor: VisEditEditor, records: Sequence[EditRecord], config: TrainCon
     batch's records and the term (losses and gradients before the optimizer step), before any checkpoint
     takes it in: the last good checkpoint stays in ``checkpoint_dir``, and the message names it."""
     folder = None if checkpoint_dir is None else Path(checkpoint_dir)
-    with OutputLock(folder) if folder is not None else contextlib.nullcontext():
-        if folder is not None:
+    with main_first(OutputLock(folder)) if folder is not None else contextlib.nullcontext():
+        if folder is not None and processes().main:
             remove_partial_writes(folder)  # a run killed inside a checkpoint write left its temporary files
         return _train(editor, records, config, folder, resume, progress, on_step, prompts)
 
@@ -493,7 +557,8 @@ def _train(editor: VisEditEditor, records: Sequence[EditRecord], config: TrainCo
         result.steps = step
         if on_step is not None:
             on_step(step, step_losses)
-        if folder is not None and (step % config.checkpoint_every == 0 or step == config.steps):
+        if folder is not None and trainer.procs.main and (step % config.checkpoint_every == 0
+                                                          or step == config.steps):
             result.checkpoint = save_checkpoint(folder, editor, trainer.optimizer, step, info())
             saved = step
     bar.close()

@@ -29,6 +29,7 @@ def test_results_have_the_required_keys(trained, tiny_dirs):
     results = json.loads((trained / "results.json").read_text())
     assert {"backbone", "dataset", "n_eval", "placement", "methods", "timing"} <= set(results)
     assert results["backbone"] == "llava" and results["n_eval"] == 3
+    assert results["model"]["dtype"] == "float32" and results["model"]["device"] == "cpu"  # --dtype/--device auto
     assert {"edit_layer", "it_layers", "im_read_layer", "ceiling", "source"} <= set(results["placement"])
     assert VISEDIT_KEYS <= set(results["methods"]["visedit"])
     assert set(results["timing"]) == {"train_s", "edit_ms", "inference_overhead"}
@@ -116,3 +117,20 @@ def test_unknown_backbone_lists_the_choices_and_no_progress_silences_transformer
         hf_logging.enable_progress_bar()
     err = capsys.readouterr().err.strip()
     assert err == "error: unknown backbone 'gpt'; choose one of: blip2, llava, minigpt4"
+
+
+@pytest.mark.parametrize("backbone", ["blip2", "minigpt4"])
+def test_a_bf16_backbone_runs_the_whole_pipeline_with_float32_adapter_weights(backbone, tiny_dirs, tiny_world,
+                                                                              tmp_path):
+    """--dtype bfloat16 on the CPU: attribution for the placement (every region method of the family),
+    training and evaluation run on the half-precision backbone; the adapter keeps float32 master weights."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / backbone
+    assert main(["edit", "--backbone", backbone, "--model", str(tiny_dirs[backbone]), "--dtype", "bfloat16",
+                 "--device", "cpu", "--train", str(tiny_world / "vqa_train.json"), "--eval",
+                 str(tiny_world / "vqa_eval.json"), "--steps", "1", "--batch-size", "2", "--n-eval", "2", "--out",
+                 str(out), *QUIET]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["model"]["dtype"] == "bfloat16" and results["n_eval"] == 2
+    assert {str(t.dtype) for t in load_file(out / "adapter.safetensors").values()} == {"torch.float32"}
