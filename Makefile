@@ -53,7 +53,7 @@ WORLD_EVAL := $(WORLD)/vqa_eval.json
 on = $(filter 1 yes true,$(1))
 opt = $(if $(2),$(1) $(2),)
 
-.PHONY: help setup test lint heatmaps validate edit compare scenes bench smoke-full world toy-models notebooks clean
+.PHONY: help setup test lint heatmaps validate edit compare scenes bench bench-gpu smoke-full world toy-models notebooks clean
 
 help: ## list the targets and variables
 	@echo "Targets:"
@@ -108,6 +108,11 @@ scenes: setup $(if $(DATA),,$(WORLD_EVAL)) ## how well scene similarity tells an
 
 bench: setup ## speed ratios measured in one run, against their goals
 	$(VISEDIT) bench --threads 1 $(call opt,--out,$(OUT))
+
+# Not part of `make test`: the full sizes need a GPU (~14 GB of bf16 weights per 7B backbone). BACKBONE left at
+# its default (origin "file") means all three; BACKBONE=llava or a comma-separated list narrows it.
+bench-gpu: setup ## costs at the real sizes on one GPU, against their goals (BACKBONE default: all three)
+	$(VISEDIT) bench-gpu --backbone $(if $(filter file,$(origin BACKBONE)),all,$(BACKBONE)) $(call opt,--out,$(OUT))
 
 # Not part of `make test`: LLaVA-1.5-7B and MiniGPT-4 need ~16 GB of RAM and a ~14 GB folder on disk.
 smoke-full: setup ## BACKBONE at its real size on random bf16 weights, through every step (OUT default runs/full-BACKBONE)

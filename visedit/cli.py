@@ -8,6 +8,7 @@
     visedit scenes --backbone blip2                  # what the scene gate can tell apart, untrained
     visedit bench                                    # speed ratios against their goals
     visedit smoke-full --backbone llava              # the real sizes on random weights, on a CPU
+    visedit bench-gpu                                # the real sizes' costs on one GPU, against their goals
     visedit train-defaults                           # retrain the three default models
     visedit convert-minigpt4 ...                     # the original MiniGPT-4 files → an HF folder
 
@@ -23,7 +24,7 @@ from typing import Callable, NamedTuple
 
 from attrib import commands as attribution
 from attrib.data import DataError
-from benchmarks import bench, smoke_full
+from benchmarks import bench, gpu, smoke_full
 from editing.command import cli as editing
 
 
@@ -48,6 +49,8 @@ COMMANDS: dict[str, Command] = {
     "bench": Command("speed ratios measured in one run, against their goals", bench.bench_arguments, bench.bench),
     "smoke-full": Command("the toolkit at the real backbone sizes on random bf16 weights (needs ~16 GB of RAM)",
                           smoke_full.smoke_arguments, smoke_full.smoke),
+    "bench-gpu": Command("attribution, training and edited-forward costs at the real sizes on one GPU, "
+                         "against their goals", gpu.bench_gpu_arguments, gpu.bench_gpu),
     "train-defaults": Command("train (resumably) and measure the default models",
                               attribution.train_defaults_arguments, attribution.train_defaults),
     "convert-minigpt4": Command("convert the original MiniGPT-4 weights into a Hugging Face folder",
