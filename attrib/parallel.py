@@ -125,3 +125,31 @@ def main_first(context) -> Iterator[None]:
     else:
         barrier()
         yield
+
+
+def sum_gradients(parameters: Sequence[torch.nn.Parameter]) -> None:
+    """Replace each parameter's gradient by its sum over the processes, in one collective (each process
+    back-propagated its share of the global batch's loss, so the sum is the global gradient: DDP's
+    all-reduce, done by hand where a step runs several backward passes). A parameter no process gave a
+    gradient keeps none, as alone. Nothing alone."""
+    if not launched():
+        return
+    has_grad = [torch.ones(1, device=p.device) if p.grad is not None else torch.zeros(1, device=p.device)
+                for p in parameters]
+    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in parameters]
+    summed = sum_(torch.cat(has_grad + grads))
+    offset = len(parameters)
+    for k, p in enumerate(parameters):
+        n = p.numel()
+        p.grad = summed[offset:offset + n].view_as(p).to(p.dtype).clone() if summed[k] > 0 else None
+        offset += n
+
+
+def batch_shares(local_counts: Sequence[float]) -> list[float]:
+    """Per loss term, this process's share of the global batch (its count over every process's) — the
+    factor that turns a local mean into its part of the global mean. Exactly 1.0 alone (0 where no process
+    has any unit of the term)."""
+    if not launched():
+        return [1.0] * len(local_counts)
+    totals = sum_(torch.tensor([float(c) for c in local_counts], dtype=torch.float64)).tolist()
+    return [float(c) / t if t else 0.0 for c, t in zip(local_counts, totals)]

@@ -11,8 +11,9 @@ import json
 from pathlib import Path
 
 from attrib.commands import WORLD, add_model_arguments
+from attrib.parallel import processes
 from editing.adapter.scene_gate import SCENE_SIMILARITIES
-from editing.command.compare import CompareOptions, run_compare
+from editing.command.compare import CompareOptions, prepare_methods, run_compare
 from editing.command.run import TASKS, EditOptions, run_edit
 from editing.training.recipe import default_steps
 
@@ -119,8 +120,13 @@ def compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval", type=Path, default=None, help="MMEdit test JSON (real data)")
     p.add_argument("--images", type=Path, default=None, help="image root (default: each file's folder)")
     p.add_argument("--n-test", type=int, default=CompareOptions.n_test, help="test edits (the first N)")
+    p.add_argument("--dev-n", type=int, default=CompareOptions.dev_n,
+                   help="real data: records of --train set aside as dev (drawn with --seed)")
     p.add_argument("--seed", type=int, default=0, help="seed of every method and of the dev draw")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/compare/<backbone>-<task>)")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="only train the learned methods (visedit, visedit_gated, mend, serac) into OUT/work, for a "
+                        "later compare to reuse; the one mode that runs under `accelerate launch`")
 
 
 def _method_names() -> list[str]:
@@ -135,7 +141,14 @@ def compare(args: argparse.Namespace) -> int:
                              task=args.task,
                              methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
                              test_seed=args.test_seed, train=args.train, eval=args.eval, images=args.images,
-                             n_test=args.n_test, seed=args.seed, out=args.out, progress=not args.no_progress)
+                             n_test=args.n_test, dev_n=args.dev_n, seed=args.seed, out=args.out,
+                             progress=not args.no_progress)
+    if args.prepare_only:
+        prepared = prepare_methods(options, options.method_names())
+        if processes().main:
+            print(f"prepared {', '.join(prepared) or 'nothing (no learned method among --methods)'} in "
+                  f"{options.output() / 'work'}; `visedit compare` with the same options reuses them")
+        return 0
     results = run_compare(options)
     for name, method in results["methods"].items():
         print(f"{name:>14}: " + " ".join(f"{k} {method[k]}" for k in ("rel", "t_gen", "m_gen", "t_loc", "m_loc", "mean",

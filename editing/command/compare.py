@@ -40,6 +40,7 @@ import numpy as np
 
 from attrib.data import DataError, EditRecord, load_records
 from attrib.io import OutputLock, atomic_write_text, read_json, remove_partial_writes, stored_path
+from attrib.parallel import barrier, launched, main_first, processes
 from editing.command.report import METRICS
 
 DEV_WORLD = Path("runs/world")
@@ -152,8 +153,10 @@ def placement_from_train(backbone, roles: Roles, options: CompareOptions, out: P
         attribution = run_attribution(backbone, records[:options.attribution_n], config,
                                       dataset=stored_path(records[0].source), ceiling_records=records,
                                       progress=options.progress, work=work)
-        attribution.save(folder)
-        shutil.rmtree(work, ignore_errors=True)
+        if processes().main:  # under `accelerate launch` the chunks were shared out; one process writes
+            attribution.save(folder)
+            shutil.rmtree(work, ignore_errors=True)
+        barrier()
     return EditPlacement.from_artifact(folder / "attribution.json", backbone)
 
 
@@ -161,13 +164,15 @@ def _peak_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
 
 
-def run_method(options: CompareOptions, name: str) -> dict:
-    """Build, prepare and evaluate one method on the test records (in the calling process)."""
+LEARNED = ("visedit", "visedit_gated", "mend", "serac")  # the methods whose prepare trains something
+
+
+def _prepared(options: CompareOptions, name: str):
+    """(editor, context, roles, prepare's report, its seconds) of one method built and prepared on the
+    train / dev roles in the calling process; the learned methods keep what they fit in OUT/work/<name>."""
     import torch
 
     from attrib.defaults import load_model
-    from editing.command.run import inference_overhead
-    from editing.evaluation.evaluate import evaluate_edits
     from editing.methods import MethodContext, build_method
 
     torch.manual_seed(options.seed)
@@ -182,7 +187,32 @@ def run_method(options: CompareOptions, name: str) -> dict:
     editor = build_method(name, context)
     start = time.perf_counter()
     prepared = editor.prepare(roles.train, roles.dev[:options.n_dev])
-    prepare_s = time.perf_counter() - start
+    return editor, context, roles, prepared, time.perf_counter() - start
+
+
+def prepare_methods(options: CompareOptions, names: list[str]) -> list[str]:
+    """`--prepare-only`: fit the learned methods of ``names`` (VisEdit's adapters, MEND, SERAC) into
+    OUT/work, where a later `visedit compare` finds and reuses them; runs under ``accelerate launch``,
+    each process training on its share of every batch. Returns the methods prepared."""
+    learned = [name for name in names if name in LEARNED]
+    with main_first(OutputLock(options.output())):
+        if processes().main:
+            data_roles(options)  # writes the test world when missing: once, before the others read it
+        barrier()
+        for name in learned:
+            editor = _prepared(options, name)[0]
+            editor.close()
+    return learned
+
+
+def run_method(options: CompareOptions, name: str) -> dict:
+    """Build, prepare and evaluate one method on the test records (in the calling process)."""
+    import torch
+
+    from editing.command.run import inference_overhead
+    from editing.evaluation.evaluate import evaluate_edits
+
+    editor, context, roles, prepared, prepare_s = _prepared(options, name)
     scores = evaluate_edits(editor, roles.test, options.task, progress=options.progress).to_json()
     overhead = inference_overhead(editor, roles.test, options.task)
     editor.close()
@@ -222,6 +252,9 @@ def read_method(path: Path) -> dict:
 def run_compare(options: CompareOptions) -> dict:
     """Every method in its own process (module docstring); then results.json, results.md, metrics.png. A
     second run on the same output folder is refused while this one runs (`OutputLock`)."""
+    if launched():
+        raise ValueError("visedit compare runs as one process (each method in a child of its own); under "
+                         "`accelerate launch` only --prepare-only runs (training the learned methods)")
     names = options.method_names()
     with OutputLock(options.output()):
         return _run_compare(options, names)

@@ -51,6 +51,7 @@ from attrib.artifact import check_state_dict, parse_json
 from attrib.data import EditRecord
 from attrib.errors import ArtifactError
 from attrib.io import atomic_write, read_safetensors
+from attrib.parallel import batch_shares, processes, sum_, sum_gradients
 from attrib.prompts import load_prompts
 from editing.editor import Editor, EditRequest
 from editing.evaluation.metrics import agreement, exact_match, predict_rows
@@ -154,6 +155,10 @@ class MendEditor(Editor):
                  "m_gen": _mean_nll(image, post_image, range(count, 2 * count)),
                  "t_loc": locality_kl(pre[1], post_text, text_mask),
                  "m_loc": locality_kl(pre[0][loc], post_image[loc].log_softmax(-1), image_mask[loc])}
+        # Under several processes each part is this process's share of the global batch's mean.
+        counts = [sum(image.target_lengths[:count]), sum(image.target_lengths[count:2 * count]),
+                  int(text_mask.sum()), int(image_mask[loc].sum())]
+        parts = {name: value * share for (name, value), share in zip(parts.items(), batch_shares(counts))}
         parts["total"] = (h["c_edit"] * parts["t_gen"] + h["c_image_edit"] * parts["m_gen"]
                           + h["c_loc"] * (parts["t_loc"] + parts["m_loc"]))
         return parts
@@ -188,7 +193,7 @@ class MendEditor(Editor):
             if report is not None:
                 return {**report, "loaded": str(path), "seconds": time.perf_counter() - began}
         report = self._train(train, dev)
-        if path is not None:
+        if path is not None and processes().main:
             self._save(path, key, report)
         return report
 
@@ -206,24 +211,29 @@ class MendEditor(Editor):
         curve, losses = [], []
         began = time.perf_counter()
         done = 0
+        procs = processes()  # under `accelerate launch`: each process takes its share of every global batch
+        own = procs.slice_of(batch_size)
         for step in tqdm(range(steps), desc="mend training", disable=not self.progress):
-            if dev and step % int(h["eval_every"]) == 0:
+            if dev and procs.main and step % int(h["eval_every"]) == 0:
                 curve.append({"step": step, **self.dev_point(dev)})
             while len(order) < batch_size:
                 order += torch.randperm(len(train), generator=generator).tolist()
-            batch, order = [train[i] for i in order[:batch_size]], order[batch_size:]
+            batch, order = [train[i] for i in order[:batch_size][own]], order[batch_size:]
             parts = self.objective(batch, observe=True)
             grads = torch.autograd.grad(parts["total"], [*parameters, self.net.edit_lrs], allow_unused=True)
             for parameter, grad in zip([*parameters, self.net.edit_lrs], grads):
                 parameter.grad = None if grad is None else grad.detach()
+            sum_gradients([*parameters, self.net.edit_lrs])  # the global batch's gradient (nothing alone)
             torch.nn.utils.clip_grad_norm_([*parameters, self.net.edit_lrs], float(h["grad_clip"]))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append({name: round(value.item(), 5) for name, value in parts.items()})
+            summed = sum_(torch.stack([value.detach().double() for value in parts.values()]))
+            losses.append({name: round(value, 5) for name, value in zip(parts, summed.tolist())})
             done = step + 1
-            if time.perf_counter() - began > budget:
+            over = torch.tensor([float(time.perf_counter() - began > budget)])
+            if sum_(over).item() > 0:  # every process stops at the same step
                 break
-        if dev:
+        if dev and procs.main:
             curve.append({"step": done, **self.dev_point(dev)})
         seconds = time.perf_counter() - began
         report = {"seconds": seconds, "steps": done, "batch_size": batch_size, "edit_lrs": self.net.edit_lrs.tolist(),

@@ -18,6 +18,7 @@ from PIL import Image
 from torch import nn
 
 from attrib.backbones.loader import Backbone
+from attrib.parallel import gather
 from editing.inputs import teacher_forced_batch
 
 
@@ -136,12 +137,26 @@ class MendNet(nn.Module):
 
     @torch.no_grad()
     def observe(self, z: torch.Tensor) -> None:
-        """Fold the tokens z [N, F + D] into the running mean and variance (Chan et al.'s pairwise update)."""
-        if len(z) == 0:
-            return
+        """Fold the tokens z [N, F + D] into the running mean and variance (Chan et al.'s pairwise update).
+        Under several processes (`attrib.parallel`) each holds its share of the batch's tokens: the shares'
+        statistics are combined in rank order first, so every process folds in the whole batch."""
         z = z.double()
-        n, batch_mean = float(len(z)), z.mean(0)
-        batch_m2 = ((z - batch_mean) ** 2).sum(0)
+        shares = gather((float(len(z)), z.mean(0).cpu() if len(z) else None,
+                         ((z - z.mean(0)) ** 2).sum(0).cpu() if len(z) else None))
+        n, batch_mean, batch_m2 = 0.0, None, None
+        for m, mean, m2 in shares:  # Chan et al.'s pairwise combination of the shares
+            if m == 0:
+                continue
+            if batch_mean is None:
+                n, batch_mean, batch_m2 = m, mean, m2
+                continue
+            step = mean - batch_mean
+            batch_mean = batch_mean + step * m / (n + m)
+            batch_m2 = batch_m2 + m2 + step ** 2 * n * m / (n + m)
+            n += m
+        if n == 0:
+            return
+        batch_mean, batch_m2 = batch_mean.to(self.mean.device), batch_m2.to(self.m2.device)
         total = self.count + n
         step = batch_mean - self.mean
         self.mean += step * n / total

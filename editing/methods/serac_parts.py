@@ -20,6 +20,7 @@ from attrib.artifact import check_state_dict
 from attrib.backbones.loader import Backbone
 from attrib.data import EditRecord
 from attrib.io import atomic_write, atomic_write_json, read_json, read_safetensors, require
+from attrib.parallel import batch_shares, gather, processes, sum_, sum_gradients
 from editing.inputs import teacher_forced_batch
 
 # Columns of a record's cached features: the first three are in the scope of the record's edit
@@ -105,9 +106,12 @@ def record_rows(record: EditRecord, formats: dict[str, str], edit_format: str) -
 
 def record_features(backbone: Backbone, records: Sequence[EditRecord], formats: dict[str, str], edit_format: str,
                     batch: int, progress: bool = False) -> torch.Tensor:
-    """[N, 5, D] features of every record's `COLUMNS` (images opened per chunk, never all held)."""
-    out = []
-    for start in tqdm(range(0, len(records), batch), desc="serac features", disable=not progress):
+    """[N, 5, D] features of every record's `COLUMNS` (images opened per chunk, never all held). Under
+    several processes the chunks are dealt round-robin and gathered: the same batches as alone."""
+    procs = processes()
+    starts = list(range(0, len(records), batch))
+    done = {}
+    for start in tqdm(procs.round_robin(starts), desc="serac features", disable=not progress):
         chunk = [record_rows(r, formats, edit_format) for r in records[start:start + batch]]
         columns = []
         for name in COLUMNS:
@@ -115,8 +119,11 @@ def record_features(backbone: Backbone, records: Sequence[EditRecord], formats: 
             images = None if fields[0][0] is None else [r.load_image(f) for r, (f, _) in
                                                         zip(records[start:start + batch], fields)]
             columns.append(features(backbone, Rows(images, [p for _, p in fields]), batch))
-        out.append(torch.stack(columns, dim=1))
-    return torch.cat(out)
+        done[start] = torch.stack(columns, dim=1)
+    if procs.several:
+        shared = gather({start: part.cpu() for start, part in done.items()})
+        done = {start: part.to(backbone.device) for shares in shared for start, part in shares.items()}
+    return torch.cat([done[start] for start in starts])
 
 
 # -------------------------------------------------------------------------------------- scope classifier
@@ -233,17 +240,20 @@ def random_words(count: int, generator: torch.Generator, shortest: int = 4, long
 
 def counterfactual_loss(copy: Backbone, rows: Rows, lm_weight: float) -> torch.Tensor:
     """Mean target NLL (as `common.target_loss`) + ``lm_weight`` × mean next-token NLL over every text
-    position of the rows (the query repeats much of the edit in its context: a dense copying signal)."""
+    position of the rows (the query repeats much of the edit in its context: a dense copying signal).
+    Under several processes each term is this process's share of the global batch's mean."""
     batch = teacher_forced_batch(copy, rows.images, rows.prompts, rows.targets)
     logits = copy.forward(batch.inputs, use_cache=False).logits.float()  # [B, T, V]
     target = sum(torch.nn.functional.cross_entropy(batch.answer_logits(logits, row), batch.labels(row),
                                                    reduction="sum") for row in range(len(rows.prompts)))
-    loss = target / sum(batch.target_lengths)
+    ids = batch.inputs["input_ids"]
+    text = batch.inputs["attention_mask"].bool() & (ids != copy.image_token_id)
+    scored = text[:, 1:] & text[:, :-1]  # [B, T-1]: the token and the one before it are text
+    target_share, lm_share = batch_shares([sum(batch.target_lengths), int(scored.sum())])
+    loss = target / sum(batch.target_lengths) * target_share
     if lm_weight:
-        ids = batch.inputs["input_ids"]
-        text = batch.inputs["attention_mask"].bool() & (ids != copy.image_token_id)
-        scored = text[:, 1:] & text[:, :-1]  # [B, T-1]: the token and the one before it are text
-        loss = loss + lm_weight * torch.nn.functional.cross_entropy(logits[:, :-1][scored], ids[:, 1:][scored])
+        lm = torch.nn.functional.cross_entropy(logits[:, :-1][scored], ids[:, 1:][scored])
+        loss = loss + lm_weight * (lm * lm_share)
     return loss
 
 
@@ -265,8 +275,10 @@ def train_counterfactual(copy: Backbone, records: Sequence[EditRecord], dev: Seq
     batch = min(hyper["cf_batch"], len(records))
     context_format = hyper["context_format"]
     curve, loss = [], torch.tensor(float("nan"))
+    procs = processes()  # under `accelerate launch`: each process takes its share of every step's records
+    own = procs.slice_of(batch)
     for step in tqdm(range(hyper["cf_steps"] + 1), desc="serac counterfactual", disable=not progress):
-        if dev and step % hyper["dev_every"] == 0:
+        if dev and procs.main and step % hyper["dev_every"] == 0:
             curve.append({"step": step, "in_scope_token_acc": counterfactual_accuracy(copy, dev, edit_format,
                                                                                       context_format)})
         if step == hyper["cf_steps"]:
@@ -279,12 +291,14 @@ def train_counterfactual(copy: Backbone, records: Sequence[EditRecord], dev: Seq
         targets = [pool_answers[p] if u < swap else word if u < invent else r.alt
                    for r, u, p, word in zip(chosen, draw, pooled, invented)]
         roles = torch.randint(len(IN_SCOPE), (batch,), generator=generator).tolist()
-        rows = in_scope_rows(chosen, targets, edit_format, context_format, roles)
+        rows = in_scope_rows(chosen[own], targets[own], edit_format, context_format, roles[own])
         loss = counterfactual_loss(copy, rows, hyper["cf_lm_weight"])
         optimizer.zero_grad()
         loss.backward()
+        sum_gradients(parameters)  # the global batch's gradient (nothing alone)
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
+        loss = sum_(loss.detach())
     for parameter in copy.model.parameters():
         parameter.requires_grad_(False)
     return {"steps": hyper["cf_steps"], "final_loss": round(loss.item(), 4), "dev_curve": curve}
@@ -322,7 +336,7 @@ def run_phase(work: Path | None, name: str, signature: dict, module: torch.nn.Mo
             return {**report, "resumed": True}
     start = time.perf_counter()
     report = {**train(), "seconds": round(time.perf_counter() - start, 1)}
-    if weights is not None:
+    if weights is not None and processes().main:
         weights.parent.mkdir(parents=True, exist_ok=True)
         state = module.state_dict()
         tensors = {key: state[key].detach().contiguous().cpu() for key in parameter_names}

@@ -27,6 +27,11 @@ Determinism: the adapter is re-initialised from ``seed``; record order (a fresh 
 and the per-step draws come from generators seeded by (seed, stream, epoch / step), so any step can be
 recomputed from its number, and a resumed run reaches bit-identical weights (on the same machine and
 thread count). Checkpoints: `editing.training.checkpoint`.
+
+Several processes (``accelerate launch``, `attrib.parallel`): every process draws the same global batch and
+takes its consecutive share of the records; each loss term is its local mean scaled by the process's share
+of the global count (tokens, records or rows), so the summed gradients, added up across processes once per
+step, are the global batch's; only the main process checkpoints (docs/gpu.md).
 """
 from __future__ import annotations
 
@@ -43,7 +48,7 @@ from tqdm import tqdm
 from attrib.data import EditRecord
 from attrib.errors import TrainingDiverged
 from attrib.io import OutputLock, remove_partial_writes
-from attrib.parallel import main_first, processes, sum_
+from attrib.parallel import main_first, processes, sum_, sum_gradients
 from attrib.prompts import load_prompts
 from attrib.regions.attention_noise import AttentionNoise
 from attrib.regions.noise import noise_generator
@@ -310,7 +315,7 @@ class Trainer:
         """The optimizer step, refused when a gradient is not finite, and checked to leave finite weights."""
         named = [(name, p) for name, p in self.editor.adapter.named_parameters() if p.requires_grad]
         if self.procs.several:
-            _sum_gradients([p for _, p in named])
+            sum_gradients([p for _, p in named])
         grads = [(name, p.grad) for name, p in named if p.grad is not None]
         if grads and not bool(torch.stack([g.isfinite().all() for _, g in grads]).all()):
             name = next(name for name, g in grads if not bool(g.isfinite().all()))
@@ -455,22 +460,6 @@ def _share(units: dict[str, tuple[float, float]], unit: str | None) -> float:
         return 1.0
     local, total = units[unit]
     return local / total if total else 0.0
-
-
-def _sum_gradients(parameters: list[torch.nn.Parameter]) -> None:
-    """Add up the processes' gradients in one collective (each process back-propagated its share of the
-    global batch's loss, so the sum is the global gradient: DDP's all-reduce, once per step because a step
-    may run several backward passes). A parameter no process gave a gradient keeps none, as alone."""
-    has_grad = [torch.ones(1, device=p.device) if p.grad is not None else torch.zeros(1, device=p.device)
-                for p in parameters]
-    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in parameters]
-    flat = torch.cat(has_grad + grads)
-    summed = sum_(flat)
-    has, offset = summed[:len(parameters)], len(parameters)
-    for k, p in enumerate(parameters):
-        n = p.numel()
-        p.grad = summed[offset:offset + n].view_as(p).to(p.dtype).clone() if has[k] > 0 else None
-        offset += n
 
 
 def _pad_positions(logp: torch.Tensor, k: int) -> torch.Tensor:

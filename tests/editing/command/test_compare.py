@@ -109,3 +109,29 @@ def test_fuzz_method_results(tmp_path, data):
     method, _ = valid_or_clean_error(lambda: read_method(path), path)
     if method is not None:
         compare_markdown({**shipped, "methods": {**shipped["methods"], name: method}})
+
+
+def test_prepare_only_trains_the_learned_methods_as_two_processes_and_compare_reuses_them(world, tiny_dirs,
+                                                                                         tmp_path, monkeypatch):
+    """`compare --prepare-only` under ``accelerate launch`` (two CPU processes) fits MEND and SERAC into
+    OUT/work, written once; a plain `compare` afterwards loads them instead of training again. A plain
+    `compare` under the launcher is refused in one line."""
+    from pathlib import Path
+
+    import editing.methods as methods
+    from tests.editing.command.prepare_run import shrunk_config
+    from tests.launch import launch
+
+    out = tmp_path / "cmp"
+    shared = launch(str(Path(__file__).with_name("prepare_run.py")), str(tiny_dirs["blip2"]), str(world), str(out))
+    assert shared.stdout.count("prepared mend, serac") == 1
+    assert (out / "work" / "mend" / "mend.safetensors").is_file()
+    assert (out / "work" / "serac" / "serac_counterfactual.json").is_file()
+    monkeypatch.setattr(methods, "method_config", shrunk_config)
+    monkeypatch.setattr("editing.command.compare.METHOD_START", "fork")  # the children see the shrunk configs
+    results = run_compare(_options(world, tiny_dirs, out, methods=("mend", "serac")))
+    assert "loaded" in results["methods"]["mend"]["prepare"]
+    assert results["methods"]["serac"]["prepare"]["counterfactual"]["resumed"] is True
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="only --prepare-only runs"):
+        run_compare(_options(world, tiny_dirs, out, methods=("mend",)))

@@ -202,3 +202,27 @@ def test_a_damaged_network_cache_is_named_and_nothing_is_loaded(tiny_dirs, make_
     assert editor._load(path, key) is None  # trained otherwise: trained again, not refused
     path.write_bytes(raw)
     assert editor._load(path, key) == {"steps": 1}
+
+
+def test_two_processes_train_the_network_of_one(tiny_dirs, tmp_path):
+    """MEND's training as two CPU processes (``accelerate launch``, 2 of the 4 edits of each global batch
+    each) against one: the running statistics fold in the whole batch and the summed gradients are the
+    global batch's, so the network after 3 steps is the same (the per-record gradient factors are batched
+    differently, so they agree to float rounding, not bit for bit)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from attrib.world import write_world
+    from tests.launch import launch, run_alone
+
+    world = write_world(tmp_path / "world", seed=0, n_train=8, n_eval=2, n_caption_train=1, n_caption_eval=1)
+    script = str(Path(__file__).with_name("ddp_mend_run.py"))
+    args = ["llava", str(tiny_dirs["llava"]), str(world / "vqa_train.json")]
+    run_alone(script, *args, str(tmp_path / "one.safetensors"), "3")
+    launch(script, *args, str(tmp_path / "two.safetensors"), "3")
+    one, two = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
+    assert one.keys() == two.keys() and one["count"] == two["count"]
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-6 if key in ("mean", "m2") else 0, atol=1e-5,
+                                   msg=key)

@@ -202,3 +202,27 @@ def test_a_phase_cache_is_written_atomically_and_a_damaged_one_is_named(tmp_path
             run_phase(tmp_path, "phase", {"a": 1}, module, ["weight"], train)
         assert torch.equal(module.weight, before)
     assert run_phase(tmp_path, "phase", {"a": 2}, module, ["weight"], train)["steps"] == 5 and len(calls) == 2
+
+
+def test_two_processes_train_what_one_trains(tiny_dirs, tmp_path):
+    """SERAC's training as two CPU processes (``accelerate launch``): the classifier's features are computed
+    in the same batches, dealt out and gathered, and the counterfactual copy's steps split each batch of 4
+    records in two, the gradients summed. Classifier and trained layers equal a one-process run's after 3
+    steps. The attention key biases are left out: softmax ignores a shift shared by every key, so their true
+    gradient is zero and Adam turns the rounding noise into ±lr moves in any run."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from attrib.world import write_world
+    from tests.launch import launch, run_alone
+
+    world = write_world(tmp_path / "world", seed=0, n_train=8, n_eval=2, n_caption_train=1, n_caption_eval=1)
+    script = str(Path(__file__).with_name("ddp_serac_run.py"))
+    args = ["blip2", str(tiny_dirs["blip2"]), str(world / "vqa_train.json")]
+    run_alone(script, *args, str(tmp_path / "one.safetensors"))
+    launch(script, *args, str(tmp_path / "two.safetensors"))
+    one, two = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
+    assert one.keys() == two.keys() and any(k.startswith("classifier.") for k in one)
+    for key in [k for k in one if not k.endswith("k_proj.bias")]:
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-5, msg=key)
