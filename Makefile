@@ -26,6 +26,8 @@ export MALLOC_TOP_PAD_ := 268435456
 # ---- variables (name ?= default: what it is) ----
 BACKBONE ?= llava#         llava | blip2 | minigpt4
 MODEL ?=#                  local Hugging Face folder (empty: the shipped default of BACKBONE)
+DEVICE ?=#                 auto | cpu | cuda | cuda:N | balanced (empty: auto, the GPU when there is one)
+DTYPE ?=#                  auto | float32 | bfloat16 | float16 (empty: auto, bf16 on a GPU, float32 on the CPU)
 DATA ?=#                   MMEdit JSON file for heatmaps / validate / scenes (empty: the world's eval set)
 IMAGES ?=#                 image root (empty: each data file's folder)
 N ?= 24#                   records for heatmaps / validate / scenes (the first N)
@@ -82,7 +84,7 @@ $(WORLD_EVAL): $(wildcard attrib/world/*.py) | setup
 	$(VISEDIT) world --seed 1 --out $(WORLD) --n-train 3000 --n-eval 300 --overwrite
 
 data_args = --data $(if $(DATA),$(DATA),$(WORLD_EVAL)) $(call opt,--images,$(IMAGES))
-model_args = --backbone $(BACKBONE) $(call opt,--model,$(MODEL))
+model_args = --backbone $(BACKBONE) $(call opt,--model,$(MODEL)) $(call opt,--device,$(DEVICE)) $(call opt,--dtype,$(DTYPE))
 
 heatmaps: setup $(if $(DATA),,$(WORLD_EVAL)) ## attribution of BACKBONE on DATA: bars, heatmaps, artifact, placement
 	$(VISEDIT) heatmaps $(model_args) $(data_args) --n $(N) --seed $(SEED) $(call opt,--out,$(OUT))
