@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from attrib.backbones.loader import Backbone
+from attrib.backbones.partial import StopForward, forward_until_stopped
 from attrib.regions.attention_noise import AttentionNoise
 from attrib.regions.noise import draw_noise, noise_generator, noise_scale, one_minus_cos
 from attrib.regions.regions import RegionSet
@@ -22,15 +23,9 @@ def attention_call(backbone: Backbone, layer: int, inputs, row: int) -> dict:
 
     def grab(_module, args, kwargs):
         seen.update(kwargs)
-        raise _Stop
+        raise StopForward
 
-    handle = module.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        backbone.forward(inputs)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
+    forward_until_stopped(backbone, inputs, [module.register_forward_pre_hook(grab, with_kwargs=True)])
     call = {"hidden_states": seen["hidden_states"][row:row + 1]}
     mask = seen.get("attention_mask")
     call["attention_mask"] = mask[row:row + 1] if isinstance(mask, torch.Tensor) else None
@@ -38,10 +33,6 @@ def attention_call(backbone: Backbone, layer: int, inputs, row: int) -> dict:
         cos, sin = seen["position_embeddings"]
         call["position_embeddings"] = (cos[row % cos.shape[0]][None], sin[row % sin.shape[0]][None])
     return call
-
-
-class _Stop(Exception):
-    """Ends the forward pass once the attention module's inputs are seen."""
 
 
 def _batched_call(call: dict, hidden: torch.Tensor) -> dict:

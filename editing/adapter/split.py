@@ -20,13 +20,13 @@ Edit sites: ``edit_layer = ℓ ≥ 0`` is the output of decoder layer ℓ; ``-1`
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from attrib.backbones.loader import Backbone
+from attrib.backbones.partial import StopForward, forward_until_stopped
 from editing.adapter.hook import LM_INPUT, AdapterHook
 
 
@@ -47,10 +47,6 @@ class EditSite:
         """[B, P, d] every row's visual-token states at the edit site."""
         rows = torch.arange(self.hidden.shape[0], device=self.hidden.device)[:, None]
         return self.hidden[rows, self.positions.to(self.hidden.device)]
-
-
-class _Stop(Exception):
-    """Raised from a hook once the prefix has reached the edit site."""
 
 
 class SplitForward:
@@ -77,24 +73,17 @@ class SplitForward:
             seen["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
             if self.edit_layer == LM_INPUT:
                 seen["hidden"] = args[0] if args else kwargs["hidden_states"]
-                raise _Stop
+                raise StopForward
 
         def edit_layer_output(module, args, output):
             seen["hidden"] = output[0] if isinstance(output, tuple) else output
-            raise _Stop
+            raise StopForward
 
         handles = [self.layers[0].register_forward_pre_hook(first_layer, with_kwargs=True)]
         if self.edit_layer != LM_INPUT:
             handles.append(self.layers[self.edit_layer].register_forward_hook(edit_layer_output))
-        closed = self.hook.closed() if self.hook is not None else nullcontext()
-        try:
-            with closed:
-                self.backbone.forward(inputs, use_cache=False)
-        except _Stop:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
+        closed = self.hook.closed() if self.hook is not None else None
+        forward_until_stopped(self.backbone, inputs, handles, closed, use_cache=False)
         if "hidden" not in seen:
             raise RuntimeError(f"the forward never reached the edit site (edit_layer {self.edit_layer})")
         positions = None

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 from attrib.artifact import artifact_paths, check_placement, check_state_dict, parse_json, safetensors_metadata
 from attrib.backbones.loader import Backbone
+from attrib.backbones.partial import StopForward, forward_until_stopped
 from attrib.errors import ArtifactError
 from attrib.io import atomic_write, read_json, read_safetensors, require
 from editing.adapter.hook import LM_INPUT, AdapterHook
@@ -99,10 +100,6 @@ class EditPlacement:
         return cls(placement["edit_layer"], tuple(placement["it_layers"]), read)
 
 
-class _StopForward(Exception):
-    """Raised from a hook once the edit sample's forward has reached every layer the signal needs."""
-
-
 class VisEditEditor(Editor):
     """VEAD + IM installed in ``backbone`` at ``placement``; ``edit`` / ``restore`` switch edits.
 
@@ -172,7 +169,7 @@ class VisEditEditor(Editor):
         def keep(layer: int, hidden: torch.Tensor) -> None:
             captured[layer] = hidden.detach()
             if layer == deepest:
-                raise _StopForward
+                raise StopForward
 
         spec = self.backbone.spec
         handles = []
@@ -186,14 +183,7 @@ class VisEditEditor(Editor):
                 module = self.backbone.module(spec.layer_path(layer))
                 handles.append(module.register_forward_hook(
                     lambda m, args, out, i=layer: keep(i, out[0] if isinstance(out, tuple) else out)))
-        try:
-            with self.hook.closed():
-                self.backbone.forward(inputs, use_cache=False)
-        except _StopForward:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
+        forward_until_stopped(self.backbone, inputs, handles, self.hook.closed(), use_cache=False)
         return captured
 
     @torch.no_grad()

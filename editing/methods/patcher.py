@@ -58,6 +58,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from attrib.backbones.loader import Backbone
+from attrib.backbones.partial import StopForward, forward_until_stopped
 from attrib.contribution import check_decomposable
 from attrib.data import EditRecord
 from attrib.prompts import load_prompts
@@ -185,10 +186,6 @@ def ffn_activation(backbone: Backbone) -> nn.Module:
     return ACT2FN[name]
 
 
-class _Stop(Exception):
-    """Raised once the states a trace needs have been read (nothing above them is computed)."""
-
-
 def _top_exp_mean(exponents: torch.Tensor, k: int, cap: float) -> torch.Tensor:
     """Mean of the ``k`` largest ``exp(x)`` (the reference's ``top{k}_exp``), ``x`` clamped at ``cap``."""
     flat = exponents.flatten().clamp(max=cap)
@@ -222,23 +219,17 @@ class TransformerPatcher(Editor):
         def read_input(module, args):
             seen["q"] = args[0]
             if not with_output:
-                raise _Stop
+                raise StopForward
 
         def read_output(module, args, output):
             seen["h"] = output[0] if isinstance(output, tuple) else output
-            raise _Stop
+            raise StopForward
 
         layer = self.backbone.module(self.backbone.spec.layer_path(self.layer))
         handles = [ffn_modules(self.backbone, self.layer)[0].register_forward_pre_hook(read_input)]
         if with_output:
             handles.append(layer.register_forward_hook(read_output))
-        try:
-            self.backbone.forward(inputs, use_cache=False)
-        except _Stop:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
+        forward_until_stopped(self.backbone, inputs, handles, use_cache=False)
         batch, length = inputs["input_ids"].shape
         q = seen["q"].reshape(batch, length, -1)  # OPT's FFN sees [B*T, D]
         return q, seen["h"].reshape(batch, length, -1) if with_output else None
