@@ -209,9 +209,7 @@ def _attribute(backbone: Backbone, records, steps: list[Step], band: list[int], 
                - contrib.logit).abs().max().item()
         step.checks.update(samples=len(prompts), layers=contrib.n_layers, dla_sum_minus_logit=round(gap, 5))
     lm_grid = backbone.spec.grid_site == "lm"
-    # ViT noise runs its perturbed rows through the Q-Former and the whole LM: 32 rows a forward instead of
-    # 96 keeps MiniGPT-4's peak under 20 GB (96 rows: 19.6 GiB, 4.7 GiB above the loaded model).
-    method = AttentionNoise(draws=draws, seed=0) if lm_grid else VitNoise(draws=draws, seed=0, max_batch=32)
+    method = AttentionNoise(draws=draws, seed=0) if lm_grid else VitNoise(draws=draws, seed=0)
     regions = lm_regions(backbone) if lm_grid else vit_regions(backbone)
     with measured(steps, "region_sweep") as step:
         result = region_sweep(backbone, images, prompts, method, regions, band, batch_size=1, progress=progress)
