@@ -167,7 +167,7 @@ def _peak_mb() -> float:
 LEARNED = ("visedit", "visedit_gated", "mend", "serac")  # the methods whose prepare trains something
 
 
-def _prepared(options: CompareOptions, name: str):
+def prepared_method(options: CompareOptions, name: str):
     """(editor, context, roles, prepare's report, its seconds) of one method built and prepared on the
     train / dev roles in the calling process; the learned methods keep what they fit in OUT/work/<name>."""
     import torch
@@ -200,7 +200,7 @@ def prepare_methods(options: CompareOptions, names: list[str]) -> list[str]:
             data_roles(options)  # writes the test world when missing: once, before the others read it
         barrier()
         for name in learned:
-            editor = _prepared(options, name)[0]
+            editor = prepared_method(options, name)[0]
             editor.close()
     return learned
 
@@ -212,7 +212,7 @@ def run_method(options: CompareOptions, name: str) -> dict:
     from editing.command.run import inference_overhead
     from editing.evaluation.evaluate import evaluate_edits
 
-    editor, context, roles, prepared, prepare_s = _prepared(options, name)
+    editor, context, roles, prepared, prepare_s = prepared_method(options, name)
     scores = evaluate_edits(editor, roles.test, options.task, progress=options.progress).to_json()
     overhead = inference_overhead(editor, roles.test, options.task)
     editor.close()
