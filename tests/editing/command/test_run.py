@@ -119,13 +119,13 @@ def test_unknown_backbone_lists_the_choices_and_no_progress_silences_transformer
     assert err == "error: unknown backbone 'gpt'; choose one of: blip2, llava, minigpt4"
 
 
-@pytest.mark.parametrize("backbone", ["blip2", "minigpt4"])
-def test_a_bf16_backbone_runs_the_whole_pipeline_with_float32_adapter_weights(backbone, tiny_dirs, tiny_world,
-                                                                              tmp_path):
-    """--dtype bfloat16 on the CPU: attribution for the placement (every region method of the family),
-    training and evaluation run on the half-precision backbone; the adapter keeps float32 master weights."""
+def test_a_bf16_backbone_runs_the_whole_pipeline_with_float32_adapter_weights(tiny_dirs, tiny_world, tmp_path):
+    """--dtype bfloat16 on the CPU: attribution for the placement (every region method of the Q-Former family,
+    where a bf16 bug was found), training and evaluation run on the half-precision backbone; the adapter
+    keeps float32 master weights."""
     from safetensors.torch import load_file
 
+    backbone = "minigpt4"
     out = tmp_path / backbone
     assert main(["edit", "--backbone", backbone, "--model", str(tiny_dirs[backbone]), "--dtype", "bfloat16",
                  "--device", "cpu", "--train", str(tiny_world / "vqa_train.json"), "--eval",
