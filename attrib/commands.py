@@ -44,9 +44,11 @@ def _data_arguments(parser: argparse.ArgumentParser, out: str) -> None:
 
 def _load(args: argparse.Namespace):
     """The backbone and the first ``--n`` records of ``--data`` an attribution command runs on."""
+    from attrib.backbones.placement import resolve_placement
     from attrib.data import load_records
     from attrib.defaults import load_model
 
+    resolve_placement(args.device, args.dtype)  # a --device / --dtype this machine cannot take: said first
     if args.data == DEFAULT_DATA and not DEFAULT_DATA.is_file():
         raise DataError(f"{DEFAULT_DATA}: the world data is not there; write it with `visedit world --seed 1 "
                         f"--out {WORLD}` (make does) or pass --data")
