@@ -232,10 +232,11 @@ def _run_edit(options: EditOptions, train_file: Path, eval_file: Path) -> dict:
     config = _adapter_config(options, backbone)
     editor = VisEditEditor(backbone, placement, config, weights=options.checkpoint)
     train_s, train_info, adapter_path = _train(options, editor, train_records, out)
-    if not processes().main:  # under `accelerate launch`: attribution and training shared; the main one evaluates
+    evaluated = evaluate_edits(editor, eval_records, options.task, prompts=formats, progress=options.progress)
+    if not processes().main:  # under `accelerate launch` every step so far was shared out; one process reports
         editor.remove()
         return {}
-    scores = evaluate_edits(editor, eval_records, options.task, prompts=formats, progress=options.progress).to_json()
+    scores = evaluated.to_json()
     maps = im_maps(editor, eval_records, options.task, formats, limit=options.maps_n)
     figure = maps.plot(n=4)
     atomic_savefig(figure, out / "im_maps.png")

@@ -26,9 +26,10 @@ import torch
 from tqdm import tqdm
 
 from attrib.data import DataError, EditRecord
+from attrib.parallel import gather, processes
 from attrib.prompts import load_prompts
 from editing.editor import Editor, EditRequest
-from editing.evaluation.metrics import EditScores, RowPredictions, predict_rows, score_record
+from editing.evaluation.metrics import EditScores, RecordScores, RowPredictions, predict_rows, score_record
 from editing.evaluation.same_object import WorldSameObject
 
 SameObject = Callable[[EditRecord], "bool | None"]
@@ -94,24 +95,27 @@ def evaluate_edits(editor: Editor, records: Sequence[EditRecord], task: str = "v
     scores = EditScores(task)
     editor.restore()
 
+    procs = processes()  # under `accelerate launch` the records are dealt out and the scores gathered
+    mine = procs.round_robin(range(len(records)))
+    share = f" (process {procs.rank} of {procs.world})" if procs.several else ""
     pre: dict[int, list[RowPredictions]] = {}  # position in ``records`` → pre-edit locality
-    for position, record in enumerate(tqdm(records, desc="pre-edit outputs", disable=not progress)):
+    skipped: dict[int, str] = {}
+    for position in tqdm(mine, desc="pre-edit outputs" + share, disable=not progress):
+        record = records[position]
         try:
             pre[position] = _locality(editor, record, formats)
         except (DataError, ValueError) as error:
             if not skip_bad:
                 raise
-            scores.skipped.append(f"record {record.index}: {error}")
-    scores.n_skipped = len(scores.skipped)
-    kept = [p for p in range(len(records)) if p in pre]
-    if not kept:
-        return scores
-    if probe is None:
-        first = records[kept[0]]
-        probe = (first.load_image("image"), edit_format.format(src=first.src))
-    reference = _probe_logits(editor, probe)
-
-    for position in tqdm(kept, desc="edit / measure / restore", disable=not progress):
+            skipped[position] = f"record {record.index}: {error}"
+    kept = [p for p in mine if p in pre]
+    scored: dict[int, RecordScores] = {}
+    if kept:
+        if probe is None:
+            first = records[kept[0]]
+            probe = (first.load_image("image"), edit_format.format(src=first.src))
+        reference = _probe_logits(editor, probe)
+    for position in tqdm(kept, desc="edit / measure / restore" + share, disable=not progress):
         record = records[position]
         start = time.perf_counter()
         editor.edit(EditRequest.from_record(record, task, formats))
@@ -125,6 +129,13 @@ def evaluate_edits(editor: Editor, records: Sequence[EditRecord], task: str = "v
             raise RestoreError(f"after restoring the edit of record {record.index} the probe's logits differ "
                                "from the unedited model's")
         novel = (record.truth or {}).get("novel_target")
-        scores.records.append(score_record(record.index, generality, pre[position], post,
-                                           same_object(record), edit_ms, novel))
+        scored[position] = score_record(record.index, generality, pre[position], post, same_object(record),
+                                        edit_ms, novel)
+    if procs.several:  # every process's scores, in the records' order
+        parts = gather((scored, skipped))
+        scored = {p: r for part, _ in parts for p, r in part.items()}
+        skipped = {p: line for _, part in parts for p, line in part.items()}
+    scores.records = [scored[p] for p in sorted(scored)]
+    scores.skipped = [skipped[p] for p in sorted(skipped)]
+    scores.n_skipped = len(scores.skipped)
     return scores

@@ -134,3 +134,23 @@ def test_a_bf16_backbone_runs_the_whole_pipeline_with_float32_adapter_weights(ti
     results = json.loads((out / "results.json").read_text())
     assert results["model"]["dtype"] == "bfloat16" and results["n_eval"] == 2
     assert {str(t.dtype) for t in load_file(out / "adapter.safetensors").values()} == {"torch.float32"}
+
+
+def test_an_edit_evaluated_as_two_processes_reports_what_one_process_reports(trained, tiny_dirs, tiny_world,
+                                                                             tmp_path):
+    """`visedit edit --checkpoint` under ``accelerate launch`` (two CPU processes): the edits are dealt out,
+    each process restores after each of its edits, and the main process writes scores equal to one
+    process's."""
+    from tests.launch import launch, run_alone
+
+    args = ["-m", "visedit.cli", "edit", "--backbone", "llava", "--model", str(tiny_dirs["llava"]), "--eval",
+            str(tiny_world / "vqa_eval.json"), "--checkpoint", str(trained / "adapter.safetensors")]
+    run_alone(*args, "--out", str(tmp_path / "one"), "--no-progress")
+    shared = launch(*args, "--out", str(tmp_path / "two"))
+    assert "edit / measure / restore (process 1 of 2)" in shared.stderr  # both processes edited
+    assert "edit / measure / restore (process 0 of 2)" in shared.stderr
+    assert shared.stdout.count("results in") == 1
+    one, two = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "two"))
+    assert two["n_eval"] == one["n_eval"] == 3
+    assert {k: two["methods"]["visedit"][k] for k in VISEDIT_KEYS} == {k: one["methods"]["visedit"][k]
+                                                                       for k in VISEDIT_KEYS}
