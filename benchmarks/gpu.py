@@ -48,15 +48,15 @@ from tqdm import tqdm
 
 from attrib.backbones.build import CONFIG_BUILDERS, BackboneSizes, build_processor
 from attrib.backbones.loader import Backbone
+from attrib.backbones.placement import DTYPES
 from attrib.backbones.spec import get_spec
 from attrib.data import EditRecord
 from attrib.io import OutputLock, atomic_write_text, stored_path
 from benchmarks.bench import Goal
-from benchmarks.smoke_full import _peak_rss_mb, _reset_peak_rss, full_config, paper_layers
+from benchmarks.smoke_full import full_config, paper_layers, peak_rss_mb, reset_peak_rss, world_records
 
 BACKBONES = ("llava", "blip2", "minigpt4")
 SIZES = ("full", "reduced")
-DTYPES = ("bfloat16", "float16", "float32")
 # Small enough for a CPU test in seconds, with every part the full sizes have (an 8 × 8 grid on both sites).
 REDUCED_SIZES = BackboneSizes(
     image_size=64, patch_size=8, vision_hidden=64, vision_layers=2, vision_heads=4, vision_mlp=128,
@@ -104,7 +104,7 @@ def reset_peak_memory(device: torch.device) -> bool:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return True
-    return _reset_peak_rss()
+    return reset_peak_rss()
 
 
 def peak_memory(device: torch.device, was_reset: bool) -> tuple[int, str]:
@@ -113,7 +113,7 @@ def peak_memory(device: torch.device, was_reset: bool) -> tuple[int, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
     since = "" if was_reset else ", since the process started (the peak could not be reset)"
-    return int(_peak_rss_mb() * 2**20), f"peak RSS of the process (VmHWM){since}"
+    return int(peak_rss_mb() * 2**20), f"peak RSS of the process (VmHWM){since}"
 
 
 # ---- the model and the records -------------------------------------------------------------------------
@@ -137,25 +137,6 @@ def build(name: str, size: str, device: torch.device, dtype: torch.dtype) -> Bac
     finally:
         torch.set_default_dtype(previous)
     return Backbone(model, build_processor(spec, config, tokenizer), spec)
-
-
-def world_records(out: Path, n: int) -> tuple[list[EditRecord], Path]:
-    """``n`` world E-VQA records with a truth box: the default world's, or a small world written into ``out``."""
-    from attrib.commands import DEFAULT_DATA
-    from attrib.data import load_records
-    from attrib.world import write_world
-
-    data = DEFAULT_DATA
-    if not data.is_file():
-        world = out / "world"
-        if not (world / "vqa_eval.json").is_file():
-            write_world(world, seed=1, n_train=8, n_eval=4 * n, n_caption_train=1, n_caption_eval=1,
-                        overwrite=True)
-        data = world / "vqa_eval.json"
-    records = [r for r in load_records(data, n=4 * n) if r.box("image") is not None][:n]
-    if len(records) < n:
-        raise ValueError(f"{data}: {len(records)} records with a truth box among the first {4 * n}; {n} needed")
-    return records, data
 
 
 def _on_model(backbone: Backbone, inputs):
@@ -374,7 +355,7 @@ def bench_gpu_arguments(parser: argparse.ArgumentParser) -> None:
                         help="llava | blip2 | minigpt4, a comma-separated list, or all (default: all)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-gpu"), help="folder for bench_gpu.json")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when there is one, else cpu)")
-    parser.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="the backbone's dtype")
+    parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="the backbone's dtype")
     parser.add_argument("--size", default="full", choices=SIZES,
                         help="full: the published architectures; reduced: 4 LM layers, 64 wide (CPU checks)")
     parser.add_argument("--samples", type=int, default=TRAIN_BATCH,
@@ -386,7 +367,7 @@ def bench_gpu_arguments(parser: argparse.ArgumentParser) -> None:
 def bench_gpu(args: argparse.Namespace) -> int:
     """Measure the backbones, print the table, write OUT/bench_gpu.json."""
     names = list(BACKBONES) if args.backbone == "all" else [n.strip() for n in args.backbone.split(",") if n.strip()]
-    report = run_bench_gpu(names, args.out, args.size, args.device, getattr(torch, args.dtype), args.samples,
+    report = run_bench_gpu(names, args.out, args.size, args.device, DTYPES[args.dtype], args.samples,
                            args.train_steps, args.repeats, progress=not args.no_progress)
     print(format_table(report))
     print(f"wrote {args.out / 'bench_gpu.json'}")

@@ -58,7 +58,7 @@ class Step:
     checks: dict[str, Any] = field(default_factory=dict)
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
     """The process's peak resident set size so far (VmHWM), in MiB."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -69,7 +69,7 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     """Reset the high-water mark to the current RSS (Linux ≥ 4.0); False where that is not allowed."""
     try:
         with open("/proc/self/clear_refs", "w") as handle:  # a kernel control file, not an output
@@ -83,13 +83,13 @@ def _reset_peak_rss() -> bool:
 def measured(steps: list[Step], name: str) -> Iterator[Step]:
     """Time a step and record its peak RSS; the step's ``checks`` are filled by the caller."""
     step = Step(name)
-    step.checks["peak_rss_reset"] = _reset_peak_rss()
+    step.checks["peak_rss_reset"] = reset_peak_rss()
     began = time.perf_counter()
     try:
         yield step
     finally:
         step.wall_s = round(time.perf_counter() - began, 2)
-        step.peak_rss_mb = round(_peak_rss_mb(), 1)
+        step.peak_rss_mb = round(peak_rss_mb(), 1)
         steps.append(step)
 
 
@@ -179,19 +179,23 @@ def _meta_parameters(build) -> int:
         return count_parameters(build())
 
 
-def _records(out: Path):
-    """Two world VQA records with a truth box: the default world's, or a small world written into ``out``."""
+def world_records(out: Path, n: int) -> tuple[list, Path]:
+    """``n`` world E-VQA records with a truth box, from the first ``max(16, 4n)``: the default world's, or a
+    small world written into ``out``."""
     from attrib.commands import DEFAULT_DATA
     from attrib.data import load_records
     from attrib.world import write_world
 
+    pool = max(16, 4 * n)
     data = DEFAULT_DATA
     if not data.is_file():
         world = out / "world"
         if not (world / "vqa_eval.json").is_file():
-            write_world(world, seed=1, n_train=8, n_eval=16, n_caption_train=1, n_caption_eval=1, overwrite=True)
+            write_world(world, seed=1, n_train=8, n_eval=pool, n_caption_train=1, n_caption_eval=1, overwrite=True)
         data = world / "vqa_eval.json"
-    records = [r for r in load_records(data, n=16) if r.box("image") is not None][:N_RECORDS]
+    records = [r for r in load_records(data, n=pool) if r.box("image") is not None][:n]
+    if len(records) < n:
+        raise ValueError(f"{data}: {len(records)} records with a truth box among the first {pool}; {n} needed")
     return records, data
 
 
@@ -328,7 +332,7 @@ def _run_smoke(name: str, out: Path, draws: int, train_steps: int, progress: boo
         step.checks.update(parameters=sum(p.numel() for p in backbone.model.parameters()),
                            dtypes=_dtypes(backbone.model), layers=backbone.n_layers,
                            width=backbone.config.text_config.hidden_size)
-    records, data = _records(out)
+    records, data = world_records(out, N_RECORDS)
     inputs = backbone.encode([records[0].load_image("image")], ["What is it?"])
     steps[-1].checks.update(visual_positions=list(backbone.visual_positions(inputs["input_ids"]).shape),
                             prompt_tokens=int(inputs["input_ids"].shape[1]),
