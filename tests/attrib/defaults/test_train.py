@@ -39,19 +39,25 @@ def _weights(folder):
     return load_file(folder / "model.safetensors")
 
 
+def dies_on_call(real, n: int):
+    """``real`` that raises `Killed` on its ``n``-th call instead of computing (a run killed mid-stage)."""
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise Killed
+        return real(*args, **kwargs)
+
+    return wrapped
+
+
 def test_killed_and_resumed_run_reaches_the_same_weights(tmp_path, monkeypatch):
     monkeypatch.setitem(RECIPES, "llava", RECIPE)
     whole = train.train_default("llava", tmp_path / "whole", tmp_path / "work-whole", save_every=1)
 
-    real_loss, calls = train.language_loss, []
-
-    def dies_on_third_call(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise Killed
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(train, "language_loss", dies_on_third_call)
+    real_loss = train.language_loss
+    monkeypatch.setattr(train, "language_loss", dies_on_call(real_loss, 3))
     with pytest.raises(Killed):
         train.train_default("llava", tmp_path / "resumed", tmp_path / "work-resumed", save_every=1)
     checkpoint = json.loads((tmp_path / "work-resumed" / "llava" / train.CHECKPOINT).read_text())
@@ -155,17 +161,9 @@ def halted(tmp_path_factory):
     in its second step, so the checkpoint is mid-stage, with Adam's tensors and both RNG states."""
     root = tmp_path_factory.mktemp("halted")
     recipe = replace(VISION, stages=(replace(RECIPE.stages[0], steps=3),))
-    real_loss, calls = train.vision_loss, []
-
-    def dies_on_second_call(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise Killed
-        return real_loss(*args, **kwargs)
-
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(RECIPES, "llava", recipe)
-        patch.setattr(train, "vision_loss", dies_on_second_call)
+        patch.setattr(train, "vision_loss", dies_on_call(train.vision_loss, 2))
         with pytest.raises(Killed):
             train.train_default("llava", root / "out", root / "work", save_every=1)
     work = root / "work" / "llava"
