@@ -30,13 +30,13 @@ def scaled_vead_config(width: int) -> VeadConfig:
 
 def _stored_signal(editor: VisEditEditor, bench: BenchModel, batch_size: int, target: str):
     """The edit signal of the bench's first sample, lined up with a batch of ``batch_size`` inputs."""
-    editor.edit(EditRequest(bench.images[0], bench.prompts[0], target))
+    signal = editor.edit(EditRequest(bench.images[0], bench.prompts[0], target))
     scene = editor.adapter.scene
     if scene is not None and scene.similarity == "salient":
         # Timing only: the reference's values do not change the cost (training sets the images' mean;
         # the bench has too few images for one — a reference equal to an image leaves nothing salient).
-        scene.set_reference(torch.zeros_like(editor.hook.signal.visual_states()[0], dtype=torch.float32))
-    signal = editor.hook.signal.for_batch(batch_size)
+        scene.set_reference(torch.zeros_like(signal.visual_states()[0], dtype=torch.float32))
+    signal = signal.for_batch(batch_size)
     editor.restore()
     return signal
 

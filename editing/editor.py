@@ -47,11 +47,14 @@ class Editor(ABC):
     or hook modules, or a `Backbone` subclass sharing its model for methods that change the inputs or
     route them (in-context editing, memory-based editors). ``text_edits``: whether an edit can change
     the output on a text-only input at all; where it cannot, T-Loc is 100 by construction and the report
-    says so.
+    says so. ``lifelong``: whether edits accumulate — after ``edit(a); edit(b)`` both are live, and one
+    ``restore()`` undoes all of them (the sequential protocol, `editing.evaluation.sequential`, runs only
+    such methods); a method without it holds one edit at a time.
     """
 
     backbone: Backbone
     text_edits: bool = True
+    lifelong: bool = False
 
     def prepare(self, train: Sequence[EditRecord], dev: Sequence[EditRecord]) -> dict:
         """Learn whatever the method learns before editing, from ``train`` (``dev`` only to pick among

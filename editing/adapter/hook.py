@@ -14,8 +14,13 @@ exceptions too) pops them. Calls that do not go through the root see an empty st
 Gotcha: BLIP-2's ``generate`` calls ``language_model.generate`` directly; wrap such calls in
 ``with hook.visual_positions(backbone.visual_positions(input_ids)):`` (the editor's ``generate`` does).
 
-Bypass rules (the layer's tensor is returned as is, bit-identical): no edit signal set, adapter closed,
-no visual positions known for this call (text-only input), or a single-token step (cached decoding).
+Two ways to hold edits: ``signal`` (one edit broadcast over the batch, or one per input row — what the
+trainer sets) or ``bank`` (`editing.adapter.bank.EditBank`: any number of stored edits, each input row
+routed to the one that concerns it — what `VisEditEditor.edit` fills). ``signal`` wins when both are set.
+
+Bypass rules (the layer's tensor is returned as is, bit-identical): no edit signal set and the bank
+empty, adapter closed, no visual positions known for this call (text-only input), a single-token step
+(cached decoding), or, with the bank, no row routed to any edit.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from torch import nn
 
 from attrib.backbones.processing import locate_visual_tokens
 from attrib.backbones.spec import BackboneSpec
+from editing.adapter.bank import EditBank
 from editing.adapter.vead import EditAdapter, EditSignal
 
 LM_INPUT = -1  # edit_layer value meaning "the LM's input embeddings"
@@ -35,9 +41,10 @@ LM_INPUT = -1  # edit_layer value meaning "the LM's input embeddings"
 class AdapterHook:
     """An `EditAdapter` installed at ``edit_layer`` of ``model``; ``remove()`` takes it out again.
 
-    ``signal`` is the current edit (None = unedited); ``last_gate_logits`` keeps the IM logits
-    [B, P] of the most recent rewrite (detached), for IM maps, and ``last_scene_logits`` the scene
-    gate's [B] (None without one).
+    ``signal`` is the current edit (None = unedited) and ``bank`` the stored edits (module docstring);
+    ``last_gate_logits`` keeps the IM logits [B, P] of the most recent rewrite (detached), for IM maps,
+    and ``last_scene_logits`` the scene gate's [B] (None without one); with the bank, each row's under the
+    edit it was routed to, whether or not the row was then left untouched.
     """
 
     def __init__(self, model: nn.Module, spec: BackboneSpec, adapter: EditAdapter, edit_layer: int):
@@ -50,6 +57,7 @@ class AdapterHook:
         self.image_token_id = config.image_token_id
         self.n_visual = spec.n_visual_tokens(config)
         self.signal: EditSignal | None = None
+        self.bank = EditBank(adapter)
         self.is_open = True
         self.last_gate_logits: torch.Tensor | None = None
         self.last_scene_logits: torch.Tensor | None = None
@@ -92,6 +100,11 @@ class AdapterHook:
         finally:
             self.is_open = was_open
 
+    @property
+    def active(self) -> bool:
+        """Whether any edit is held (a signal, or stored edits in the bank)."""
+        return self.signal is not None or len(self.bank) > 0
+
     def current_positions(self) -> torch.Tensor | None:
         return self._positions[-1] if self._positions else None
 
@@ -101,15 +114,25 @@ class AdapterHook:
         ``positions`` [B, P]: visual-token indices per row. Trainers that run the layers above the edit
         layer by hand call this directly.
         """
-        if self.signal is None or not self.is_open or positions is None or hidden.shape[1] == 1:
+        if not self.active or not self.is_open or positions is None or hidden.shape[1] == 1:
             return hidden
         if positions.shape[0] != hidden.shape[0]:
             raise ValueError(f"visual positions cover {positions.shape[0]} rows, hidden states {hidden.shape[0]}")
         rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]  # [B, 1]
         positions = positions.to(hidden.device)
-        out = self.adapter(hidden[rows, positions], self.signal)  # gather: [B, P, d]
+        visual = hidden[rows, positions]  # gather: [B, P, d]
+        if self.signal is not None:
+            signal, keep = self.signal, None
+        else:
+            best, _, keep = self.bank.route(visual)
+            signal = self.bank.take(best)
+        out = self.adapter(visual, signal)
         self.last_gate_logits = out.gate_logits.detach()
         self.last_scene_logits = None if out.scene_logits is None else out.scene_logits.detach()
+        if keep is not None and not keep.all():
+            if not keep.any():
+                return hidden
+            rows, positions, out.visual = rows[keep], positions[keep], out.visual[keep]
         rewritten = hidden.clone()  # out of place: text positions keep their exact values
         rewritten[rows, positions] = out.visual
         return rewritten
@@ -118,7 +141,7 @@ class AdapterHook:
 
     def _push_positions(self, module, args, kwargs) -> None:
         self._positions.append(None)  # first, so the always-called pop stays balanced if the check raises
-        if self.signal is None or not self.is_open:
+        if not self.active or not self.is_open:
             return  # nothing to rewrite: the unedited model pays no lookup
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if isinstance(input_ids, torch.Tensor) and (input_ids == self.image_token_id).any():

@@ -1,4 +1,4 @@
-"""VisEdit's editor: ``edit(request)`` stores an edit signal, ``restore()`` clears it; no weight changes.
+"""VisEdit's editor: ``edit(request)`` stores an edit signal, ``restore()`` clears them; no weight changes.
 
     backbone = load_backbone("llava", path)
     placement = EditPlacement.from_artifact("figures/llava/attribution.json", backbone)
@@ -125,20 +125,28 @@ class VisEditEditor(Editor):
     def config(self) -> VeadConfig:
         return self.adapter.config
 
+    lifelong = True
+
     @property
     def is_edited(self) -> bool:
-        return self.hook.signal is not None
+        return self.hook.active
 
     def edit(self, request: EditRequest | Sequence[EditRequest]) -> EditSignal:
-        """Store the edit signal of ``request`` (or one per input row, for batched training), with the
-        adapter's edit-side projections cached for the forwards that follow."""
+        """Add the edit of ``request`` to the edits held (`editing.adapter.bank`: every input is routed to
+        the stored edit that concerns it), with the adapter's edit-side projections cached for the
+        forwards that follow. A sequence of requests instead sets one edit per input row (batched
+        training and benchmarks: row r of every input batch gets edit r), replacing the bank's routing."""
         signal = self.adapter.prepare(self.edit_signal(request))
-        self.hook.signal = signal
+        if isinstance(request, EditRequest):
+            self.hook.bank.add(signal)
+        else:
+            self.hook.signal = signal
         return signal
 
     def restore(self) -> None:
-        """Back to the unedited model (the hook bypasses without a signal)."""
+        """Back to the unedited model (the hook bypasses without edits)."""
         self.hook.signal = None
+        self.hook.bank.clear()
         self.hook.last_gate_logits = None
         self.hook.last_scene_logits = None
 

@@ -1,0 +1,134 @@
+"""Lifelong (sequential) evaluation: N edits live at once, every one of them scored with all N applied.
+
+    scores = evaluate_sequential(editor, test_records, n_live=100, task="vqa")
+    scores["rel"], scores["edit_ms"], scores["latency_ratio"], scores["rss_growth_mb"]
+
+The protocol of LiveEdit (CVPR 2025), for an editor whose edits accumulate (``Editor.lifelong``):
+1. ``restore()``; the pre-edit T-Loc, M-Loc and same-image predictions of EVERY record are computed before
+   any edit (or handed in: they do not depend on N, so a caller running several N computes them once);
+2. the records are split, in order, into chunks of ``n_live`` (a last chunk shorter than ``n_live`` is
+   left out and counted: every reported edit saw exactly N live);
+3. per chunk: the N edits are applied one after another (each timed); then each edit of the chunk is scored — Rel, T-Gen, M-Gen of
+   its own target and its localities against step 1 — with all N still live; ``restore()``, after which
+   the probe's logits must be bit-identical to the unedited model's (`RestoreError`).
+
+Beyond the single-edit scores (`EditScores.to_json`): ``n_live``, ``n_chunks``, ``n_left_out``,
+``edit_ms`` (mean time of one edit while earlier edits of its chunk are live), ``latency_ratio`` (the
+probe's median forward with the first chunk's N edits live over its median right after that chunk's
+restore; the probe is the first record's edit prompt, so a routing editor routes it to a live edit),
+``rss_growth_mb`` (the process's resident memory after the chunk's N edits minus before them, largest over
+the chunks: what holding N edits costs, noisy below a few MiB).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+
+from attrib.data import EditRecord
+from attrib.prompts import load_prompts
+from editing.editor import Editor, EditRequest
+from editing.evaluation.evaluate import RestoreError, SameObject, _generality, _locality, _probe_logits
+from editing.evaluation.metrics import EditScores, RowPredictions, score_record
+from editing.evaluation.same_object import WorldSameObject
+
+LATENCY_REPEATS = 5
+
+
+def resident_mb() -> float:
+    """The process's resident memory now, in MiB (Linux ``/proc/self/statm``)."""
+    import resource
+
+    with open("/proc/self/statm") as handle:
+        pages = int(handle.read().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+def pre_edit_locality(editor: Editor, records: Sequence[EditRecord], task: str = "vqa",
+                      prompts: dict[str, str] | None = None, progress: bool = False) -> list[list[RowPredictions]]:
+    """Step 1 of the module docstring: every record's unedited locality predictions."""
+    formats = prompts or load_prompts()
+    editor.restore()
+    return [_locality(editor, record, formats)
+            for record in tqdm(records, desc="pre-edit outputs", disable=not progress)]
+
+
+def _median_forward(editor: Editor, probe, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _probe_logits(editor, probe)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def evaluate_sequential(editor: Editor, records: Sequence[EditRecord], n_live: int, task: str = "vqa",
+                        prompts: dict[str, str] | None = None, same_object: SameObject | None = None,
+                        pre: Sequence[Sequence[RowPredictions]] | None = None, progress: bool = False) -> dict:
+    """Score ``records`` in chunks of ``n_live`` edits live at once (module docstring); ``pre``: the
+    records' `pre_edit_locality`, computed here when not given."""
+    if not editor.lifelong:
+        raise ValueError(f"{type(editor).__name__} holds one edit at a time (Editor.lifelong is False); "
+                         "the sequential protocol needs edits that accumulate")
+    if n_live < 1:
+        raise ValueError(f"n_live must be at least 1, got {n_live}")
+    formats = prompts or load_prompts()
+    if task not in formats:
+        raise ValueError(f"unknown task {task!r}; prompt formats: {', '.join(sorted(formats))}")
+    edit_format = formats[task]
+    same_object = same_object or WorldSameObject()
+    n_chunks = len(records) // n_live
+    if n_chunks == 0:
+        raise ValueError(f"{len(records)} records cannot fill one chunk of {n_live} live edits")
+    if pre is None:
+        pre = pre_edit_locality(editor, records, task, formats, progress)
+    if len(pre) != len(records):
+        raise ValueError(f"pre-edit predictions cover {len(pre)} records, not {len(records)}")
+    editor.restore()
+    first = records[0]
+    probe = (first.load_image("image"), edit_format.format(src=first.src))
+    reference = _probe_logits(editor, probe)
+    scores = EditScores(task)
+    edit_ms: list[float] = []
+    latency: dict[str, float] = {}
+    growth = 0.0
+    bar = tqdm(total=n_chunks * n_live, desc=f"{n_live} live", disable=not progress)
+    for chunk in range(n_chunks):
+        positions = range(chunk * n_live, (chunk + 1) * n_live)
+        before = resident_mb()
+        times = []
+        for position in positions:
+            start = time.perf_counter()
+            editor.edit(EditRequest.from_record(records[position], task, formats))
+            times.append(1000.0 * (time.perf_counter() - start))
+        try:
+            growth = max(growth, resident_mb() - before)
+            if chunk == 0:
+                latency["edited_s"] = _median_forward(editor, probe, LATENCY_REPEATS)
+            for position, ms in zip(positions, times, strict=True):
+                record = records[position]
+                generality = _generality(editor, record, edit_format)
+                post = _locality(editor, record, formats)
+                novel = (record.truth or {}).get("novel_target")
+                scores.records.append(score_record(record.index, generality, pre[position], post,
+                                                   same_object(record), ms, novel))
+                bar.update()
+        finally:
+            editor.restore()
+        if chunk == 0:
+            latency["unedited_s"] = _median_forward(editor, probe, LATENCY_REPEATS)
+        if not torch.equal(_probe_logits(editor, probe), reference):
+            raise RestoreError(f"after restoring chunk {chunk} ({n_live} live edits, records "
+                               f"{records[positions[0]].index}..{records[positions[-1]].index}) the probe's "
+                               "logits differ from the unedited model's")
+        edit_ms += times
+    bar.close()
+    result = scores.to_json()
+    result.update(n_live=n_live, n_chunks=n_chunks, n_left_out=len(records) - n_chunks * n_live,
+                  edit_ms=round(statistics.fmean(edit_ms), 3),
+                  latency_ratio=round(latency["edited_s"] / latency["unedited_s"], 4),
+                  latency_s={k: round(v, 5) for k, v in latency.items()}, rss_growth_mb=round(growth, 2))
+    return result

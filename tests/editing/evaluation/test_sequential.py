@@ -1,0 +1,91 @@
+"""The chunked lifelong protocol's bookkeeping, on a fake editor whose answers are known: it remembers only
+its latest ``capacity`` edits and, with more than that live, disturbs every text-only answer."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from attrib.data import load_records
+from editing.editor import Editor
+from editing.evaluation import sequential
+from editing.evaluation.evaluate import RestoreError
+from editing.evaluation.metrics import RowPredictions
+
+
+def _row(right: bool) -> RowPredictions:
+    top = torch.tensor([[5 if right else 6]])
+    return RowPredictions(torch.tensor([5]), top, top)
+
+
+class Forgetful(Editor):
+    lifelong = True
+
+    def __init__(self, capacity: int, leaky: bool = False):
+        self.backbone, self.capacity, self.leaky = None, capacity, leaky
+        self.live: list = []
+        self.locality_calls: list[int] = []  # how many edits were live at each locality call
+
+    def edit(self, request) -> None:
+        self.live.append(request)
+
+    def restore(self) -> None:
+        self.live = self.live[:1] if self.leaky else []
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """Records stand in for requests; predictions come from what the editor holds."""
+    monkeypatch.setattr(sequential.EditRequest, "from_record", staticmethod(lambda record, task, formats: record))
+    monkeypatch.setattr(sequential, "_generality",
+                        lambda editor, record, fmt: [_row(record in editor.live[-editor.capacity:])] * 3)
+
+    def locality(editor, record, formats):
+        editor.locality_calls.append(len(editor.live))
+        return [_row(len(editor.live) <= editor.capacity), _row(True), _row(True)]
+
+    monkeypatch.setattr(sequential, "_locality", locality)
+    monkeypatch.setattr(sequential, "_probe_logits", lambda editor, probe: torch.tensor([float(len(editor.live))]))
+
+
+@pytest.fixture(scope="module")
+def records(tiny_world):
+    three = load_records(tiny_world / "vqa_eval.json")
+    return [replace(three[i % 3], index=i) for i in range(12)]  # 12 distinct edits
+
+
+@pytest.mark.parametrize("n_live, rel, t_loc, chunks", [(1, 100.0, 100.0, 12), (2, 100.0, 100.0, 6),
+                                                        (5, 60.0, 0.0, 2), (12, 25.0, 0.0, 1)])
+def test_chunks_score_every_edit_with_all_n_live(fake, records, n_live, rel, t_loc, chunks):
+    editor = Forgetful(capacity=3)
+    result = sequential.evaluate_sequential(editor, records, n_live)
+    assert editor.locality_calls[:len(records)] == [0] * len(records)  # pre-edit outputs before any edit
+    assert editor.locality_calls[len(records):] == [n_live] * (chunks * n_live)  # scored with all N live
+    assert (result["n_live"], result["n_chunks"], result["n_eval"]) == (n_live, chunks, chunks * n_live)
+    assert result["n_left_out"] == len(records) - chunks * n_live
+    assert (result["rel"], result["t_gen"], result["m_gen"]) == (rel, rel, rel)
+    assert (result["t_loc"], result["m_loc"], result["loc_same_image"]) == (t_loc, 100.0, 100.0)
+    assert result["edit_ms"] >= 0 and result["latency_ratio"] > 0 and editor.live == []
+
+
+def test_reuses_given_pre_edit_outputs(fake, records):
+    editor = Forgetful(capacity=3)
+    pre = sequential.pre_edit_locality(editor, records)
+    editor.locality_calls.clear()
+    sequential.evaluate_sequential(editor, records, 4, pre=pre)
+    assert editor.locality_calls == [4] * len(records)
+
+
+def test_an_inexact_restore_is_caught(fake, records):
+    with pytest.raises(RestoreError, match="chunk 0"):
+        sequential.evaluate_sequential(Forgetful(capacity=3, leaky=True), records, 4)
+
+
+def test_refuses_editors_that_hold_one_edit_and_chunks_that_cannot_fill(fake, records):
+    single = Forgetful(capacity=3)
+    single.lifelong = False
+    with pytest.raises(ValueError, match="one edit at a time"):
+        sequential.evaluate_sequential(single, records, 2)
+    with pytest.raises(ValueError, match="cannot fill one chunk of 13"):
+        sequential.evaluate_sequential(Forgetful(capacity=3), records, 13)
