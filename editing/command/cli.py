@@ -123,10 +123,22 @@ def compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dev-n", type=int, default=CompareOptions.dev_n,
                    help="real data: records of --train set aside as dev (drawn with --seed)")
     p.add_argument("--seed", type=int, default=0, help="seed of every method and of the dev draw")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/compare/<backbone>-<task>)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: runs/compare/<backbone>-<task>, with -lifelong for --edits)")
+    p.add_argument("--edits", type=_counts, default=(),
+                   help="lifelong editing: comma-separated numbers of edits live at once (e.g. 1,10,100,1000); each "
+                        "method whose edits accumulate is scored in chunks of N on the first max(N) test edits")
     p.add_argument("--prepare-only", action="store_true",
                    help="only train the learned methods (visedit, visedit_gated, mend, serac) into OUT/work, for a "
                         "later compare to reuse; the one mode that runs under `accelerate launch`")
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    """``"1,10,100"`` → (1, 10, 100), refusing anything but positive whole numbers."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers of edits, got {text!r}")
+    return tuple(sorted({int(part) for part in parts}))
 
 
 def _method_names() -> list[str]:
@@ -142,14 +154,19 @@ def compare(args: argparse.Namespace) -> int:
                              methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
                              test_seed=args.test_seed, train=args.train, eval=args.eval, images=args.images,
                              n_test=args.n_test, dev_n=args.dev_n, seed=args.seed, out=args.out,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, edits=args.edits)
     if args.prepare_only:
         prepared = prepare_methods(options, options.method_names())
         if processes().main:
             print(f"prepared {', '.join(prepared) or 'nothing (no learned method among --methods)'} in "
-                  f"{options.output() / 'work'}; `visedit compare` with the same options reuses them")
+                  f"{options.fitted() / 'work'}; `visedit compare` with the same options reuses them")
         return 0
     results = run_compare(options)
+    for name, per_n in results.get("sequential", {}).items():
+        print(f"{name:>14}: " + " ".join(f"N={n} mean {scores['mean']}" for n, scores in per_n.items()))
+    if options.edits:
+        print(f"results in {options.output()}")
+        return 0
     for name, method in results["methods"].items():
         print(f"{name:>14}: " + " ".join(f"{k} {method[k]}" for k in ("rel", "t_gen", "m_gen", "t_loc", "m_loc", "mean",
                                                                      "loc_same_image")))

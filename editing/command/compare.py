@@ -13,6 +13,10 @@ Data roles (recorded in ``results.json`` under ``roles``):
 Placement (attribution and patching ceiling) reads training records only. Learned methods fit on train
 (``Editor.prepare``); dev is for choices (lookup's threshold, curves); test is only evaluated.
 
+With ``edits`` (``--edits 1,10,100,1000``) the run is the lifelong comparison (`editing.command.lifelong`):
+every method whose edits accumulate is scored with N edits live at once, for each N, on a test world with
+max(N) eval records, in ``runs/compare/<backbone>-<task>-lifelong``, reusing the single-edit run's fits.
+
 Each method runs in its own process (spawned), so its peak memory is its own and a hook it leaves behind
 cannot reach the next; its result is written to ``methods/<name>.json`` at once, and a run started again
 skips the methods already there (a killed comparison resumes at the next method; the kernel kills the
@@ -72,9 +76,19 @@ class CompareOptions:
     ceiling_n: int = 48
     progress: bool = True
     world_root: Path = field(default=Path("runs"))
+    edits: tuple[int, ...] = ()  # lifelong: numbers of edits live at once (`editing.command.lifelong`); () = single
 
     def output(self) -> Path:
-        return self.out or Path("runs/compare") / f"{self.backbone}-{self.task}"
+        name = f"{self.backbone}-{self.task}"
+        return self.out or Path("runs/compare") / (f"{name}-lifelong" if self.edits else name)
+
+    def fitted(self) -> Path:
+        """Where the placement's attribution and the learned methods' fits live (``attribution/``,
+        ``work/``): OUT, or for a lifelong run without OUT the single-edit comparison's default folder —
+        both have the same train and dev roles, so they share one fit."""
+        if self.out is not None or not self.edits:
+            return self.output()
+        return Path("runs/compare") / f"{self.backbone}-{self.task}"
 
     def method_names(self) -> list[str]:
         from editing.methods import METHODS
@@ -96,14 +110,17 @@ class Roles:
     described: dict
 
 
-def _world(seed: int, root: Path) -> Path:
-    """The world folder of ``seed`` (the development world for seed 1), written when missing."""
+def _world(seed: int, root: Path, n_eval: int | None = None) -> Path:
+    """The world folder of ``seed`` (the development world for seed 1), written when missing; with
+    ``n_eval`` (lifelong test worlds) one whose eval splits hold that many records, ``world-<seed>-n<n>``."""
     from attrib.world import write_world
 
     folder = root / "world" if seed == DEV_SEED else root / f"world-{seed}"
+    if n_eval is not None:
+        folder = root / f"world-{seed}-n{n_eval}"
     if not (folder / "vqa_eval.json").is_file():
-        write_world(folder, seed, n_train=3000, n_eval=300, n_caption_train=1000, n_caption_eval=300,
-                    overwrite=folder.exists())
+        write_world(folder, seed, n_train=3000, n_eval=n_eval or 300, n_caption_train=1000,
+                    n_caption_eval=n_eval or 300, overwrite=folder.exists())
     return folder
 
 
@@ -115,10 +132,12 @@ def data_roles(options: CompareOptions) -> Roles:
     if options.train is None:
         if options.test_seed == DEV_SEED:
             raise ValueError(f"test seed {DEV_SEED} is the development world's: pick another (TEST_SEED=...)")
-        dev_world, test_world = _world(DEV_SEED, options.world_root), _world(options.test_seed, options.world_root)
+        n_eval = max(options.edits) if options.edits else None
+        dev_world = _world(DEV_SEED, options.world_root)
+        test_world = _world(options.test_seed, options.world_root, n_eval)
         train = load_records(dev_world / f"{task}_train.json")
         dev = load_records(dev_world / f"{task}_eval.json")
-        test = load_records(test_world / f"{task}_eval.json")[:options.n_test]
+        test = load_records(test_world / f"{task}_eval.json")[:n_eval or options.n_test]
         described = {"train": {"file": stored_path(dev_world / f"{task}_train.json"), "world_seed": DEV_SEED},
                      "dev": {"file": stored_path(dev_world / f"{task}_eval.json"), "world_seed": DEV_SEED},
                      "test": {"file": stored_path(test_world / f"{task}_eval.json"), "world_seed": options.test_seed}}
@@ -129,7 +148,7 @@ def data_roles(options: CompareOptions) -> Roles:
     order = np.random.default_rng(options.seed).permutation(len(pool))
     dev = [pool[i] for i in sorted(order[:options.dev_n])]
     train = [pool[i] for i in sorted(order[options.dev_n:])]
-    test = load_records(options.eval, options.images)[:options.n_test]
+    test = load_records(options.eval, options.images)[:max(options.edits) if options.edits else options.n_test]
     described = {"train": {"file": stored_path(options.train), "n": len(train)},
                  "dev": {"file": stored_path(options.train), "n": len(dev), "drawn_with_seed": options.seed},
                  "test": {"file": stored_path(options.eval)}}
@@ -176,7 +195,7 @@ def prepared_method(options: CompareOptions, name: str):
     from editing.methods import MethodContext, build_method
 
     torch.manual_seed(options.seed)
-    out = options.output()
+    out = options.fitted()
     backbone = load_model(options.backbone, options.model, options.device, options.dtype)
     roles = data_roles(options)
     extra = {}
@@ -195,7 +214,7 @@ def prepare_methods(options: CompareOptions, names: list[str]) -> list[str]:
     OUT/work, where a later `visedit compare` finds and reuses them; runs under ``accelerate launch``,
     each process training on its share of every batch. Returns the methods prepared."""
     learned = [name for name in names if name in LEARNED]
-    with main_first(OutputLock(options.output())):
+    with main_first(OutputLock(options.fitted())):
         if processes().main:
             data_roles(options)  # writes the test world when missing: once, before the others read it
         barrier()
@@ -234,17 +253,24 @@ def _die_with_parent(parent: int) -> None:
 
 def _child(options: CompareOptions, name: str, path: str, parent: int) -> None:
     _die_with_parent(parent)
-    result = run_method(options, name)
+    if options.edits:
+        from editing.command.lifelong import run_sequential_method
+
+        result = run_sequential_method(options, name)
+    else:
+        result = run_method(options, name)
     atomic_write_text(Path(path), json.dumps(result, indent=1, default=str) + "\n")
 
 
-def read_method(path: Path) -> dict:
-    """A method's results file (``methods/<name>.json``), checked (`compare_report.check_method`)."""
+def read_method(path: Path, lifelong: bool = False) -> dict:
+    """A method's results file (``methods/<name>.json``), checked (`compare_report.check_method`, or
+    `check_sequential` for a lifelong run's)."""
     from attrib.errors import ArtifactError
-    from editing.command.compare_report import check_method
+    from editing.command.compare_report import check_method, check_sequential
 
     try:
-        return check_method(read_json(path, "method results file"), str(path))
+        check = check_sequential if lifelong else check_method
+        return check(read_json(path, "method results file"), str(path))
     except ArtifactError as error:
         raise ArtifactError(f"{error}; delete the file to run the method again") from None
 
@@ -256,7 +282,10 @@ def run_compare(options: CompareOptions) -> dict:
         raise ValueError("visedit compare runs as one process (each method in a child of its own); under "
                          "`accelerate launch` only --prepare-only runs (training the learned methods)")
     names = options.method_names()
-    with OutputLock(options.output()):
+    if any(n < 1 for n in options.edits):
+        raise ValueError(f"--edits takes positive numbers of live edits, got {list(options.edits)}")
+    with OutputLock(options.output()), \
+            (OutputLock(options.fitted()) if options.fitted() != options.output() else contextlib.nullcontext()):
         return _run_compare(options, names)
 
 
@@ -265,7 +294,8 @@ def _run_compare(options: CompareOptions, names: list[str]) -> dict:
     (out / "methods").mkdir(parents=True, exist_ok=True)
     remove_partial_writes(out / "methods")  # a results file a killed run was writing
     roles = data_roles(options)  # writes the test world when missing, once, before any child
-    methods = {name: read_method(out / "methods" / f"{name}.json") for name in names
+    lifelong = bool(options.edits)
+    methods = {name: read_method(out / "methods" / f"{name}.json", lifelong) for name in names
                if (out / "methods" / f"{name}.json").exists()}  # a bad one stops the run before hours of work
     for name in names:
         path = out / "methods" / f"{name}.json"
@@ -277,11 +307,24 @@ def _run_compare(options: CompareOptions, names: list[str]) -> dict:
             if child.exitcode != 0:
                 raise RuntimeError(f"method {name} failed (exit code {child.exitcode}); the methods before it "
                                    f"are kept in {out / 'methods'}")
-            methods[name] = read_method(path)
+            methods[name] = read_method(path, lifelong)
     methods = {name: methods[name] for name in names}  # the order asked for
     results = {"backbone": options.backbone, "task": options.task, "n_test": len(roles.test),
-               "roles": roles.described, "options": {k: str(v) for k, v in asdict(options).items()},
-               "protocol": methods[names[0]]["protocol"] if names else None, "methods": methods}
+               "roles": roles.described, "options": {k: str(v) for k, v in asdict(options).items()}}
+    if lifelong:
+        from editing.command.compare_report import lifelong_markdown, plot_lifelong
+        from editing.command.lifelong import image_sharing
+        from editing.evaluation.metrics import VISEDIT_PROTOCOL
+
+        results.update(protocol=VISEDIT_PROTOCOL, edits=sorted(options.edits), images=image_sharing(roles.test),
+                       sequential={n: m["sequential"] for n, m in methods.items() if m["lifelong"]},
+                       skipped=[n for n, m in methods.items() if not m["lifelong"]],
+                       methods={n: {k: v for k, v in m.items() if k != "sequential"} for n, m in methods.items()})
+        atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=str) + "\n")
+        atomic_write_text(out / "results.md", lifelong_markdown(results))
+        plot_lifelong(results, out / "lifelong.png")
+        return results
+    results.update(protocol=methods[names[0]]["protocol"] if names else None, methods=methods)
     from editing.command.compare_report import compare_markdown, plot_metrics
 
     atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=str) + "\n")

@@ -1,7 +1,9 @@
 """The comparison's report: ``results.md`` (methods as rows, the best of each column in bold) and
-``metrics.png`` (the five metrics per method, grouped bars), and the reading of what the comparison wrote:
-`read_results` (``results.json``) and `check_method` (one method's results, ``methods/<name>.json``), which
-check every field the report reads and raise `ArtifactError` naming the file and field."""
+``metrics.png`` (the five metrics per method, grouped bars) — for a lifelong run ``results.md`` with the
+mean per method and N and ``lifelong.png`` (mean, latency and memory against N) — and the reading of
+what the comparison wrote: `read_results` (``results.json``), `check_method` and `check_sequential` (one
+method's results, ``methods/<name>.json``), which check every field the report reads and raise
+`ArtifactError` naming the file and field."""
 from __future__ import annotations
 
 import math
@@ -123,6 +125,100 @@ def plot_metrics(results: dict, path: Path) -> Path:
     ax.set_title(f"{results['backbone']} E-{'VQA' if results['task'] == 'vqa' else 'IC'}: "
                  f"{results['n_test']} test edits")
     ax.legend(ncol=5, fontsize=7, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.35))
+    figure.tight_layout()
+    atomic_savefig(figure, path)
+    plt.close(figure)
+    return path
+
+
+def check_sequential(data: Any, where: str) -> dict:
+    """One method's results of a lifelong comparison checked for what the report reads: ``lifelong``,
+    and for a lifelong method ``sequential`` → N → the five metrics and ``mean`` (required), the optional
+    columns (numbers or null). Returns ``data``."""
+    if require(data, "lifelong", bool, where):
+        for n, scores in require(data, "sequential", dict, where).items():
+            entry = f"{where}, in 'sequential.{n}'"
+            if not n.isdigit():
+                raise ArtifactError(f"{where}, in 'sequential': key {n!r} is not a number of live edits")
+            if not isinstance(scores, dict):
+                raise ArtifactError(f"{entry}: expected an object, found {type(scores).__name__}")
+            for key in (*METRICS, "mean"):
+                _score(scores, key, entry, default=...)
+            for key in ("loc_same_image", "edit_ms", "latency_ratio", "rss_growth_mb"):
+                _score(scores, key, entry)
+    require(data, "t_loc_by_construction", bool, where, default=False)
+    _score(data, "prepare_s", where)
+    return data
+
+
+def _lifelong_rows(results: dict):
+    for name, per_n in results["sequential"].items():
+        for n, scores in sorted(per_n.items(), key=lambda item: int(item[0])):
+            yield name, int(n), scores
+
+
+def lifelong_markdown(results: dict) -> str:
+    """The lifelong comparison: the five-metric mean per method and N (the best of each N in bold), then
+    every metric, same-image locality, novel Rel, edit time, latency and memory per method and N."""
+    edits = results["edits"]
+    means = {name: {int(n): s["mean"] for n, s in per_n.items()} for name, per_n in results["sequential"].items()}
+    best = {n: max((m[n] for name, m in means.items() if name != "none" and n in m), default=None) for n in edits}
+    images = results["images"]
+    roles = results["roles"]
+    lines = [f"# Lifelong editing on {results['backbone']}, E-{'VQA' if results['task'] == 'vqa' else 'IC'} "
+             f"({results['n_test']} test edits, N live at once)", "",
+             "Test: " + ", ".join(f"{k}={v}" for k, v in roles["test"].items()) + f"; {images['distinct_images']} "
+             f"distinct images, {images['edits_sharing_an_image']} edits share their image with another "
+             f"(at most {images['most_edits_on_one_image']} on one). Train / dev as the single-edit comparison.", "",
+             "## Five-metric mean against N", "",
+             "| method | " + " | ".join(f"N={n}" for n in edits) + " |", "|---|" + "---:|" * len(edits)]
+    for name, row in means.items():
+        cells = []
+        for n in edits:
+            value = row.get(n)
+            text = "–" if value is None else f"{value:.1f}"
+            cells.append(f"**{text}**" if value is not None and value == best[n] and name != "none" else text)
+        label = name + (f" ({EXTENSION[name]})" if name in EXTENSION else "")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if results.get("skipped"):
+        lines += ["", "Not run (hold one edit at a time): " + ", ".join(results["skipped"]) + "."]
+    columns = [*METRICS, "mean", "loc_same_image", "novel_rel"]
+    lines += ["", "## Every metric", "",
+              "| method | N | " + " | ".join(LABELS[c] for c in columns) + " | edit ms | latency × | RSS growth MiB |",
+              "|---|---:|" + "---:|" * (len(columns) + 3)]
+    for name, n, scores in _lifelong_rows(results):
+        values = _row_values(scores)
+        cells = ["–" if values[c] is None else f"{values[c]:.1f}" for c in columns]
+        if results["methods"].get(name, {}).get("t_loc_by_construction"):
+            cells[METRICS.index("t_loc")] += "\\*"
+        lines.append(f"| {name} | {n} | " + " | ".join(cells) + f" | {scores.get('edit_ms')} | "
+                     f"{scores.get('latency_ratio')} | {scores.get('rss_growth_mb')} |")
+    lines += ["", "\\* T-Loc is 100 by construction: the method cannot change a text-only input.",
+              f"Metrics: {results.get('protocol')}, every edit of a chunk scored with all N live (LiveEdit's "
+              "protocol); latency × = the probe's forward with N live over unedited; RSS growth = resident "
+              "memory after N edits minus before (noisy below a few MiB).", ""]
+    return "\n".join(lines)
+
+
+def plot_lifelong(results: dict, path: Path) -> Path:
+    """Three panels against N (log axis), one line per method: the five-metric mean, the latency ratio, the
+    resident-memory growth."""
+    panels = (("mean", "five-metric mean (%)"), ("latency_ratio", "forward with N live / unedited"),
+              ("rss_growth_mb", "RSS growth with N live (MiB)"))
+    figure, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for ax, (key, label) in zip(axes, panels):
+        for name, per_n in results["sequential"].items():
+            points = sorted((int(n), s.get(key)) for n, s in per_n.items() if s.get(key) is not None)
+            if points:
+                ax.plot(*zip(*points), marker="o", label=name)
+        ax.set_xscale("log")
+        ax.set_xlabel("edits live at once (N)")
+        ax.set_ylabel(label)
+    axes[0].set_ylim(0, 105)
+    if results["sequential"]:
+        axes[0].legend(fontsize=7, frameon=False)
+    figure.suptitle(f"{results['backbone']} E-{'VQA' if results['task'] == 'vqa' else 'IC'}: lifelong editing, "
+                    f"{results['n_test']} test edits")
     figure.tight_layout()
     atomic_savefig(figure, path)
     plt.close(figure)

@@ -8,9 +8,11 @@ The protocol of LiveEdit (CVPR 2025), for an editor whose edits accumulate (``Ed
    any edit (or handed in: they do not depend on N, so a caller running several N computes them once);
 2. the records are split, in order, into chunks of ``n_live`` (a last chunk shorter than ``n_live`` is
    left out and counted: every reported edit saw exactly N live);
-3. per chunk: the N edits are applied one after another (each timed); then each edit of the chunk is scored — Rel, T-Gen, M-Gen of
-   its own target and its localities against step 1 — with all N still live; ``restore()``, after which
-   the probe's logits must be bit-identical to the unedited model's (`RestoreError`).
+3. per chunk: the N edits are applied one after another (each timed); then each edit of the chunk is
+   scored — Rel, T-Gen, M-Gen of its own target (the rows of 16 edits in one forward) and its localities
+   (alone, as in step 1, so pre and post rows have the same shapes) against step 1 — with all N still
+   live; ``restore()``, after which the probe's logits must be bit-identical to the unedited model's
+   (`RestoreError`).
 
 Beyond the single-edit scores (`EditScores.to_json`): ``n_live``, ``n_chunks``, ``n_left_out``,
 ``edit_ms`` (mean time of one edit while earlier edits of its chunk are live), ``latency_ratio`` (the
@@ -31,11 +33,27 @@ from tqdm import tqdm
 from attrib.data import EditRecord
 from attrib.prompts import load_prompts
 from editing.editor import Editor, EditRequest
-from editing.evaluation.evaluate import RestoreError, SameObject, _generality, _locality, _probe_logits
-from editing.evaluation.metrics import EditScores, RowPredictions, score_record
+from editing.evaluation.evaluate import RestoreError, SameObject, _locality, _probe_logits
+from editing.evaluation.metrics import EditScores, RowPredictions, predict_rows, score_record
 from editing.evaluation.same_object import WorldSameObject
 
 LATENCY_REPEATS = 5
+GENERALITY_BLOCK = 16  # records whose Rel / T-Gen / M-Gen rows share one forward (48 rows)
+
+
+def _generality(editor: Editor, records: Sequence[EditRecord], edit_prompt: str) -> list[list[RowPredictions]]:
+    """[Rel, T-Gen, M-Gen] predictions of each record's own target, the rows of all ``records`` in one
+    forward: with every edit of the chunk live, the rows of different edits see the same model (what the
+    single-edit evaluation's `evaluate._generality` computes one record at a time)."""
+    images, prompts, targets = [], [], []
+    for record in records:
+        image = record.load_image("image")
+        images += [image, image, record.load_image("image_rephrase")]
+        prompts += [edit_prompt.format(src=record.src), edit_prompt.format(src=record.rephrase),
+                    edit_prompt.format(src=record.src)]
+        targets += [record.alt] * 3
+    rows = predict_rows(editor.backbone, images, prompts, targets, k=1)
+    return [rows[3 * i:3 * i + 3] for i in range(len(records))]
 
 
 def resident_mb() -> float:
@@ -108,14 +126,16 @@ def evaluate_sequential(editor: Editor, records: Sequence[EditRecord], n_live: i
             growth = max(growth, resident_mb() - before)
             if chunk == 0:
                 latency["edited_s"] = _median_forward(editor, probe, LATENCY_REPEATS)
-            for position, ms in zip(positions, times, strict=True):
-                record = records[position]
-                generality = _generality(editor, record, edit_format)
-                post = _locality(editor, record, formats)
-                novel = (record.truth or {}).get("novel_target")
-                scores.records.append(score_record(record.index, generality, pre[position], post,
-                                                   same_object(record), ms, novel))
-                bar.update()
+            for lo in range(0, n_live, GENERALITY_BLOCK):
+                block = list(positions)[lo:lo + GENERALITY_BLOCK]
+                generality = _generality(editor, [records[p] for p in block], edit_format)
+                for position, rows, ms in zip(block, generality, times[lo:lo + GENERALITY_BLOCK], strict=True):
+                    record = records[position]
+                    post = _locality(editor, record, formats)  # alone, as its pre-edit rows were
+                    novel = (record.truth or {}).get("novel_target")
+                    scores.records.append(score_record(record.index, rows, pre[position], post,
+                                                       same_object(record), ms, novel))
+                    bar.update()
         finally:
             editor.restore()
         if chunk == 0:

@@ -136,3 +136,32 @@ def test_prepare_only_trains_the_learned_methods_as_two_processes_and_compare_re
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="only --prepare-only runs"):
         run_compare(_options(world, tiny_dirs, out, methods=("mend",)))
+
+
+def test_lifelong_compare_scores_every_n_and_reports_them(world, tiny_dirs, tmp_path):
+    options = _options(world, tiny_dirs, tmp_path, methods=("none", "ft_l"), edits=(1, 3))
+    assert options.fitted() == options.output() == tmp_path  # OUT given: the fits live beside the results
+    results = run_compare(options)
+    assert results["edits"] == [1, 3] and results["n_test"] == 3 and results["skipped"] == []
+    assert results["images"]["edits"] == 3 and results["images"]["distinct_images"] >= 1
+    for name in ("none", "ft_l"):
+        per_n = results["sequential"][name]
+        assert set(per_n) == {"1", "3"}
+        assert (per_n["1"]["n_chunks"], per_n["3"]["n_chunks"]) == (3, 1)
+        assert all(s["n_eval"] == 3 and s["latency_ratio"] > 0 for s in per_n.values())
+    assert results["sequential"]["none"]["3"]["m_loc"] == 100.0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert set(saved["sequential"]) == {"none", "ft_l"} and "sequential" not in saved["methods"]["ft_l"]
+    assert "| N=1 | N=3 |" in (tmp_path / "results.md").read_text() and (tmp_path / "lifelong.png").is_file()
+    read_method(tmp_path / "methods" / "ft_l.json", lifelong=True)
+    path = tmp_path / "methods" / "ft_l.json"
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "sequential": {"3": {**data["sequential"]["3"], "rel": "high"}}}))
+    with pytest.raises(ArtifactError, match=r"ft_l.json, in 'sequential.3', field 'rel'"):
+        read_method(path, lifelong=True)
+
+
+def test_default_lifelong_folder_shares_the_single_edit_fits():
+    options = CompareOptions(backbone="llava", edits=(1, 10))
+    assert str(options.output()) == "runs/compare/llava-vqa-lifelong"
+    assert str(options.fitted()) == "runs/compare/llava-vqa" == str(CompareOptions(backbone="llava").output())

@@ -38,8 +38,8 @@ class Forgetful(Editor):
 def fake(monkeypatch):
     """Records stand in for requests; predictions come from what the editor holds."""
     monkeypatch.setattr(sequential.EditRequest, "from_record", staticmethod(lambda record, task, formats: record))
-    monkeypatch.setattr(sequential, "_generality",
-                        lambda editor, record, fmt: [_row(record in editor.live[-editor.capacity:])] * 3)
+    monkeypatch.setattr(sequential, "_generality", lambda editor, records, fmt: [
+        [_row(record in editor.live[-editor.capacity:])] * 3 for record in records])
 
     def locality(editor, record, formats):
         editor.locality_calls.append(len(editor.live))
@@ -89,3 +89,21 @@ def test_refuses_editors_that_hold_one_edit_and_chunks_that_cannot_fill(fake, re
         sequential.evaluate_sequential(single, records, 2)
     with pytest.raises(ValueError, match="cannot fill one chunk of 13"):
         sequential.evaluate_sequential(Forgetful(capacity=3), records, 13)
+
+
+def test_batched_generality_rows_equal_one_record_at_a_time(tiny_backbone, tiny_world, make_editor):
+    """The shortcut (16 edits' rows in one forward) against the single-edit evaluation's one-by-one rows,
+    with two edits live in VisEdit's bank."""
+    from attrib.prompts import load_prompts
+    from editing.editor import EditRequest
+    from editing.evaluation import evaluate
+
+    records = load_records(tiny_world / "vqa_eval.json")
+    formats = load_prompts()
+    editor = make_editor(tiny_backbone, -1)
+    for record in records[:2]:
+        editor.edit(EditRequest.from_record(record, "vqa", formats))
+    batched = sequential._generality(editor, records, formats["vqa"])
+    for record, rows in zip(records, batched, strict=True):
+        for one, many in zip(evaluate._generality(editor, record, formats["vqa"]), rows, strict=True):
+            assert torch.equal(one.labels, many.labels) and torch.equal(one.answer_top, many.answer_top)
