@@ -33,6 +33,7 @@ METHODS: dict[str, str] = {
     "ike": "ike",
     "mend": "mend",
     "serac": "serac",
+    "grace": "grace",
     "lookup": "lookup",
 }
 

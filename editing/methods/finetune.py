@@ -5,7 +5,10 @@ What is implemented. ``edit(request)`` takes ``steps`` AdamW steps (learning rat
 decay ``weight_decay``) on the teacher-forced NLL of the edit's target tokens
 (`editing.methods.common.target_loss`, one row: the edit image, the edit prompt, the new target) with
 respect to one group of weights; the changed weights stay until ``restore()``, which copies the saved
-originals back bit for bit (`ParameterSnapshot`). Edits made before a ``restore()`` stack.
+originals back bit for bit (`ParameterSnapshot`). Edits accumulate (``lifelong = True``, sequential
+fine-tuning as in the literature's sequential FT baselines): the snapshot is taken at the first edit
+after a ``restore()``, every later edit fine-tunes the weights the earlier ones left, and a positive
+``norm_constraint`` bounds the change from those original weights (not from the previous edit's).
 
 - ``ft_l`` tunes the weight of ONE MLP output projection of the language model (LLaVA / MiniGPT-4
   ``mlp.down_proj``, BLIP-2 OPT ``fc2``) of decoder layer ``layer`` (negative counts from the end).
@@ -116,7 +119,9 @@ def bridge_parameters(backbone: Backbone, qformer_layers: int) -> list[torch.nn.
 
 
 class FinetuneEditor(Editor):
-    """Fine-tunes ``parameters`` on each edit (module docstring)."""
+    """Fine-tunes ``parameters`` on each edit, edits accumulating until ``restore`` (module docstring)."""
+
+    lifelong = True
 
     def __init__(self, backbone: Backbone, parameters: list[torch.nn.Parameter], config: FinetuneConfig,
                  text_edits: bool):

@@ -8,15 +8,25 @@ What is implemented.
   with the record's edit (``src`` in the task's prompt format, ``alt``) as the new fact: copy (the probe is
   the edit itself), update (the rephrased prompt with the new target) and retain (the text-only locality
   question with its own answer). Each demonstration is embedded once.
-- ``edit(request)`` embeds the query ``"New Fact: {p} {t}\\nPrompt: {p} {t}\\n\\n"`` (EasyEdit's), takes the
-  ``k`` pool demonstrations of highest cosine similarity (most similar first, as EasyEdit), appends the
-  edit's own copy demonstration, and makes ``editor.backbone`` an `InContextBackbone`: the same model,
-  processor and spec, whose ``format_prompt`` writes that context plus ``"New Fact: {p} {t}\\nPrompt: "``
-  in front of EVERY prompt, image or text-only, inside the backbone's template (the image placeholder
-  stays where the template puts it). `Backbone.encode` and `attrib.answers.target_token_ids` both read
-  ``format_prompt``, so scoring sees the same rows. ``restore()`` hands back the plain backbone itself,
-  so the unedited logits are bit-identical by construction. ``text_edits = True``: the context reaches
-  text-only prompts too, which is why IKE's locality is poor in the literature.
+- ``edit(request)`` embeds the edit's copy demonstration ``"New Fact: {p} {t}\\nPrompt: {p} {t}\\n\\n"``
+  (EasyEdit's query), keeps the ``k`` pool demonstrations of highest cosine similarity to it (most similar
+  first, as EasyEdit) and adds the edit to the live edits; ``editor.backbone`` becomes an
+  `InContextBackbone`: the same model, processor and spec, whose ``format_prompt`` writes a context in
+  front of EVERY prompt, image or text-only, inside the backbone's template (the image placeholder stays
+  where the template puts it). `Backbone.encode` and `attrib.answers.target_token_ids` both read
+  ``format_prompt``, so scoring sees the same rows. ``restore()`` drops every edit and hands back the
+  plain backbone itself, so the unedited logits are bit-identical by construction. ``text_edits = True``:
+  the context reaches text-only prompts too, which is why IKE's locality is poor in the literature.
+- Lifelong (``lifelong = True``; the sequential protocol): the retrieval pool holds every live edit's
+  copy demonstration besides the train demonstrations, and each prompt gets its own context
+  (`IkeEditor.context_of`, cached per prompt until the next edit): the live edits ranked by the cosine
+  similarity of their copy demonstration to the prompt's embedding (`embed_texts` of the prompt); the
+  most similar edit ``e`` gives the end of the context, its copy demonstration and ``"New Fact: {p}
+  {t}\\nPrompt: "``; before it go the other edits' copy demonstrations (most similar first), then the
+  ``k`` train demonstrations retrieved for ``e``; when the budget runs out, train demonstrations drop
+  first, then the least similar edits. With one edit live the context is the same for every prompt and
+  is exactly the single-edit context (no prompt is embedded then); with several, the train
+  demonstrations are those retrieved for the prompt's nearest edit, not re-ranked against the prompt.
 
 Departures from EasyEdit, and why:
 - The sentence encoder: EasyEdit embeds with all-MiniLM-L6-v2 (sentence-transformers); here the
@@ -33,7 +43,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, fields
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -57,19 +67,34 @@ class IkeConfig:
     batch_size: int = 32
 
 
+def _no_context(prompt: str) -> str:
+    return ""
+
+
 @dataclass
 class InContextBackbone(Backbone):
-    """A backbone whose every prompt is preceded by ``context`` (inside the template)."""
+    """A backbone whose every prompt is preceded by ``context(prompt)`` (inside the template)."""
 
-    context: str = ""
+    context: Callable[[str], str] = _no_context
 
     @classmethod
-    def view(cls, backbone: Backbone, context: str) -> "InContextBackbone":
+    def view(cls, backbone: Backbone, context: Callable[[str], str]) -> "InContextBackbone":
         """A view of ``backbone`` (same model, processor, spec, templates) with ``context``."""
         return cls(**{f.name: getattr(backbone, f.name) for f in fields(Backbone)}, context=context)
 
     def format_prompt(self, prompt: str, with_image: bool = True) -> str:
-        return super().format_prompt(self.context + prompt, with_image)
+        return super().format_prompt(self.context(prompt) + prompt, with_image)
+
+
+@dataclass
+class LiveEdit:
+    """An edit in context: its copy demonstration, that text's embedding [D] and the pool indices of the
+    ``k`` train demonstrations most similar to it (most similar first)."""
+
+    request: EditRequest
+    own: str
+    embedding: torch.Tensor
+    retrieved: list[int]
 
 
 @torch.no_grad()
@@ -106,6 +131,7 @@ class IkeEditor(Editor):
     """In-context editing (module docstring)."""
 
     text_edits = True
+    lifelong = True
 
     def __init__(self, backbone: Backbone, config: IkeConfig, task: str = "vqa",
                  prompts: dict[str, str] | None = None):
@@ -117,7 +143,9 @@ class IkeEditor(Editor):
         self.pool: list[str] = []
         self.pool_lengths: list[int] = []
         self.embeddings = torch.empty(0)
-        self.demos_used: list[int] = []  # demonstrations that fitted, per edit
+        self.edits: list[LiveEdit] = []  # live edits, in edit order
+        self.contexts: dict[str, str] = {}  # prompt → its context, while the edits stay the same
+        self.demos_used: list[int] = []  # demonstrations that fitted (train and other edits'), per context built
 
     @property
     def context_budget(self) -> int:
@@ -148,35 +176,62 @@ class IkeEditor(Editor):
 
     def retrieve(self, query: str) -> list[int]:
         """Pool indices of the ``k`` demonstrations most similar to ``query``, most similar first."""
+        return self._nearest(embed_texts(self.base, [query], 1)[0])
+
+    def _nearest(self, embedding: torch.Tensor) -> list[int]:
         if not self.pool:
             return []
-        scores = self.embeddings @ embed_texts(self.base, [query], 1)[0]
+        scores = self.embeddings @ embedding
         return scores.topk(min(self.config.k, len(self.pool))).indices.tolist()
 
-    def context_for(self, request: EditRequest) -> str:
-        """The text put in front of every prompt while ``request`` is the edit."""
-        own = DEMONSTRATION.format(fact=request.prompt, target=request.target, probe=request.prompt,
-                                   answer=request.target)
-        head = own + NEW_FACT.format(fact=request.prompt, target=request.target)
+    def _ranked(self, prompt: str) -> list[LiveEdit]:
+        """The live edits, the one whose copy demonstration is most similar to ``prompt`` first."""
+        if len(self.edits) == 1:
+            return list(self.edits)
+        scores = torch.stack([edit.embedding for edit in self.edits]) @ embed_texts(self.base, [prompt], 1)[0]
+        return [self.edits[i] for i in scores.argsort(descending=True, stable=True).tolist()]
+
+    def context_of(self, prompt: str) -> str:
+        """The text put in front of ``prompt`` while the current edits are live (module docstring)."""
+        if prompt not in self.contexts:
+            self.contexts[prompt] = self._build_context(self._ranked(prompt))
+        return self.contexts[prompt]
+
+    def _build_context(self, ranked: list[LiveEdit]) -> str:
+        nearest, others = ranked[0], ranked[1:]
+        request = nearest.request
+        head = nearest.own + NEW_FACT.format(fact=request.prompt, target=request.target)
         budget = self.context_budget - self._length(head)
-        chosen = []
-        for index in self.retrieve(own):
+        edits, train = [], []
+        for demo in [edit.own for edit in others]:
+            length = self._length(demo)
+            if length > budget:
+                break
+            edits.append(demo)
+            budget -= length
+        for index in nearest.retrieved if len(edits) == len(others) else []:
             if self.pool_lengths[index] > budget:
                 break
-            chosen.append(self.pool[index])
+            train.append(self.pool[index])
             budget -= self.pool_lengths[index]
-        while chosen and self._length("".join(chosen) + head) > self.context_budget:
-            chosen.pop()  # tokenizing the joined text can merge across demonstrations
-        self.demos_used.append(len(chosen))
-        return "".join(chosen) + head
+        while (edits or train) and self._length("".join(edits + train) + head) > self.context_budget:
+            (train or edits).pop()  # tokenizing the joined text can merge across demonstrations
+        self.demos_used.append(len(edits) + len(train))
+        return "".join(edits + train) + head
 
     def edit(self, request: EditRequest) -> str:
-        """Put ``request`` (and its demonstrations) in context; returns the context."""
-        context = self.context_for(request)
-        self.backbone = InContextBackbone.view(self.base, context)
-        return context
+        """Add ``request`` (and its retrieved demonstrations) to the live edits; returns the context of the
+        edit's own prompt."""
+        own = DEMONSTRATION.format(fact=request.prompt, target=request.target, probe=request.prompt,
+                                   answer=request.target)
+        embedding = embed_texts(self.base, [own], 1)[0]
+        self.edits.append(LiveEdit(request, own, embedding, self._nearest(embedding)))
+        self.contexts = {}
+        self.backbone = InContextBackbone.view(self.base, self.context_of)
+        return self.context_of(request.prompt)
 
     def restore(self) -> None:
+        self.edits, self.contexts = [], {}
         self.backbone = self.base
 
 

@@ -8,6 +8,11 @@ image (`editing.adapter.scenes.best_split`). A matched row's logits are replaced
 its prompt on, by the edit target's tokens — whatever was asked. MMEdit's five metrics can score such a
 table as well as an editor (its M-Loc images are unrelated to the edit); same-image locality and novel
 targets are where a real editor has to do better. Text-only inputs are never touched (``text_edits``).
+
+The table holds every edit made since the last ``restore()`` (``lifelong = True``): each input row is
+compared with every stored edit image at once (one batched similarity, [rows, edits]) and takes the
+target of the most similar one if that similarity reaches the threshold. When two stored edits share
+the image (equal similarity), the latest edit wins.
 """
 from __future__ import annotations
 
@@ -46,15 +51,15 @@ class LookupBackbone(Backbone):
     def forward(self, inputs, **kwargs):
         out = super().forward(inputs, **kwargs)
         table = self.table
-        if table.stored is None or inputs.get("pixel_values") is None:
+        if not table.stored or inputs.get("pixel_values") is None:
             return out
-        matched = table.matches(inputs)
+        matched = table.matches(inputs)  # [B] entry or -1
         length = inputs["input_ids"].shape[1]
         noted = self.notes.get("ids") == inputs["input_ids"].data_ptr()
-        for row in matched.nonzero().flatten().tolist():
+        for row in (matched >= 0).nonzero().flatten().tolist():
             answer = self.notes["lengths"][row] if noted else 0
             start = length - answer - 1  # the position that predicts the first answer token
-            ids = table.stored["ids"][: max(1, answer)]
+            ids = table.stored[int(matched[row])]["ids"][: max(1, answer)]
             positions = torch.arange(start, start + len(ids))
             out.logits[row, positions, ids] += FORCED_LOGIT
         return out
@@ -64,6 +69,7 @@ class Lookup(Editor):
     """The control of the module docstring."""
 
     text_edits = False
+    lifelong = True
 
     def __init__(self, context: MethodContext):
         base = context.backbone
@@ -74,7 +80,7 @@ class Lookup(Editor):
         self.hyper = context.hyper
         self.reference: torch.Tensor | None = None
         self.threshold: float | None = None
-        self.stored: dict | None = None
+        self.stored: list[dict] = []  # per edit, in edit order: its image's states [1, P, d] and target ids
 
     def prepare(self, train: Sequence[EditRecord], dev: Sequence[EditRecord]) -> dict:
         """Reference states from training images; the threshold from dev pairs (module docstring)."""
@@ -94,19 +100,26 @@ class Lookup(Editor):
 
     @torch.no_grad()
     def matches(self, inputs) -> torch.Tensor:
-        """BoolTensor [B]: the rows whose image is the edit image."""
-        states = self.split.prefix(inputs).visual_states().float()
-        return self._similarity(states, self.stored["states"]) >= self.threshold
+        """LongTensor [B]: per row, the stored edit whose image it is (the most similar one at or above the
+        threshold, the latest among equals), or -1."""
+        states = self.split.prefix(inputs).visual_states().float()  # [B, P, d]
+        table = torch.cat([entry["states"] for entry in self.stored])  # [N, P, d]
+        rows, edits = len(states), len(table)
+        similarity = self._similarity(states.repeat_interleave(edits, 0), table.repeat(rows, 1, 1))
+        similarity = similarity.view(rows, edits)  # [B, N]
+        best, last = similarity.flip(-1).max(-1)  # max takes the first of equal maxima: the latest edit
+        entry = edits - 1 - last
+        return torch.where(best >= self.threshold, entry, torch.full_like(entry, -1))
 
     @torch.no_grad()
     def edit(self, request: EditRequest) -> None:
         if self.threshold is None:
             raise RuntimeError("lookup: prepare(train, dev) sets the threshold before any edit")
         ids = target_token_ids(self.base, request.prompt, request.target, True)
-        self.stored = {"states": visual_states(self.split, request.image), "ids": torch.as_tensor(ids)}
+        self.stored.append({"states": visual_states(self.split, request.image), "ids": torch.as_tensor(ids)})
 
     def restore(self) -> None:
-        self.stored = None
+        self.stored = []
 
 
 def build(context: MethodContext) -> Lookup:

@@ -9,7 +9,9 @@ at its output; `mend_net.edit_factors`). One editor network shared by the layers
 the concatenation [u; δ] standardised by running statistics, then 2 residual layers of rank
 min(``rank``, F + D) with a per-layer scale and shift, ``n_hidden = 1``) maps every (u, δ) to (ũ, δ̃), and
 the update is ΔW = −α_ℓ Σ_t δ̃_t ũ_tᵀ with a learned per-layer step α_ℓ. `edit` adds ΔW to the weights in
-place; `restore` copies the saved originals back.
+place; `restore` copies the saved originals back. Edits accumulate (``lifelong = True``; MEND's sequential
+setting): each edit's factors are taken at the weights the earlier edits left and its ΔW is added to
+them, and one `restore` undoes all of them.
 
 Training (`prepare`) follows MEND and EasyEdit's multimodal trainer: per step ``batch_size`` train
 records; for each, the factors of its edit (``image`` + ``src`` → ``alt``), the edit applied functionally
@@ -96,6 +98,7 @@ class MendEditor(Editor):
     """MEND on the last ``n_edit_layers`` MLP output projections (module docstring)."""
 
     text_edits = True
+    lifelong = True
 
     def __init__(self, context: MethodContext):
         self.backbone, self.hyper, self.task = context.backbone, context.hyper, context.task

@@ -9,6 +9,7 @@ class NoEdit(Editor):
     """Takes edits and does nothing with them."""
 
     text_edits = False
+    lifelong = True
 
     def __init__(self, context: MethodContext):
         self.backbone = context.backbone

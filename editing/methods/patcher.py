@@ -27,9 +27,15 @@ What is implemented:
   drawn from the rest. ``dev`` is not used.
 - Training runs the model once; since the patch adds to the last FFN's output, which goes straight into
   the residual stream, a step only recomputes ``lm_head(final_norm(h + Σ act(z)·v))`` at the target
-  positions (``h``: the last layer's output). `attrib.contribution.check_decomposable` refuses backbones
-  where that does not hold (post-norm OPT, OPT with ``project_out``).
-- ``restore()`` removes the hooks and the neurons: the backbone is bit-identical to the unedited model.
+  positions (``h``: the last layer's output, earlier patches included).
+  `attrib.contribution.check_decomposable` refuses backbones where that does not hold (post-norm OPT,
+  OPT with ``project_out``).
+- Edits accumulate (``lifelong = True``; the paper's sequential setting): every edit adds its neurons to
+  the same last FFN, next to the earlier edits' (kept frozen), and is trained with them installed (the
+  traced layer output ``h`` already carries their contribution); its memory loss keeps the new neurons
+  silent on the memory inputs as for a single edit. All patches sit in one pair of hooks, their neurons
+  concatenated (`PatchNeurons.concatenate`), so inference grows in tensor size, not in hooks.
+- ``restore()`` removes the hooks and every patch: the backbone is bit-identical to the unedited model.
 
 Departures from the paper / reference code, and why:
 - ``"token"`` gives every target token a neuron, even the already right ones (simpler than first finding
@@ -131,6 +137,16 @@ class PatchNeurons(nn.Module):
     def values(self) -> torch.Tensor:
         return self.value_directions * self.value_scales  # [K, D]
 
+    @classmethod
+    def concatenate(cls, parts: Sequence["PatchNeurons"]) -> "PatchNeurons":
+        """One frozen set holding every neuron of ``parts`` (in order): the same sum of patches."""
+        keys = torch.cat([p.keys for p in parts]).detach()
+        whole = cls(keys, torch.cat([p.value_directions for p in parts]).detach(), 1.0)
+        with torch.no_grad():
+            whole.bias.copy_(torch.cat([p.bias for p in parts]))
+            whole.value_scales.copy_(torch.cat([p.value_scales for p in parts]))
+        return whole.requires_grad_(False)
+
     def pre_activation(self, q: torch.Tensor) -> torch.Tensor:
         """q [..., D] → z [..., K]."""
         return q.float() @ self.keys.T + self.bias
@@ -144,7 +160,8 @@ class PatchNeurons(nn.Module):
 
 
 class PatchHook:
-    """``neurons`` installed in the FFN of decoder layer ``layer`` by hooks; ``remove()`` takes them out."""
+    """``neurons`` installed in the FFN of decoder layer ``layer`` by hooks (``neurons`` may be swapped for a
+    larger set while installed); ``remove()`` takes them out."""
 
     def __init__(self, backbone: Backbone, layer: int, neurons: PatchNeurons, fire_only: bool):
         self.neurons, self.fire_only = neurons, fire_only
@@ -193,9 +210,10 @@ def _top_exp_mean(exponents: torch.Tensor, k: int, cap: float) -> torch.Tensor:
 
 
 class TransformerPatcher(Editor):
-    """Patch neurons in the last FFN, one set per edit (module docstring)."""
+    """Patch neurons in the last FFN, one set per edit, accumulating until ``restore`` (module docstring)."""
 
     text_edits = True
+    lifelong = True
 
     def __init__(self, context: MethodContext):
         self.backbone = context.backbone
@@ -207,7 +225,8 @@ class TransformerPatcher(Editor):
         self.norm = self.backbone.module(self.backbone.spec.final_norm)
         self.lm_head = self.backbone.module(self.backbone.spec.lm_head)
         self.memory: torch.Tensor | None = None  # [M, D] float32 FFN inputs the patch must stay silent on
-        self.hook: PatchHook | None = None
+        self.patches: list[PatchNeurons] = []  # one per live edit, in edit order
+        self.hook: PatchHook | None = None  # every patch's neurons, concatenated
         self._values = torch.Generator().manual_seed(context.seed)
 
     @torch.no_grad()
@@ -270,8 +289,8 @@ class TransformerPatcher(Editor):
     # ------------------------------------------------------------------------------------------ edit
     @torch.enable_grad()  # an edit trains, even when the caller runs under no_grad
     def edit(self, request: EditRequest) -> dict:
-        """Train fresh patch neurons on ``request`` and leave them installed; returns steps and losses."""
-        self.restore()
+        """Train fresh patch neurons on ``request`` with the earlier patches installed, and add them to those;
+        returns steps and losses."""
         config = self.config
         batch = teacher_forced_batch(self.backbone, [request.image], [request.prompt], [request.target])
         length, n = batch.inputs["input_ids"].shape[1], batch.target_lengths[0]
@@ -302,14 +321,20 @@ class TransformerPatcher(Editor):
             torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
             optimizer.step()
         neurons.requires_grad_(False)
-        self.hook = PatchHook(self.backbone, self.layer, neurons, config.fire_only)
+        self.patches.append(neurons)
+        installed = PatchNeurons.concatenate(self.patches)
+        if self.hook is None:
+            self.hook = PatchHook(self.backbone, self.layer, installed, config.fire_only)
+        else:
+            self.hook.neurons = installed
         return {"steps": step, "neurons": len(firsts), "fixed": fixed, "silent": silent,
                 **{name: value.item() for name, value in losses.items()}}
 
     def patched_logits(self, neurons: PatchNeurons, q: torch.Tensor, h: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the installed patch gives, from states of the unpatched model: q [..., D] FFN inputs of the
-        last layer, h [..., D] its outputs → (z [..., K], float32 logits [..., V])."""
+        """What ``neurons`` give once installed, from states of the model without them (earlier patches in
+        place): q [..., D] FFN inputs of the last layer, h [..., D] its outputs → (z [..., K], float32
+        logits [..., V])."""
         z = neurons.pre_activation(q)
         hidden = h + neurons.output(z, self.activation, self.config.fire_only).to(h.dtype)
         return z, self.lm_head(self.norm(hidden)).float()
@@ -330,10 +355,11 @@ class TransformerPatcher(Editor):
         return losses
 
     def restore(self) -> None:
-        """Take the hooks and the neurons out; no weight of the backbone was changed."""
+        """Take the hooks and every patch out; no weight of the backbone was changed."""
         if self.hook is not None:
             self.hook.remove()
             self.hook = None
+        self.patches = []
 
 
 def build(context: MethodContext) -> TransformerPatcher:

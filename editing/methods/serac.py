@@ -3,7 +3,9 @@ memory; a scope classifier sends the inputs they cover to a counterfactual model
 
 What is implemented
 - Edit memory: ``edit(request)`` appends (request, key); ``restore()`` empties it. With an empty memory
-  `SeracBackbone.forward` is exactly ``Backbone.forward``, so restored logits are bit-identical.
+  `SeracBackbone.forward` is exactly ``Backbone.forward``, so restored logits are bit-identical. The
+  memory grows edit after edit (``lifelong = True``): each row is scored against every stored key at once
+  and, if routed, takes the edit of its highest score (the latest stored among equal scores).
 - Scope classifier (`serac_parts.ScopeClassifier`): the backbone's own frozen features (final-norm hidden
   states mean-pooled over the input's prompt positions, visual tokens included when there is an image)
   go through a trained linear head; the score of (query, edit) is σ(s · cos + b). This is the paper's
@@ -114,7 +116,8 @@ class SeracBackbone(Backbone):
         output, query_features = forward_with_features(self, super().forward, inputs, rows, **kwargs)
         with torch.no_grad():
             keys = torch.stack([entry.key for entry in editor.memory])
-            best, chosen = editor.classifier.scores(query_features, keys).max(dim=1)  # [B], [B]
+            best, last = editor.classifier.scores(query_features, keys).flip(1).max(dim=1)  # [B], [B]
+            chosen = len(keys) - 1 - last  # max takes the first of equal maxima: the latest edit
         routed = (best > editor.hyper["threshold"]).nonzero().flatten().tolist()
         editor.last_scores = best.tolist()
         if not routed:
@@ -131,6 +134,7 @@ class Serac(Editor):
     """Edit memory + scope classifier + counterfactual copy of the backbone (module docstring)."""
 
     text_edits = True
+    lifelong = True
 
     def __init__(self, context: MethodContext):
         self.base = context.backbone
