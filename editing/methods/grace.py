@@ -28,14 +28,18 @@ What is implemented
   value is trained further; with a DIFFERENT target → a new entry, and the two radii split the distance:
   d/2 − 1e-5 (old) and d/2 (new). The value routed to (a new one: ``cold`` init, uniform [0, 1) as the
   reference) is then trained for ``steps`` Adam steps (``lr``) on the edit's teacher-forced target NLL
-  (`common.target_loss`) through the rest of the model, with every other entry live.
+  (`common.target_loss`) through the rest of the model, with every other entry live. Only the layers
+  from the wrapped one up take part in a step: the layers below (and the vision side) run once per edit
+  without gradients (`editing.adapter.split.SplitForward`), since the value cannot change them — the
+  same loss as the whole model's, to float tolerance (tested), ~5x faster on the toy BLIP-2.
 - ``restore()`` empties the codebook and takes the hooks out: the model is bit-identical to the unedited
   one. ``lifelong = True``: entries accumulate edit after edit. ``text_edits = True``: a text-only input
   whose key falls in a ball is edited too.
 
-Hyperparameters (``config/grace.yaml``): ``eps = 1.0``, ``lr = 1.0``, ``steps = 100``, ``cold`` values,
-``replace_prompt``, ``coverage`` expansion — the paper's code defaults (EasyEdit's LLaMA configs too; its
-LLaVA-OneVision config uses 20 steps and ``replace_last``).
+Hyperparameters (``config/grace.yaml``): ``eps = 1.0``, ``lr = 1.0``, ``cold`` values, ``replace_prompt``,
+``coverage`` expansion — the paper's code defaults (EasyEdit's LLaMA configs too) — with ``steps = 20`` (the
+paper's 100 gave the same dev scores at 4x the time; EasyEdit's LLaVA-OneVision config also uses 20) and,
+on BLIP-2, ``eps = 3.0`` chosen on dev (the config file gives the numbers).
 
 Departures, and why
 - ``replace_prompt`` includes the key token itself; the reference's slice ``[:, :key]`` stops one short of
@@ -59,10 +63,10 @@ import torch
 from PIL import Image
 
 from attrib.backbones.loader import Backbone
+from editing.adapter.split import SplitForward
 from editing.editor import Editor, EditRequest
-from editing.inputs import target_lengths
+from editing.inputs import target_lengths, teacher_forced_batch
 from editing.methods import MethodContext
-from editing.methods.common import target_loss
 from editing.methods.finetune import mlp_output_projection
 from editing.methods.mend_net import frozen
 
@@ -280,8 +284,9 @@ class Grace(Editor):
         adaptor.trained = (entry, leaf)
         try:
             with frozen(self.base.model):
+                loss_of = self.split_loss(request)
                 for _ in range(self.config.steps):
-                    loss = target_loss(self.backbone, [request.image], [request.prompt], [request.target])
+                    loss = loss_of()
                     losses.append(loss.item())
                     optimiser.zero_grad()
                     loss.backward(inputs=[leaf])
@@ -291,6 +296,22 @@ class Grace(Editor):
         with torch.no_grad():
             adaptor.codebook.values[entry] = leaf.detach()
         return {"entry": entry, "action": action, "entries": len(adaptor.codebook), "losses": losses}
+
+    def split_loss(self, request: EditRequest):
+        """A callable giving `common.target_loss` of ``request`` under the current codebook, computed from
+        the wrapped layer up on states below it that were computed once (module docstring)."""
+        batch = teacher_forced_batch(self.backbone, None if request.image is None else [request.image],
+                                     [request.prompt], [request.target])
+        split = SplitForward(self.base, self.layer - 1)
+        site = split.prefix(batch.inputs)  # stops below the wrapped layer: no codebook involved yet
+        rows = (getattr(batch.inputs, KEY_POSITIONS), batch.inputs["attention_mask"])
+
+        def loss() -> torch.Tensor:
+            with self.adaptor.rows(*rows):
+                logits = split.top(site)
+            return torch.nn.functional.cross_entropy(batch.answer_logits(logits, 0).float(), batch.labels(0),
+                                                     reduction="sum") / batch.target_lengths[0]
+        return loss
 
     def restore(self) -> None:
         """Empty the codebook and take the hooks out; no weight of the backbone was changed."""

@@ -38,10 +38,11 @@ def _hooks(model) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
-def test_registered_with_the_papers_defaults():
+def test_registered_with_the_papers_defaults_and_dev_choices():
     assert list(METHODS).index("grace") == list(METHODS).index("lookup") - 1
     config = GraceConfig.from_hyper(method_config("grace", "llava"))
-    assert (config.eps, config.lr, config.steps, config.replacement) == (1.0, 1.0, 100, "prompt")
+    assert (config.eps, config.lr, config.steps, config.replacement) == (1.0, 1.0, 20, "prompt")
+    assert GraceConfig.from_hyper(method_config("grace", "blip2")).eps == 3.0
     assert [config.layer_index(n) for n in (2, 8, 12, 32)] == [0, 5, 8, 23]
     with pytest.raises(ValueError, match="replacement"):
         GraceConfig.from_hyper({"replacement": "all"})
@@ -111,3 +112,24 @@ def test_an_input_far_from_every_key_gets_the_unedited_logits(tiny_backbone, tin
         assert distance.item() > codebook.radii[entry].item()
         assert torch.equal(logits(editor.backbone, None if image is None else [image], prompt), reference)
     assert not torch.equal(logits(editor.backbone, tiny_images[:1], PROMPT), edited_before)  # the edit is live
+
+
+def test_the_split_loss_equals_the_whole_models(tiny_backbone, tiny_images, make_grace):
+    """The shortcut (layers below the wrapped one run once) against `common.target_loss` of the whole
+    model, with an entry live and with a value being trained."""
+    from editing.methods.common import target_loss
+
+    editor = make_grace(tiny_backbone)
+    editor.edit(EditRequest(tiny_images[0], PROMPT, "blue"))
+    for request in (EditRequest(tiny_images[0], PROMPT, "red"), EditRequest(tiny_images[1], PROMPT, "yes")):
+        whole = target_loss(editor.backbone, [request.image], [request.prompt], [request.target])
+        torch.testing.assert_close(editor.split_loss(request)(), whole, rtol=1e-5, atol=1e-5)
+    leaf = editor.adaptor.codebook.values[0].clone().requires_grad_(True)
+    editor.adaptor.trained = (0, leaf)
+    request = EditRequest(tiny_images[0], PROMPT, "red")
+    split = editor.split_loss(request)()
+    whole = target_loss(editor.backbone, [request.image], [request.prompt], [request.target])
+    grads = [torch.autograd.grad(loss, leaf)[0] for loss in (split, whole)]
+    editor.adaptor.trained = None
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
