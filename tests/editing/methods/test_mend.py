@@ -15,7 +15,7 @@ from tests.editing.methods.forward import logits
 
 PROMPT = "what color is the circle? The answer is:"
 SMALL = {"n_edit_layers": 2, "rank": 16, "steps": 40, "batch_size": 2, "lr": 1e-3, "lr_lr": 1e-3, "eval_every": 20,
-         "n_dev": 2, "max_seconds": 300.0}
+         "n_dev": 2, "max_seconds": 3600.0}  # a step cap, not a time cap, even on a busy machine
 
 
 @pytest.fixture
