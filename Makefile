@@ -44,7 +44,7 @@ SKIP_BAD ?=#               edit: 1 = skip bad records (counted) instead of stopp
 SCENE_GATE ?= 1#           edit: 0 = no scene gate (with TARGET_ROLE=0: the paper's adapter)
 SCENE_SIMILARITY ?= salient# edit: what the scene gate compares: salient | chamfer
 TARGET_ROLE ?= 1#          edit: 0 = VEAD without the target role
-METHODS ?= all#            compare: comma-separated methods (none, visedit, visedit_gated, ft_l, ft_v, tp, ike, mend, serac, lookup)
+METHODS ?= all#            compare: comma-separated methods (none, visedit, visedit_gated, ft_l, ft_v, tp, ike, mend, serac, grace, lookup)
 TEST_SEED ?= 2#            compare: world seed of the test split (never 1, the development world)
 EDITS ?=#                  compare: lifelong, comma-separated numbers of edits live at once (e.g. 1,10,100,1000)
 N_TRAIN ?=#                world: records in each train split (empty: 3000 VQA / 1000 captions)
