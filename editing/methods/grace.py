@@ -22,7 +22,8 @@ What is implemented
   far from every key gets the unedited logits bit for bit. Positions after the key token (a
   teacher-forced target) are never replaced, as in the reference: a several-token target has to be
   carried by the layers above through attention.
-- Edit: one forward reads the edit's key, then the codebook is updated as in the paper: no entry whose
+- Edit: one forward of the edit's teacher-forced row (prompt + target, the row its value is trained and
+  scored on) reads the edit's key, then the codebook is updated as in the paper: no entry whose
   ball could overlap (nearest distance d > ``eps`` + its radius) → a new entry with radius ``eps``; an
   overlapping nearest entry with the SAME target → its radius grows to d if smaller (``coverage``) and its
   value is trained further; with a DIFFERENT target → a new entry, and the two radii split the distance:
@@ -275,18 +276,27 @@ class Grace(Editor):
     def edit(self, request: EditRequest) -> dict:
         """Add (or grow) the codebook entry of ``request`` and train its value; returns what was done and
         the target loss before each step."""
-        key = self.key(request.image, request.prompt)
+        adaptor = self._install()
+        with frozen(self.base.model):
+            loss_of = self.split_loss(request)
+            with torch.no_grad():  # the wrapped layer on the edit's own teacher-forced row: its key
+                loss_of()
+        # The key is read from the row the value is trained and scored on, not from the prompt encoded
+        # alone: tokenizing prompt + target can merge across the boundary, and a key off by that much can
+        # miss a radius that splits have shrunk.
+        key = adaptor.queries[0]
         entry, action = self._place(key, request.target.strip())
-        adaptor = self.adaptor
         leaf = adaptor.codebook.values[entry].clone().requires_grad_(True)
         optimiser = torch.optim.Adam([leaf], lr=self.config.lr)
         losses = []
         adaptor.trained = (entry, leaf)
         try:
             with frozen(self.base.model):
-                loss_of = self.split_loss(request)
                 for _ in range(self.config.steps):
                     loss = loss_of()
+                    if not loss.requires_grad:  # the row misses its own entry: nothing to train
+                        raise RuntimeError(f"grace: the edit's row does not reach its codebook entry {entry} "
+                                           f"({action}); key and routing disagree")
                     losses.append(loss.item())
                     optimiser.zero_grad()
                     loss.backward(inputs=[leaf])
