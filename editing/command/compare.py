@@ -254,9 +254,9 @@ def _die_with_parent(parent: int) -> None:
 def _child(options: CompareOptions, name: str, path: str, parent: int) -> None:
     _die_with_parent(parent)
     if options.edits:
-        from editing.command.lifelong import run_sequential_method
+        from editing.command.lifelong import run_sequential
 
-        result = run_sequential_method(options, name)
+        result = {**run_sequential(options, prepared_method(options, name)), "peak_mem_mb": _peak_mb()}
     else:
         result = run_method(options, name)
     atomic_write_text(Path(path), json.dumps(result, indent=1, default=str) + "\n")

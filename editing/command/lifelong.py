@@ -6,6 +6,7 @@ once; methods that hold one edit at a time are listed as skipped. The data roles
 comparison's, except the test split: the first max(N) eval records of the world of ``test_seed`` written
 with that many (``runs/world-<seed>-n<count>``), so N edits can live at once on distinct images. Learned
 methods reuse the single-edit comparison's fits (`CompareOptions.fitted`): same train and dev roles.
+`editing.command.compare` builds each method and hands it to `run_sequential`.
 """
 from __future__ import annotations
 
@@ -29,17 +30,17 @@ def image_sharing(records: Sequence[EditRecord]) -> dict:
             "most_edits_on_one_image": max(counts.values(), default=0)}
 
 
-def run_sequential_method(options, name: str) -> dict:
-    """Build and prepare one method (`compare.prepared_method`) and run the protocol for every N of
-    ``options.edits``; returns its ``methods/<name>.json`` (``sequential`` → N → scores)."""
+def run_sequential(options, prepared) -> dict:
+    """Run the protocol for every N of ``options.edits`` with one method built and prepared by
+    `compare.prepared_method` (``prepared``: its editor, context, roles, prepare report and seconds);
+    returns its ``methods/<name>.json`` without the peak memory (``sequential`` → N → scores)."""
     import torch
 
-    from editing.command.compare import _peak_mb, prepared_method
     from editing.evaluation.sequential import evaluate_sequential, pre_edit_locality
 
-    editor, context, roles, prepared, prepare_s = prepared_method(options, name)
+    editor, context, roles, report, prepare_s = prepared
     result = {"lifelong": editor.lifelong, "t_loc_by_construction": not editor.text_edits,
-              "prepare_s": round(prepare_s, 2), "hyper": context.hyper, "seed": options.seed, "prepare": prepared,
+              "prepare_s": round(prepare_s, 2), "hyper": context.hyper, "seed": options.seed, "prepare": report,
               "threads": torch.get_num_threads()}
     if editor.lifelong:
         pre = pre_edit_locality(editor, roles.test, options.task, progress=options.progress)
@@ -50,5 +51,4 @@ def run_sequential_method(options, name: str) -> dict:
             per_n[str(n)] = scores
         result["sequential"] = per_n
     editor.close()
-    result["peak_mem_mb"] = _peak_mb()
     return result
