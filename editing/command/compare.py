@@ -14,8 +14,9 @@ Placement (attribution and patching ceiling) reads training records only. Learne
 (``Editor.prepare``); dev is for choices (lookup's threshold, curves); test is only evaluated.
 
 With ``edits`` (``--edits 1,10,100,1000``) the run is the lifelong comparison (`editing.command.lifelong`):
-every method whose edits accumulate is scored with N edits live at once, for each N, on a test world with
-max(N) eval records, in ``runs/compare/<backbone>-<task>-lifelong``, reusing the single-edit run's fits.
+every method whose edits accumulate is scored with N edits live at once, for each N, on max(N) test
+edits with distinct scenes (`editing.command.lifelong.distinct_scenes`), in
+``runs/compare/<backbone>-<task>-lifelong``, reusing the single-edit run's fits.
 
 Each method runs in its own process (spawned), so its peak memory is its own and a hook it leaves behind
 cannot reach the next; its result is written to ``methods/<name>.json`` at once, and a run started again
@@ -45,6 +46,7 @@ import numpy as np
 from attrib.data import DataError, EditRecord, load_records
 from attrib.io import OutputLock, atomic_write_text, read_json, remove_partial_writes, stored_path
 from attrib.parallel import barrier, launched, main_first, processes
+from editing.command.lifelong import POOL, distinct_scenes, image_sharing
 from editing.command.report import METRICS
 
 DEV_WORLD = Path("runs/world")
@@ -134,13 +136,17 @@ def data_roles(options: CompareOptions) -> Roles:
             raise ValueError(f"test seed {DEV_SEED} is the development world's: pick another (TEST_SEED=...)")
         n_eval = max(options.edits) if options.edits else None
         dev_world = _world(DEV_SEED, options.world_root)
-        test_world = _world(options.test_seed, options.world_root, n_eval)
+        test_world = _world(options.test_seed, options.world_root, n_eval and POOL * n_eval)
         train = load_records(dev_world / f"{task}_train.json")
         dev = load_records(dev_world / f"{task}_eval.json")
-        test = load_records(test_world / f"{task}_eval.json")[:n_eval or options.n_test]
+        test = load_records(test_world / f"{task}_eval.json")
+        test = distinct_scenes(test, n_eval) if n_eval else test[:options.n_test]
         described = {"train": {"file": stored_path(dev_world / f"{task}_train.json"), "world_seed": DEV_SEED},
                      "dev": {"file": stored_path(dev_world / f"{task}_eval.json"), "world_seed": DEV_SEED},
                      "test": {"file": stored_path(test_world / f"{task}_eval.json"), "world_seed": options.test_seed}}
+        if n_eval:
+            described["test"]["chosen"] = (f"the first {n_eval} records with distinct scenes "
+                                           f"(editing.command.lifelong.distinct_scenes)")
         return Roles(train, dev, test, described)
     pool = load_records(options.train, options.images)
     if options.dev_n >= len(pool):
@@ -313,7 +319,6 @@ def _run_compare(options: CompareOptions, names: list[str]) -> dict:
                "roles": roles.described, "options": {k: str(v) for k, v in asdict(options).items()}}
     if lifelong:
         from editing.command.compare_report import lifelong_markdown, plot_lifelong
-        from editing.command.lifelong import image_sharing
         from editing.evaluation.metrics import VISEDIT_PROTOCOL
 
         results.update(protocol=VISEDIT_PROTOCOL, edits=sorted(options.edits), images=image_sharing(roles.test),

@@ -157,6 +157,16 @@ def _lifelong_rows(results: dict):
             yield name, int(n), scores
 
 
+def _scene_sharing(images: dict) -> str:
+    """The test split's scene statistics (`editing.command.lifelong.image_sharing`), when it has them."""
+    if "distinct_scenes" not in images:
+        return ""
+    objects = ", ".join(f"{k}: {v}" for k, v in images["objects_per_edit"].items())
+    return (f"; by scene (the (shape, colour) objects an image rephrase keeps): {images['distinct_scenes']} distinct, "
+            f"{images['edits_sharing_a_scene']} edits share theirs with another, {images['m_loc_on_an_edit_scene']} "
+            f"M-Loc images show an edit's scene; edits by object count {objects}")
+
+
 def lifelong_markdown(results: dict) -> str:
     """The lifelong comparison: the five-metric mean per method and N (the best of each N in bold), then
     every metric, same-image locality, novel Rel, edit time, latency and memory per method and N."""
@@ -169,7 +179,8 @@ def lifelong_markdown(results: dict) -> str:
              f"({results['n_test']} test edits, N live at once)", "",
              "Test: " + ", ".join(f"{k}={v}" for k, v in roles["test"].items()) + f"; {images['distinct_images']} "
              f"distinct images, {images['edits_sharing_an_image']} edits share their image with another "
-             f"(at most {images['most_edits_on_one_image']} on one). Train / dev as the single-edit comparison.", "",
+             f"(at most {images['most_edits_on_one_image']} on one)" + _scene_sharing(images)
+             + ". Train / dev as the single-edit comparison.", "",
              "## Five-metric mean against N", "",
              "| method | " + " | ".join(f"N={n}" for n in edits) + " |", "|---|" + "---:|" * len(edits)]
     for name, row in means.items():
