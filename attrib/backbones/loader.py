@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -41,6 +41,12 @@ class Backbone:
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.model, self.processor, self.spec))
+
+    @classmethod
+    def view(cls, base: "Backbone", **extra: Any) -> "Backbone":
+        """An instance of ``cls`` (a subclass adding fields ``extra``) over ``base``'s model, processor,
+        spec and templates: the same objects, not copies, so the view and ``base`` run one model."""
+        return cls(**{f.name: getattr(base, f.name) for f in fields(Backbone)}, **extra)
 
     @property
     def tokenizer(self):

@@ -99,6 +99,11 @@ class Scene:
         """What the scene shows, ignoring colour jitter and background: used to tell scenes apart."""
         return tuple((o.shape, o.color, o.size, o.box) for o in self.objects)
 
+    def object_key(self) -> tuple[tuple[str, str], ...]:
+        """The scene up to what an image rephrase changes (places and sizes): its (shape, colour) multiset.
+        Two images with one object key are renderings of one image."""
+        return tuple(sorted((o.shape, o.color) for o in self.objects))
+
 
 def separated(a: Box, b: Box, gap_px: int) -> bool:
     """True when at least `gap_px` empty pixels lie between the boxes along x or along y."""

@@ -4,17 +4,22 @@ The paper's VisEdit holds one edit signal. For lifelong editing (LiveEdit's prot
 then every one of them scored with all N live) `VisEditEditor.edit` adds each edit's signal to an
 `EditBank` instead, and the adapter hook routes every input row to one stored edit:
 
-- with a scene gate (``visedit_gated``), to the edit whose image is most like the input's image by the
-  gate's own similarity (the input's visual-token set against each stored edit image's, every pair at
-  once: one batched cosine over [B, N, P, P']), weighted σ(α·(s − β)) as in the single-edit adapter;
+- with a scene router (``visedit_gated``; `editing.adapter.router`), to the edit whose image embedding is
+  closest to the input's (one [B, N] matrix product) when that cosine reaches the router's threshold, to
+  none otherwise; the routed edit is then weighted by the scene gate σ(α·(s − β)) as in the single-edit
+  adapter;
+- with a scene gate and no router, to the edit whose image is most like the input's image by the gate's
+  own similarity (the input's visual-token set against each stored edit image's, every pair at once: one
+  batched cosine over [B, N, P, P']), weighted by the gate (this similarity parts an edit image from one
+  unrelated image, not from the closest of hundreds: the router's reason to exist);
 - without one (the paper's ``visedit``), to the edit whose IM claims the most of the input's visual
   tokens (mean over tokens of σ(IM(h_v, q_e)), one matrix product over the bank), weighted by the IM
   gate per token as in the single-edit adapter.
 
-A row whose best weight is below ``floor`` (default 1e-3) is left untouched, bit for bit: it concerns
-none of the edits. Otherwise the adapter runs once for the batch, each row against its own routed edit
-(the bank's cached keys, values and IM query gathered by index), so the cost of a forward grows with N
-only through the routing scores, never through a Python loop over edits.
+A row whose best weight is below ``floor`` (default 1e-3), or under the router's threshold, is left
+untouched, bit for bit: it concerns none of the edits. Otherwise the adapter runs once for the batch, each
+row against its own routed edit (the bank's cached keys, values and IM query gathered by index), so the
+cost of a forward grows with N only through the routing scores, never through a Python loop over edits.
 
 Two edits on the same image: the input goes to one of them, the one whose edit image is the closest;
 when they tie (the same image), the most recent edit wins — a later correction of the same picture
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import torch
 
+from editing.adapter.router import SceneRouter
 from editing.adapter.vead import EditAdapter, EditCache, EditSignal
 
 ROUTE_FLOOR = 1e-3
@@ -40,11 +46,12 @@ class EditBank:
     """The edits an adapter holds (module docstring). ``add`` a prepared single-edit signal, ``route``
     input rows, ``take`` the routed signals, ``clear`` to forget them all."""
 
-    def __init__(self, adapter: EditAdapter, floor: float = ROUTE_FLOOR):
-        self.adapter, self.floor = adapter, floor
+    def __init__(self, adapter: EditAdapter, floor: float = ROUTE_FLOOR, router: SceneRouter | None = None):
+        self.adapter, self.floor, self.router = adapter, floor, router
         self.signals: list[EditSignal] = []
         self._stacked: EditSignal | None = None
         self._edit_side: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._embedded: tuple[SceneRouter, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.signals)
@@ -54,12 +61,12 @@ class EditBank:
         if len(signal) != 1:
             raise ValueError(f"the bank stores one edit at a time, this signal holds {len(signal)}")
         self.signals.append(signal)
-        self._stacked = self._edit_side = None
+        self._stacked = self._edit_side = self._embedded = None
         return len(self.signals) - 1
 
     def clear(self) -> None:
         self.signals.clear()
-        self._stacked = self._edit_side = None
+        self._stacked = self._edit_side = self._embedded = None
 
     def stacked(self) -> EditSignal:
         """Every stored edit as one signal of N rows: states right-padded with zeros and masked (VEAD's
@@ -101,13 +108,34 @@ class EditBank:
     def route(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """visual [B, P, d] (the input rows' visual-token states at the edit layer) → (best [B] index of
         the stored edit each row goes to, weight [B] its routing weight in [0, 1], keep [B] whether the
-        weight reaches ``floor``). Ties go to the most recent edit."""
+        weight reaches ``floor`` and, with a router, its cosine the router's threshold). Ties go to the most
+        recent edit."""
+        if self.router is not None:
+            return self._route_by_router(visual)
         scores = self.scene_logits(visual) if self.adapter.scene is not None else self.im_scores(visual)
         n = scores.shape[1]
         best = n - 1 - scores.flip(1).argmax(1)  # the last of equal maxima: the latest edit
         top = scores.gather(1, best[:, None])[:, 0]
         weight = torch.sigmoid(top) if self.adapter.scene is not None else top
         return best, weight, weight >= self.floor
+
+    def _route_by_router(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cosines = self.router.scores(visual, self.embeddings())
+        n = cosines.shape[1]
+        best = n - 1 - cosines.flip(1).argmax(1)  # the last of equal maxima: the latest edit
+        keep = cosines.gather(1, best[:, None])[:, 0] >= self.router.threshold
+        weight = torch.ones(len(best), device=visual.device)
+        if self.adapter.scene is not None:  # the routed edit's gate, as the adapter will compute it
+            edit_visual = self.stacked().visual_states()[best.to(self.stacked().states.device)]
+            weight = torch.sigmoid(self.adapter.scene(visual.to(edit_visual.dtype), edit_visual.to(visual.device)))
+        return best, weight, keep & (weight >= self.floor)
+
+    def embeddings(self) -> torch.Tensor:
+        """[N, dim] the router's embedding of every stored edit image (computed once per bank and router)."""
+        if self._embedded is None or self._embedded[0] is not self.router:
+            with torch.no_grad():
+                self._embedded = (self.router, self.router(self.stacked().visual_states()))
+        return self._embedded[1]
 
     def scene_logits(self, visual: torch.Tensor) -> torch.Tensor:
         """[B, N] the scene gate's logits α·(s − β) of every input row against every stored edit image

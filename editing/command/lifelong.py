@@ -36,8 +36,8 @@ POOL = 3  # the lifelong test world holds POOL × max(N) eval records to draw di
 
 
 def scene_key(scene: Scene) -> tuple[tuple[str, str], ...]:
-    """A world image up to what its image rephrase changes (places and sizes): its (shape, colour) multiset."""
-    return tuple(sorted((obj.shape, obj.color) for obj in scene.objects))
+    """A world image up to what its image rephrase changes (`Scene.object_key`)."""
+    return scene.object_key()
 
 
 def _scenes(records: Sequence[EditRecord]) -> list[tuple[tuple, tuple]] | None:

@@ -203,14 +203,12 @@ class GraceAdaptor:
         self._handles = []
 
 
+@dataclass
 class GraceBackbone(Backbone):
     """The backbone (same model, processor, spec, templates) whose `encode` notes each row's key position
     (its last prompt token) and whose `forward` hands it to the adaptor."""
 
-    def __init__(self, base: Backbone, editor: "Grace"):
-        super().__init__(base.model, base.processor, base.spec, base.path, base.prompt_template, base.text_template,
-                         base.manifest)
-        self.editor = editor
+    editor: "Grace" = None
 
     def encode(self, images: Sequence[Image.Image] | None, prompts: Sequence[str],
                targets: Sequence[str] | None = None):
@@ -238,7 +236,7 @@ class Grace(Editor):
         self.config = GraceConfig.from_hyper(context.hyper)
         self.layer = self.config.layer_index(self.base.n_layers)
         self.linear = mlp_output_projection(self.base, self.layer)
-        self.backbone = GraceBackbone(self.base, self)
+        self.backbone = GraceBackbone.view(self.base, editor=self)
         self.adaptor: GraceAdaptor | None = None
         self._values = torch.Generator().manual_seed(context.seed)
 

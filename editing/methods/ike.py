@@ -42,7 +42,7 @@ Departures from EasyEdit, and why:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -76,11 +76,6 @@ class InContextBackbone(Backbone):
     """A backbone whose every prompt is preceded by ``context(prompt)`` (inside the template)."""
 
     context: Callable[[str], str] = _no_context
-
-    @classmethod
-    def view(cls, backbone: Backbone, context: Callable[[str], str]) -> "InContextBackbone":
-        """A view of ``backbone`` (same model, processor, spec, templates) with ``context``."""
-        return cls(**{f.name: getattr(backbone, f.name) for f in fields(Backbone)}, context=context)
 
     def format_prompt(self, prompt: str, with_image: bool = True) -> str:
         return super().format_prompt(self.context(prompt) + prompt, with_image)
@@ -227,7 +222,7 @@ class IkeEditor(Editor):
         embedding = embed_texts(self.base, [own], 1)[0]
         self.edits.append(LiveEdit(request, own, embedding, self._nearest(embedding)))
         self.contexts = {}
-        self.backbone = InContextBackbone.view(self.base, self.context_of)
+        self.backbone = InContextBackbone.view(self.base, context=self.context_of)
         return self.context_of(request.prompt)
 
     def restore(self) -> None:

@@ -88,13 +88,11 @@ class MemoryEntry:
     key: torch.Tensor
 
 
+@dataclass
 class SeracBackbone(Backbone):
     """The base backbone (same model, processor, spec, templates) with SERAC's routing in `forward`."""
 
-    def __init__(self, base: Backbone, editor: "Serac"):
-        super().__init__(base.model, base.processor, base.spec, base.path, base.prompt_template, base.text_template,
-                         base.manifest)
-        self.editor = editor
+    editor: "Serac" = None
 
     def encode(self, images: Sequence[Image.Image] | None, prompts: Sequence[str],
                targets: Sequence[str] | None = None):
@@ -152,7 +150,7 @@ class Serac(Editor):
         self.counterfactual.model.requires_grad_(False)
         self.memory: list[MemoryEntry] = []
         self.last_scores: list[float] = []  # best score per row of the last routed forward (diagnostics)
-        self.backbone = SeracBackbone(self.base, self)
+        self.backbone = SeracBackbone.view(self.base, editor=self)
 
     def prepare(self, train: Sequence[EditRecord], dev: Sequence[EditRecord]) -> dict:
         """Fit the scope classifier (on ``cls_records`` train records) and the counterfactual model (on

@@ -6,15 +6,30 @@ training records (``context.extra["placement"]``), sized from the LM width (`siz
 trained in ``prepare`` on the training records with `editing.training.trainer.train` (checkpointed
 under ``context.work``, resumed when a run was cut). The adapter adds to visual-token states only, so an
 edit can never change a text-only input: T-Loc is 100 by construction (``text_edits = False``).
+
+``visedit_gated`` with ``router: true`` (its config) also fits the scene router (`editing.adapter.router`)
+that sends each input to one of many live edits: on the training records' images and image rephrases,
+its threshold chosen on the dev records with the training images as further stored edits; saved to
+``<work>/router.safetensors`` and reused while its key (config, edit layer, training file and count) holds.
 """
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Sequence
 
+import torch
+from safetensors.torch import save_file
+
+from attrib.artifact import parse_json
 from attrib.data import EditRecord
+from attrib.errors import ArtifactError
+from attrib.io import atomic_write, read_safetensors
+from editing.adapter.router import RouterConfig, SceneRouter, choose_threshold, fit_router, image_groups
 from editing.adapter.vead import lm_width
 from editing.adapter.visedit import VisEditEditor
+from editing.editor import EditRequest
 from editing.methods import MethodContext
 from editing.training.recipe import default_lr, default_steps, sized_vead_config
 from editing.training.trainer import TrainConfig, train
@@ -37,6 +52,8 @@ class VisEditMethod(VisEditEditor):
                                         lr=float(hyper.get("lr") or default_lr(width)), seed=context.seed,
                                         task=context.task, checkpoint_every=int(hyper.get("checkpoint_every", 100)),
                                         same_image_weight=float(hyper.get("same_image_weight", 0.0)))
+        self.router_config = RouterConfig(**{**hyper.get("router_config", {}), "seed": context.seed}) \
+            if gated and hyper.get("router") else None
 
     def close(self) -> None:
         self.remove()
@@ -45,9 +62,64 @@ class VisEditMethod(VisEditEditor):
         start = time.perf_counter()
         folder = None if self.context.work is None else self.context.work / "checkpoint"
         result = train(self, train_records, self.train_config, folder, resume=True, progress=self.context.progress)
-        return {"train_s": round(result.train_s, 2), "wall_s": round(time.perf_counter() - start, 2),
-                "steps": result.steps, "config": self.train_config.to_json(),
-                "adapter": self.config.to_json(), "placement": self.placement.to_json()}
+        report = {"train_s": round(result.train_s, 2), "steps": result.steps, "config": self.train_config.to_json(),
+                  "adapter": self.config.to_json(), "placement": self.placement.to_json()}
+        if self.router_config is not None:
+            report["router"] = self.prepare_router(train_records, dev)
+        return {**report, "wall_s": round(time.perf_counter() - start, 2)}
+
+    def visual_states(self, records: Sequence[EditRecord], field: str, batch_size: int = 32) -> torch.Tensor:
+        """[n, P, d] the edit layer's visual-token states of each record's ``field`` image."""
+        out = []
+        for lo in range(0, len(records), batch_size):
+            requests = []
+            for record in records[lo:lo + batch_size]:
+                edit = EditRequest.from_record(record, self.context.task)
+                requests.append(EditRequest(record.load_image(field), edit.prompt, edit.target))
+            out.append(self.edit_signal(requests).visual_states().detach())
+        return torch.cat(out)
+
+    def prepare_router(self, train_records: Sequence[EditRecord], dev: Sequence[EditRecord]) -> dict:
+        """Fit (or load) the scene router and put it in the edit bank (module docstring)."""
+        start = time.perf_counter()
+        key = json.dumps({"config": self.router_config.to_json(), "edit_layer": self.placement.edit_layer,
+                          "train": str(train_records[0].source) if train_records else "", "n_train": len(train_records),
+                          "dev": str(dev[0].source) if dev else "", "n_dev": len(dev)}, sort_keys=True)
+        path = None if self.context.work is None else Path(self.context.work) / "router.safetensors"
+        loaded = self._load_router(path, key) if path is not None and path.is_file() else None
+        if loaded is not None:
+            router, report = loaded
+        else:
+            first = self.visual_states(train_records, "image")
+            router = SceneRouter(first.shape[-1], first.shape[1], self.router_config)
+            losses = fit_router(router, first, self.visual_states(train_records, "image_rephrase"),
+                                image_groups(train_records), progress=self.context.progress)
+            report = choose_threshold(router, self.visual_states(dev, "image"),
+                                      self.visual_states(dev, "image_rephrase"), self.visual_states(dev, "m_loc"),
+                                      (image_groups(dev), image_groups(dev, "m_loc")),
+                                      stored=first, stored_groups=image_groups(train_records))
+            report.update(config=self.router_config.to_json(), final_loss=round(losses[-1], 4),
+                          fit_s=round(time.perf_counter() - start, 2))
+            if path is not None:
+                state = {k: v.contiguous() for k, v in router.state_dict().items()}
+                metadata = {"key": key, "report": json.dumps(report)}
+                atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+        router.to(self.adapter.im.norm_visual.weight.device)
+        self.hook.bank.router = router
+        return {**report, "loaded": loaded is not None}
+
+    def _load_router(self, path: Path, key: str) -> tuple[SceneRouter, dict] | None:
+        tensors, metadata = read_safetensors(path, "scene router file")
+        if metadata.get("key") != key:
+            return None  # fitted under another config or data: fit again
+        report = parse_json(metadata.get("report"), f"{path}: metadata 'report'")
+        if not isinstance(report, dict) or "reference" not in tensors:
+            raise ArtifactError(f"{path}: not a scene router file (no report or reference); delete it to fit again")
+        width, n_tokens = tensors["reference"].shape[1], tensors["reference"].shape[0]
+        router = SceneRouter(n_tokens=n_tokens, width=width, config=self.router_config)
+        router.load_state_dict(tensors)
+        router.eval()
+        return router, report
 
 
 def build(context: MethodContext) -> VisEditMethod:

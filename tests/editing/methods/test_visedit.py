@@ -1,0 +1,61 @@
+"""``visedit_gated`` with its scene router: prepare fits the router, puts it in the edit bank, saves it under
+the work folder and reuses it while its key holds; the paper's ``visedit`` gets none."""
+from __future__ import annotations
+
+import pytest
+
+from attrib.data import load_records
+from attrib.world import write_world
+from editing.adapter.visedit import EditPlacement
+from editing.methods import MethodContext, build_method, method_config
+
+FAST = {"steps": 2, "batch_size": 2, "checkpoint_every": 1,
+        "router_config": {"hidden": 16, "dim": 8, "epochs": 3, "batch_size": 8}}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return write_world(tmp_path_factory.mktemp("router") / "w", seed=0, n_train=12, n_eval=6, n_caption_train=1,
+                       n_caption_eval=1)
+
+
+def _method(name, backbone, work):
+    hyper = {**method_config(name, backbone.spec.name), **FAST}
+    context = MethodContext(backbone, task="vqa", seed=0, work=work, hyper=hyper,
+                            extra={"placement": EditPlacement(edit_layer=0)})
+    return build_method(name, context)
+
+
+def test_the_router_is_fitted_saved_and_reused(tiny_backbone, world, tmp_path):
+    train, dev = load_records(world / "vqa_train.json"), load_records(world / "vqa_eval.json")
+    editor = _method("visedit_gated", tiny_backbone, tmp_path)
+    try:
+        report = editor.prepare(train, dev)["router"]
+        assert not report["loaded"] and report["dev_edits"] == 6 and report["stored_besides"] == 12
+        assert editor.hook.bank.router is not None
+        assert editor.hook.bank.router.threshold.item() == pytest.approx(report["threshold"], abs=1e-4)
+        assert (tmp_path / "router.safetensors").is_file()
+    finally:
+        editor.close()
+    again = _method("visedit_gated", tiny_backbone, tmp_path)
+    try:
+        reloaded = again.prepare(train, dev)["router"]
+        assert reloaded["loaded"] and reloaded["threshold"] == report["threshold"]
+        fitted = again.hook.bank.router.state_dict()
+        assert fitted["threshold"].item() == pytest.approx(report["threshold"], abs=1e-4)
+    finally:
+        again.close()
+    other = _method("visedit_gated", tiny_backbone, tmp_path)
+    try:  # fewer dev records: another key, fitted again
+        assert not other.prepare(train, dev[:4])["router"]["loaded"]
+    finally:
+        other.close()
+
+
+def test_the_papers_visedit_has_no_router(tiny_backbone, world, tmp_path):
+    editor = _method("visedit", tiny_backbone, tmp_path)
+    try:
+        assert "router" not in editor.prepare(load_records(world / "vqa_train.json"), [])
+        assert editor.hook.bank.router is None
+    finally:
+        editor.close()
