@@ -19,8 +19,8 @@ from editing.command.report import METRICS
 
 LABELS = {"rel": "Rel", "t_gen": "T-Gen", "m_gen": "M-Gen", "t_loc": "T-Loc", "m_loc": "M-Loc", "mean": "mean",
           "loc_same_image": "same-image loc", "novel_rel": "novel Rel"}
-EXTENSION = {"visedit_gated": "ours: VisEdit + scene gate + target role", "lookup": "control, not an editor",
-             "none": "unedited model"}
+EXTENSION = {"visedit_gated": "ours: VisEdit + scene gate + target role + scene router",
+             "lookup": "control, not an editor", "none": "unedited model"}
 
 
 def _score(data: dict, key: str, where: str, default: Any = None) -> float | None:
