@@ -126,7 +126,8 @@ class EditBank:
         keep = cosines.gather(1, best[:, None])[:, 0] >= self.router.threshold
         weight = torch.ones(len(best), device=visual.device)
         if self.adapter.scene is not None:  # the routed edit's gate, as the adapter will compute it
-            edit_visual = self.stacked().visual_states()[best.to(self.stacked().states.device)]
+            stored = self.stacked()
+            edit_visual = stored.visual_states()[best.to(stored.states.device)]
             weight = torch.sigmoid(self.adapter.scene(visual.to(edit_visual.dtype), edit_visual.to(visual.device)))
         return best, weight, keep & (weight >= self.floor)
 

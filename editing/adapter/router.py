@@ -90,7 +90,7 @@ def fit_router(router: SceneRouter, first: torch.Tensor, second: torch.Tensor, g
             for layer in module:
                 if hasattr(layer, "reset_parameters"):
                     layer.reset_parameters()
-    optimizer = torch.optim.AdamW([p for p in router.parameters()], lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(router.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     router.train()
     losses = []
     for _ in tqdm(range(config.epochs), desc="scene router", disable=not progress):

@@ -30,6 +30,16 @@ def _logits(backbone, images, prompts=None):
         return backbone.forward(backbone.encode(images, prompts), use_cache=False).logits
 
 
+def _each_alone(editor, backbone, images, n=3):
+    """The logits of images[i] with edit i (TARGETS[i]) alone in the editor, for i < n."""
+    alone = []
+    for i in range(n):
+        editor.edit(EditRequest(images[i], PROMPT, TARGETS[i]))
+        alone.append(_logits(backbone, images[i:i + 1]))
+        editor.restore()
+    return alone
+
+
 def _sharp_gate(editor):
     """Scene gate that opens for the edit's own image only: α = 1000, β = 0.999 (chamfer of distinct
     noise images is far lower)."""
@@ -42,11 +52,7 @@ def test_each_input_goes_to_its_own_edit_and_others_stay_unedited(tiny_backbone,
     editor = make_editor(tiny_backbone, -1, GATED)
     _sharp_gate(editor)
     plain = _logits(tiny_backbone, images)
-    alone = []
-    for i in range(3):
-        editor.edit(EditRequest(images[i], PROMPT, TARGETS[i]))
-        alone.append(_logits(tiny_backbone, images[i:i + 1]))
-        editor.restore()
+    alone = _each_alone(editor, tiny_backbone, images)
     for i in range(3):
         editor.edit(EditRequest(images[i], PROMPT, TARGETS[i]))
     assert len(editor.hook.bank) == 3

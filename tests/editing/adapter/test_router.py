@@ -19,7 +19,7 @@ from editing.adapter.router import (
     image_groups,
 )
 from editing.editor import EditRequest
-from tests.editing.adapter.test_bank import GATED, PROMPT, TARGETS, _logits
+from tests.editing.adapter.test_bank import GATED, PROMPT, TARGETS, _each_alone, _logits
 
 SMALL_ROUTER = RouterConfig(hidden=32, dim=16, temperature=0.1, epochs=40, batch_size=64, lr=3e-3)
 
@@ -115,11 +115,7 @@ def test_the_bank_routes_by_the_router_and_leaves_unrouted_rows_unedited(tiny_ba
         editor.adapter.scene.threshold.fill_(-1.0)
     states = editor.edit_signal([EditRequest(im, PROMPT, "x") for im in images]).visual_states()
     plain = _logits(tiny_backbone, images)
-    alone = []
-    for i in range(3):
-        editor.edit(EditRequest(images[i], PROMPT, TARGETS[i]))
-        alone.append(_logits(tiny_backbone, images[i:i + 1]))
-        editor.restore()
+    alone = _each_alone(editor, tiny_backbone, images)
     editor.hook.bank.router = _LookupRouter(states[:3].detach())
     for i in (2, 0, 1):  # stored out of order: routing follows the images, not the order
         editor.edit(EditRequest(images[i], PROMPT, TARGETS[i]))
