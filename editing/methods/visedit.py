@@ -81,6 +81,9 @@ class VisEditMethod(VisEditEditor):
 
     def prepare_router(self, train_records: Sequence[EditRecord], dev: Sequence[EditRecord]) -> dict:
         """Fit (or load) the scene router and put it in the edit bank (module docstring)."""
+        if not dev or len(train_records) < 2:
+            raise ValueError(f"{self.context.name}: the scene router trains on two or more training records and "
+                             f"chooses its threshold on dev records; got {len(train_records)} and {len(dev)}")
         start = time.perf_counter()
         key = json.dumps({"config": self.router_config.to_json(), "edit_layer": self.placement.edit_layer,
                           "train": str(train_records[0].source) if train_records else "", "n_train": len(train_records),

@@ -52,6 +52,15 @@ def test_the_router_is_fitted_saved_and_reused(tiny_backbone, world, tmp_path):
         other.close()
 
 
+def test_the_router_needs_dev_records(tiny_backbone, world, tmp_path):
+    editor = _method("visedit_gated", tiny_backbone, tmp_path)
+    try:
+        with pytest.raises(ValueError, match="visedit_gated: the scene router .* got 12 and 0"):
+            editor.prepare(load_records(world / "vqa_train.json"), [])
+    finally:
+        editor.close()
+
+
 def test_the_papers_visedit_has_no_router(tiny_backbone, world, tmp_path):
     editor = _method("visedit", tiny_backbone, tmp_path)
     try:
