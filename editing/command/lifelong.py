@@ -29,15 +29,9 @@ import numpy as np
 
 from attrib.data import DataError, EditRecord
 from attrib.world.rebuild import WorldRebuild
-from attrib.world.scene import Scene
 from editing.command.report import METRICS
 
 POOL = 3  # the lifelong test world holds POOL × max(N) eval records to draw distinct scenes from
-
-
-def scene_key(scene: Scene) -> tuple[tuple[str, str], ...]:
-    """A world image up to what its image rephrase changes (`Scene.object_key`)."""
-    return scene.object_key()
 
 
 def _scenes(records: Sequence[EditRecord]) -> list[tuple[tuple, tuple]] | None:
@@ -46,7 +40,7 @@ def _scenes(records: Sequence[EditRecord]) -> list[tuple[tuple, tuple]] | None:
     worlds = [rebuild.world_record(record) for record in records]
     if any(world is None for world in worlds):
         return None
-    return [(scene_key(w.scenes["image"]), scene_key(w.scenes["m_loc"])) for w in worlds]
+    return [(w.scenes["image"].object_key(), w.scenes["m_loc"].object_key()) for w in worlds]
 
 
 def distinct_scenes(records: Sequence[EditRecord], n: int) -> list[EditRecord]:
@@ -73,7 +67,7 @@ def distinct_scenes(records: Sequence[EditRecord], n: int) -> list[EditRecord]:
 
 def image_sharing(records: Sequence[EditRecord]) -> dict:
     """How many of ``records``' edit images are distinct (by file content) and how many edits share their
-    image with another edit; for world records also by scene (`scene_key`), with how many M-Loc images
+    image with another edit; for world records also by scene (`Scene.object_key`), with how many M-Loc images
     show one of the edits' scenes and the edits' object counts."""
     digests = [hashlib.sha256(record.image_path("image").read_bytes()).hexdigest() for record in records]
     counts = Counter(digests)

@@ -93,14 +93,14 @@ class VisEditMethod(VisEditEditor):
         if loaded is not None:
             router, report = loaded
         else:
-            first = self.visual_states(train_records, "image")
+            first, groups = self.visual_states(train_records, "image"), image_groups(train_records)
             router = SceneRouter(first.shape[-1], first.shape[1], self.router_config)
-            losses = fit_router(router, first, self.visual_states(train_records, "image_rephrase"),
-                                image_groups(train_records), progress=self.context.progress)
+            losses = fit_router(router, first, self.visual_states(train_records, "image_rephrase"), groups,
+                                progress=self.context.progress)
             report = choose_threshold(router, self.visual_states(dev, "image"),
                                       self.visual_states(dev, "image_rephrase"), self.visual_states(dev, "m_loc"),
                                       (image_groups(dev), image_groups(dev, "m_loc")),
-                                      stored=first, stored_groups=image_groups(train_records))
+                                      stored=first, stored_groups=groups)
             report.update(config=self.router_config.to_json(), final_loss=round(losses[-1], 4),
                           fit_s=round(time.perf_counter() - start, 2))
             if path is not None:

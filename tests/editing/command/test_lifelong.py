@@ -11,7 +11,7 @@ from attrib.data import DataError, load_records
 from attrib.world import write_world
 from attrib.world.rebuild import WorldRebuild
 from editing.command import compare
-from editing.command.lifelong import POOL, distinct_scenes, image_sharing, scene_key
+from editing.command.lifelong import POOL, distinct_scenes, image_sharing
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def world(tmp_path_factory):
 def _keys(records):
     rebuild = WorldRebuild()
     worlds = [rebuild.world_record(r) for r in records]
-    return [scene_key(w.scenes["image"]) for w in worlds], [scene_key(w.scenes["m_loc"]) for w in worlds]
+    return [w.scenes["image"].object_key() for w in worlds], [w.scenes["m_loc"].object_key() for w in worlds]
 
 
 def test_distinct_scenes_keeps_edits_and_m_loc_images_apart_in_file_order(world):
