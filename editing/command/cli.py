@@ -131,6 +131,9 @@ def compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prepare-only", action="store_true",
                    help="only train the learned methods (visedit, visedit_gated, mend, serac) into OUT/work, for a "
                         "later compare to reuse; the one mode that runs under `accelerate launch`")
+    p.add_argument("--latency-only", action="store_true",
+                   help="with --edits: measure again only the latency of the lifelong results already in OUT "
+                        "(their scores kept), then rewrite the report")
 
 
 def _counts(text: str) -> tuple[int, ...]:
@@ -154,7 +157,8 @@ def compare(args: argparse.Namespace) -> int:
                              methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
                              test_seed=args.test_seed, train=args.train, eval=args.eval, images=args.images,
                              n_test=args.n_test, dev_n=args.dev_n, seed=args.seed, out=args.out,
-                             progress=not args.no_progress, edits=args.edits)
+                             progress=not args.no_progress, edits=args.edits,
+                             latency_only=args.latency_only)
     if args.prepare_only:
         prepared = prepare_methods(options, options.method_names())
         if processes().main:

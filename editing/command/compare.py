@@ -79,6 +79,7 @@ class CompareOptions:
     progress: bool = True
     world_root: Path = field(default=Path("runs"))
     edits: tuple[int, ...] = ()  # lifelong: numbers of edits live at once (`editing.command.lifelong`); () = single
+    latency_only: bool = False  # lifelong: measure the latency of the method files already in OUT again
 
     def output(self) -> Path:
         name = f"{self.backbone}-{self.task}"
@@ -259,7 +260,11 @@ def _die_with_parent(parent: int) -> None:
 
 def _child(options: CompareOptions, name: str, path: str, parent: int) -> None:
     _die_with_parent(parent)
-    if options.edits:
+    if options.latency_only:
+        from editing.command.lifelong import remeasure_latency
+
+        result = remeasure_latency(options, prepared_method(options, name), read_method(Path(path), True))
+    elif options.edits:
         from editing.command.lifelong import run_sequential
 
         result = {**run_sequential(options, prepared_method(options, name)), "peak_mem_mb": _peak_mb()}
@@ -290,6 +295,13 @@ def run_compare(options: CompareOptions) -> dict:
     names = options.method_names()
     if any(n < 1 for n in options.edits):
         raise ValueError(f"--edits takes positive numbers of live edits, got {list(options.edits)}")
+    if options.latency_only:
+        if not options.edits:
+            raise ValueError("--latency-only measures the latency of a lifelong comparison again: it needs --edits")
+        missing = [name for name in names if not (options.output() / "methods" / f"{name}.json").exists()]
+        if missing:
+            raise ValueError(f"--latency-only: no lifelong results of {', '.join(missing)} in "
+                             f"{options.output() / 'methods'} to measure again; run them first")
     with OutputLock(options.output()), \
             (OutputLock(options.fitted()) if options.fitted() != options.output() else contextlib.nullcontext()):
         return _run_compare(options, names)
@@ -303,9 +315,15 @@ def _run_compare(options: CompareOptions, names: list[str]) -> dict:
     lifelong = bool(options.edits)
     methods = {name: read_method(out / "methods" / f"{name}.json", lifelong) for name in names
                if (out / "methods" / f"{name}.json").exists()}  # a bad one stops the run before hours of work
+    wanted = [str(n) for n in sorted(options.edits)]
+    for name, method in methods.items():
+        held = sorted(method.get("sequential", {}), key=int)
+        if options.latency_only and method["lifelong"] and held != wanted:
+            raise ValueError(f"--latency-only: {name}'s results hold N = {', '.join(held)}, not --edits "
+                             f"{','.join(wanted)} (the test split depends on them)")
     for name in names:
         path = out / "methods" / f"{name}.json"
-        if name not in methods:
+        if name not in methods or (options.latency_only and methods[name]["lifelong"]):
             child = multiprocessing.get_context(METHOD_START).Process(target=_child,
                                                                  args=(options, name, str(path), os.getpid()))
             child.start()

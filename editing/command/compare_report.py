@@ -147,6 +147,7 @@ def check_sequential(data: Any, where: str) -> dict:
             for key in ("loc_same_image", "edit_ms", "latency_ratio", "rss_growth_mb"):
                 _score(scores, key, entry)
     require(data, "t_loc_by_construction", bool, where, default=False)
+    require(data, "latency_protocol", str, where, default=None)
     _score(data, "prepare_s", where)
     return data
 
@@ -202,12 +203,20 @@ def lifelong_markdown(results: dict) -> str:
         cells = ["–" if values[c] is None else f"{values[c]:.1f}" for c in columns]
         if results["methods"].get(name, {}).get("t_loc_by_construction"):
             cells[METRICS.index("t_loc")] += "\\*"
+        earlier = "" if results["methods"].get(name, {}).get("latency_protocol") else "†"
         lines.append(f"| {name} | {n} | " + " | ".join(cells) + f" | {scores.get('edit_ms')} | "
-                     f"{scores.get('latency_ratio')} | {scores.get('rss_growth_mb')} |")
+                     f"{scores.get('latency_ratio')}{earlier} | {scores.get('rss_growth_mb')} |")
+    protocols = {m.get("latency_protocol") for m in results["methods"].values() if m.get("lifelong")}
     lines += ["", "\\* T-Loc is 100 by construction: the method cannot change a text-only input.",
               f"Metrics: {results.get('protocol')}, every edit of a chunk scored with all N live (LiveEdit's "
-              "protocol); latency × = the probe's forward with N live over unedited; RSS growth = resident "
-              "memory after N edits minus before (noisy below a few MiB).", ""]
+              "protocol); latency × = the forward of the first min(4, N) edit prompts with N live over unedited ("
+              + "; ".join(sorted(p for p in protocols if p)) + "); RSS growth = resident memory after N edits "
+              "minus before (noisy below a few MiB)."]
+    if None in protocols:
+        lines.append("† latency by the first protocol: the median of 11 forwards of one edit prompt, encoding "
+                     "included — noisy (the unedited model read 0.75–1.56× itself); `visedit compare --edits … "
+                     "--latency-only` measures it again.")
+    lines.append("")
     return "\n".join(lines)
 
 

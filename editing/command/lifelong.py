@@ -89,10 +89,12 @@ def run_sequential(options, prepared) -> dict:
     returns its ``methods/<name>.json`` without the peak memory (``sequential`` → N → scores)."""
     import torch
 
+    from editing.evaluation.latency import PROTOCOL as LATENCY_PROTOCOL
     from editing.evaluation.sequential import evaluate_sequential, pre_edit_locality
 
     editor, context, roles, report, prepare_s = prepared
     result = {"lifelong": editor.lifelong, "t_loc_by_construction": not editor.text_edits,
+              "latency_protocol": LATENCY_PROTOCOL,
               "prepare_s": round(prepare_s, 2), "hyper": context.hyper, "seed": options.seed, "prepare": report,
               "threads": torch.get_num_threads()}
     if editor.lifelong:
@@ -105,3 +107,19 @@ def run_sequential(options, prepared) -> dict:
         result["sequential"] = per_n
     editor.close()
     return result
+
+
+def remeasure_latency(options, prepared, result: dict) -> dict:
+    """``result`` (a method's lifelong results file) with the latency of every N measured again
+    (`editing.evaluation.sequential.measure_latency`, the protocol of today) and its scores kept: for results
+    whose latency an earlier, noisier protocol measured (those without ``latency_protocol``)."""
+    from editing.evaluation.latency import PROTOCOL as LATENCY_PROTOCOL
+    from editing.evaluation.sequential import measure_latency
+
+    editor, roles = prepared[0], prepared[2]
+    try:
+        for n in result["sequential"]:
+            result["sequential"][n].update(measure_latency(editor, roles.test, int(n), options.task))
+    finally:
+        editor.close()
+    return {**result, "latency_protocol": LATENCY_PROTOCOL}

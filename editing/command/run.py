@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from editing.checks import usable_records
 from editing.command.report import METRICS, results_markdown
 from editing.editor import Editor, EditRequest
 from editing.evaluation.evaluate import evaluate_edits
+from editing.evaluation.latency import forward_seconds, latency_ratio
 from editing.evaluation.localisation import im_maps
 from editing.training.recipe import default_lr, default_steps, sized_vead_config
 from editing.training.trainer import TrainConfig, train
@@ -81,34 +80,22 @@ class EditOptions:
         return self.out or Path("runs/edit") / self.backbone
 
 
-def inference_overhead(editor: Editor, records: list[EditRecord], task: str, repeats: int = 5) -> float | None:
-    """Median edited / unedited forward time on a batch of up to 4 eval inputs, each encoded by the editor's
-    backbone of the moment (a method's own share as deployed: an adapter, routing, a longer prompt)."""
+def inference_overhead(editor: Editor, records: list[EditRecord], task: str) -> float | None:
+    """Edited over unedited forward time (`editing.evaluation.latency`) on a batch of up to 4 eval inputs
+    with one edit, the first input's, applied."""
     if not records:
         return None
     formats = load_prompts()
     rows = records[:4]
     images, prompts = [r.load_image("image") for r in rows], [formats[task].format(src=r.src) for r in rows]
-
-    @torch.no_grad()
-    def timed() -> float:
-        backbone = editor.backbone  # methods that rewrite the inputs (IKE) hand out another view while edited
-        inputs = backbone.encode(images, prompts)
-        times = []
-        for _ in range(repeats + 1):  # the first run warms up
-            start = time.perf_counter()
-            backbone.forward(inputs, use_cache=False)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times[1:])
-
     editor.restore()
-    plain = timed()
+    before = forward_seconds(editor, images, prompts)
     editor.edit(EditRequest.from_record(rows[0], task, formats))
     try:
-        edited = timed()
+        edited = forward_seconds(editor, images, prompts)
     finally:
         editor.restore()
-    return round(edited / plain, 4)
+    return latency_ratio(edited, before, forward_seconds(editor, images, prompts))
 
 
 def _files(options: EditOptions) -> tuple[Path, Path]:

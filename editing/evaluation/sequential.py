@@ -16,9 +16,10 @@ The protocol of LiveEdit (CVPR 2025), for an editor whose edits accumulate (``Ed
 
 Beyond the single-edit scores (`EditScores.to_json`): ``n_live``, ``n_chunks``, ``n_left_out``,
 ``edit_ms`` (mean time of one edit while earlier edits of its chunk are live), ``latency_ratio`` (the
-probe's median forward, 11 runs after a warm-up, with the first chunk's N edits live, over the mean of its
-medians unedited just before those edits and just after their restore; the probe is the first record's
-edit prompt, so a routing editor routes it to a live edit; the unedited model's ratio is the noise floor),
+forward of a batch of the first chunk's first min(4, N) edit prompts with that chunk's N edits live, over
+the unedited forward just before those edits and just after their restore, `editing.evaluation.latency`;
+every row of the batch is a live edit's, so a routing editor routes it; the unedited model's ratio is the
+noise floor; `measure_latency` measures it alone),
 ``rss_growth_mb`` (the process's resident memory after the chunk's N edits minus before them, largest over
 the chunks: what holding N edits costs, noisy below a few MiB).
 """
@@ -35,10 +36,11 @@ from attrib.data import EditRecord
 from attrib.prompts import load_prompts
 from editing.editor import Editor, EditRequest
 from editing.evaluation.evaluate import RestoreError, SameObject, _locality, _probe_logits
+from editing.evaluation.latency import forward_seconds, latency_ratio
 from editing.evaluation.metrics import EditScores, RowPredictions, predict_rows, score_record
 from editing.evaluation.same_object import WorldSameObject
 
-LATENCY_REPEATS = 11
+LATENCY_ROWS = 4  # inputs of the latency batch, as in the single-edit `inference_overhead`
 GENERALITY_BLOCK = 16  # records whose Rel / T-Gen / M-Gen rows share one forward (48 rows)
 
 
@@ -75,15 +77,41 @@ def pre_edit_locality(editor: Editor, records: Sequence[EditRecord], task: str =
             for record in tqdm(records, desc="pre-edit outputs", disable=not progress)]
 
 
-def _median_forward(editor: Editor, probe, repeats: int) -> float:
-    """Median time of the probe's forward over ``repeats`` runs, after one untimed warm-up run."""
-    _probe_logits(editor, probe)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        _probe_logits(editor, probe)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _latency_batch(records: Sequence[EditRecord], n_live: int, edit_format: str) -> tuple[list, list[str]]:
+    """The latency measurement's inputs: the edit images and prompts of the first min(4, N) records."""
+    rows = records[:min(LATENCY_ROWS, n_live)]
+    return [r.load_image("image") for r in rows], [edit_format.format(src=r.src) for r in rows]
+
+
+def measure_latency(editor: Editor, records: Sequence[EditRecord], n_live: int, task: str = "vqa",
+                    prompts: dict[str, str] | None = None) -> dict:
+    """The ``latency_ratio`` and ``latency_s`` of `evaluate_sequential` alone: the first ``n_live``
+    edits applied, the forward timed, restored (bit-exact on the first edit's prompt, `RestoreError`)."""
+    if not editor.lifelong or not 1 <= n_live <= len(records):
+        raise ValueError(f"measure_latency: {n_live} live edits of {len(records)} records "
+                         f"(lifelong: {editor.lifelong})")
+    formats = prompts or load_prompts()
+    images, texts = _latency_batch(records, n_live, formats[task])
+    editor.restore()
+    reference = _probe_logits(editor, (images[0], texts[0]))
+    latency = {"unedited_before_s": forward_seconds(editor, images, texts)}
+    try:
+        for record in records[:n_live]:
+            editor.edit(EditRequest.from_record(record, task, formats))
+        latency["edited_s"] = forward_seconds(editor, images, texts)
+    finally:
+        editor.restore()
+    latency["unedited_after_s"] = forward_seconds(editor, images, texts)
+    if not torch.equal(_probe_logits(editor, (images[0], texts[0])), reference):
+        raise RestoreError(f"after restoring {n_live} live edits the first edit's prompt gets other logits "
+                           "than the unedited model's")
+    return _latency_scores(latency)
+
+
+def _latency_scores(latency: dict[str, float]) -> dict:
+    return {"latency_ratio": latency_ratio(latency["edited_s"], latency["unedited_before_s"],
+                                           latency["unedited_after_s"]),
+            "latency_s": {k: round(v, 5) for k, v in latency.items()}}
 
 
 def evaluate_sequential(editor: Editor, records: Sequence[EditRecord], n_live: int, task: str = "vqa",
@@ -112,6 +140,7 @@ def evaluate_sequential(editor: Editor, records: Sequence[EditRecord], n_live: i
     first = records[0]
     probe = (first.load_image("image"), edit_format.format(src=first.src))
     reference = _probe_logits(editor, probe)
+    timed = _latency_batch(records, n_live, edit_format)
     scores = EditScores(task)
     edit_ms: list[float] = []
     latency: dict[str, float] = {}
@@ -120,7 +149,7 @@ def evaluate_sequential(editor: Editor, records: Sequence[EditRecord], n_live: i
     for chunk in range(n_chunks):
         positions = range(chunk * n_live, (chunk + 1) * n_live)
         if chunk == 0:
-            latency["unedited_before_s"] = _median_forward(editor, probe, LATENCY_REPEATS)
+            latency["unedited_before_s"] = forward_seconds(editor, *timed)
         before = resident_mb()
         times = []
         for position in positions:
@@ -130,7 +159,7 @@ def evaluate_sequential(editor: Editor, records: Sequence[EditRecord], n_live: i
         try:
             growth = max(growth, resident_mb() - before)
             if chunk == 0:
-                latency["edited_s"] = _median_forward(editor, probe, LATENCY_REPEATS)
+                latency["edited_s"] = forward_seconds(editor, *timed)
             for lo in range(0, n_live, GENERALITY_BLOCK):
                 block = list(positions)[lo:lo + GENERALITY_BLOCK]
                 generality = _generality(editor, [records[p] for p in block], edit_format)
@@ -144,7 +173,7 @@ def evaluate_sequential(editor: Editor, records: Sequence[EditRecord], n_live: i
         finally:
             editor.restore()
         if chunk == 0:
-            latency["unedited_after_s"] = _median_forward(editor, probe, LATENCY_REPEATS)
+            latency["unedited_after_s"] = forward_seconds(editor, *timed)
         if not torch.equal(_probe_logits(editor, probe), reference):
             raise RestoreError(f"after restoring chunk {chunk} ({n_live} live edits, records "
                                f"{records[positions[0]].index}..{records[positions[-1]].index}) the probe's "
@@ -153,8 +182,6 @@ def evaluate_sequential(editor: Editor, records: Sequence[EditRecord], n_live: i
     bar.close()
     result = scores.to_json()
     result.update(n_live=n_live, n_chunks=n_chunks, n_left_out=len(records) - n_chunks * n_live,
-                  edit_ms=round(statistics.fmean(edit_ms), 3),
-                  latency_ratio=round(2 * latency["edited_s"]
-                                      / (latency["unedited_before_s"] + latency["unedited_after_s"]), 4),
-                  latency_s={k: round(v, 5) for k, v in latency.items()}, rss_growth_mb=round(growth, 2))
+                  edit_ms=round(statistics.fmean(edit_ms), 3), **_latency_scores(latency),
+                  rss_growth_mb=round(growth, 2))
     return result

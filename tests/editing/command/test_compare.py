@@ -3,6 +3,7 @@ its results read back checked (fuzzed)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from hypothesis import given
@@ -12,7 +13,7 @@ from attrib.errors import ArtifactError
 from attrib.io import REPOSITORY
 from attrib.world import write_world
 from editing.command.compare import CompareOptions, data_roles, prepared_method, read_method, run_compare
-from editing.command.compare_report import compare_markdown, read_results
+from editing.command.compare_report import compare_markdown, lifelong_markdown, read_results
 from tests.mutations import json_mutations, valid_or_clean_error
 
 
@@ -159,6 +160,35 @@ def test_lifelong_compare_scores_every_n_and_reports_them(world, tiny_dirs, tmp_
     path.write_text(json.dumps({**data, "sequential": {"3": {**data["sequential"]["3"], "rel": "high"}}}))
     with pytest.raises(ArtifactError, match=r"ft_l.json, in 'sequential.3', field 'rel'"):
         read_method(path, lifelong=True)
+
+
+
+def test_latency_only_measures_the_latency_again_and_keeps_the_scores(world, tiny_dirs, tmp_path):
+    options = _options(world, tiny_dirs, tmp_path, methods=("none",), edits=(1, 3))
+    run_compare(options)
+    path = tmp_path / "methods" / "none.json"
+    first = json.loads(path.read_text())
+    assert first["latency_protocol"].startswith("forward only")
+    del first["latency_protocol"]  # as a file written by the first, median-of-11 protocol
+    for scores in first["sequential"].values():
+        scores["latency_ratio"], scores["latency_s"] = 9.0, {}
+    path.write_text(json.dumps(first))
+    assert "9.0† |" in lifelong_markdown(run_compare(options))  # read back, nothing run
+    again = run_compare(replace(options, latency_only=True))
+    measured = json.loads(path.read_text())
+    assert measured["latency_protocol"].startswith("forward only") and "†" not in (tmp_path / "results.md").read_text()
+    for n, scores in measured["sequential"].items():
+        assert scores["latency_ratio"] != 9.0 and set(scores["latency_s"]) == {"unedited_before_s", "edited_s",
+                                                                               "unedited_after_s"}
+        assert {k: v for k, v in scores.items() if not k.startswith("latency")} == \
+            {k: v for k, v in first["sequential"][n].items() if not k.startswith("latency")}
+        assert again["sequential"]["none"][n]["latency_ratio"] == scores["latency_ratio"]
+    with pytest.raises(ValueError, match="hold N = 1, 3, not --edits 1,2"):
+        run_compare(replace(options, latency_only=True, edits=(1, 2)))
+    with pytest.raises(ValueError, match="no lifelong results of ft_l"):
+        run_compare(replace(options, latency_only=True, methods=("none", "ft_l")))
+    with pytest.raises(ValueError, match="needs --edits"):
+        run_compare(replace(options, latency_only=True, edits=()))
 
 
 def test_default_lifelong_folder_shares_the_single_edit_fits():

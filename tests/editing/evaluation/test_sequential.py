@@ -47,6 +47,8 @@ def fake(monkeypatch):
 
     monkeypatch.setattr(sequential, "_locality", locality)
     monkeypatch.setattr(sequential, "_probe_logits", lambda editor, probe: torch.tensor([float(len(editor.live))]))
+    # a forward takes 10 ms more for every live edit: the latency ratio with N live is 1 + N
+    monkeypatch.setattr(sequential, "forward_seconds", lambda editor, images, prompts: 0.01 * (1 + len(editor.live)))
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +68,20 @@ def test_chunks_score_every_edit_with_all_n_live(fake, records, n_live, rel, t_l
     assert result["n_left_out"] == len(records) - chunks * n_live
     assert (result["rel"], result["t_gen"], result["m_gen"]) == (rel, rel, rel)
     assert (result["t_loc"], result["m_loc"], result["loc_same_image"]) == (t_loc, 100.0, 100.0)
-    assert result["edit_ms"] >= 0 and result["latency_ratio"] > 0 and editor.live == []
+    assert result["edit_ms"] >= 0 and result["latency_ratio"] == 1 + n_live and editor.live == []
+    assert result["latency_s"] == {"unedited_before_s": 0.01, "edited_s": round(0.01 * (1 + n_live), 5),
+                                   "unedited_after_s": 0.01}
+
+
+@pytest.mark.parametrize("n_live", [1, 5, 12])
+def test_latency_alone_is_measured_with_the_first_n_edits_live(fake, records, n_live):
+    editor = Forgetful(capacity=3)
+    assert sequential.measure_latency(editor, records, n_live)["latency_ratio"] == 1 + n_live
+    assert editor.live == []
+    with pytest.raises(RestoreError, match=f"restoring {n_live} live edits"):
+        sequential.measure_latency(Forgetful(capacity=3, leaky=True), records, n_live)
+    with pytest.raises(ValueError, match="13 live edits of 12"):
+        sequential.measure_latency(editor, records, 13)
 
 
 def test_reuses_given_pre_edit_outputs(fake, records):
