@@ -237,6 +237,7 @@ def run_method(options: CompareOptions, name: str) -> dict:
 
     from editing.command.run import inference_overhead
     from editing.evaluation.evaluate import evaluate_edits
+    from editing.evaluation.latency import PROTOCOL as LATENCY_PROTOCOL
 
     editor, context, roles, prepared, prepare_s = prepared_method(options, name)
     scores = evaluate_edits(editor, roles.test, options.task, progress=options.progress).to_json()
@@ -244,7 +245,8 @@ def run_method(options: CompareOptions, name: str) -> dict:
     editor.close()
     five = [scores[k] for k in METRICS]
     result = {**scores, "mean": round(float(np.mean(five)), 2), "t_loc_by_construction": not editor.text_edits,
-              "prepare_s": round(prepare_s, 2), "inference_overhead": overhead, "peak_mem_mb": _peak_mb(),
+              "prepare_s": round(prepare_s, 2), "inference_overhead": overhead, "latency_protocol": LATENCY_PROTOCOL,
+              "peak_mem_mb": _peak_mb(),
               "hyper": context.hyper, "seed": options.seed, "prepare": prepared, "threads": torch.get_num_threads()}
     return result
 

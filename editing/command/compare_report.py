@@ -39,6 +39,7 @@ def check_method(data: Any, where: str) -> dict:
         _score(data, key, where, default=...)
     require(data, "protocol", str, where)
     require(data, "t_loc_by_construction", bool, where, default=False)
+    require(data, "latency_protocol", str, where, default=None)
     for key in ("loc_same_image", "prepare_s", "edit_ms", "inference_overhead", "peak_mem_mb"):
         _score(data, key, where)
     targets = require(data, "targets", (dict, type(None)), where, default=None) or {}
@@ -97,11 +98,18 @@ def compare_markdown(results: dict) -> str:
                 text += "\\*"
             cells.append(text)
         label = name + (f" ({EXTENSION[name]})" if name in EXTENSION else "")
+        earlier = "" if method.get("latency_protocol") else "†"
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {method.get('prepare_s')} | {method.get('edit_ms')} | "
-                     f"{method.get('inference_overhead')} | {method.get('peak_mem_mb')} |")
+                     f"{method.get('inference_overhead')}{earlier} | {method.get('peak_mem_mb')} |")
+    protocols = {m.get("latency_protocol") for m in methods.values()}
     lines += ["", "\\* T-Loc is 100 by construction: the method cannot change a text-only input.",
               f"Metrics: {results.get('protocol')}; mean = the five metrics' mean; same-image loc and novel Rel "
-              "are beside the five, not in the mean.", ""]
+              "are beside the five, not in the mean; overhead = the forward of 4 test inputs with one edit "
+              "applied over unedited (" + "; ".join(sorted(p for p in protocols if p)) + ")."]
+    if None in protocols:
+        lines.append("† overhead by the first protocol: the median of 5 forwards against the unedited one "
+                     "before the edit.")
+    lines.append("")
     shortened = [f"{n}: {m['prepare']['shortened']}" for n, m in methods.items()
                  if isinstance(m.get("prepare"), dict) and m["prepare"].get("shortened")]
     if shortened:

@@ -48,10 +48,14 @@ def test_methods_run_apart_and_a_second_run_resumes(world, tiny_dirs, tmp_path):
     for method in (none, lookup):
         assert method["mean"] == pytest.approx(sum(method[k] for k in ("rel", "t_gen", "m_gen", "t_loc", "m_loc")) / 5,
                                                abs=0.01)
-        assert method["peak_mem_mb"] > 0 and method["prepare_s"] >= 0
+        assert method["peak_mem_mb"] > 0 and method["prepare_s"] >= 0 and method["inference_overhead"] > 0
+        assert method["latency_protocol"].startswith("forward only")
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["roles"]["test"]["file"].endswith("vqa_eval.json") and set(saved["methods"]) == {"none", "lookup"}
-    assert "**100.0**" in (tmp_path / "results.md").read_text() and (tmp_path / "metrics.png").is_file()
+    report = (tmp_path / "results.md").read_text()
+    assert "**100.0**" in report and "†" not in report and (tmp_path / "metrics.png").is_file()
+    del saved["methods"]["none"]["latency_protocol"]  # as written by the first, median-of-5 protocol
+    assert f"{none['inference_overhead']}† |" in compare_markdown(saved)
     stamp = (tmp_path / "methods" / "lookup.json").stat().st_mtime_ns
     (tmp_path / "methods" / "none.json").unlink()  # as if the run had been killed during "none"
     run_compare(options)
