@@ -18,7 +18,7 @@ are world E-VQA records with a truth box. Per backbone, every timed call follows
 2. region sweep: `attrib.regions.region_sweep` over every LM layer with the official settings —
    `AttentionNoise` on the LM visual-token grid (LLaVA: 24 × 24) or `VitNoise` on the ViT patch grid
    (BLIP-2, MiniGPT-4: 16 × 16); the warm-up sweeps one layer of one sample;
-3. training: `editing.training.trainer.train` at batch 4, the adapter sized as at full scale at the paper's
+3. training: `editing.training.loop.train` at batch 4, the adapter sized as at full scale at the paper's
    layers; a warm-up run of one step, then the timed run. The step time leaves out the per-record products
    (edit signals, pre-edit outputs, IM targets: computed once per record, `TrainResult.products_s`), as
    `smoke-full` reports it. Peak memory: ``torch.cuda.max_memory_allocated`` on a GPU, the process's peak
@@ -189,8 +189,9 @@ def measure_editing(name: str, backbone: Backbone, records: Sequence[EditRecord]
     from editing.adapter.vead import count_parameters, lm_width
     from editing.adapter.visedit import EditPlacement, VisEditEditor
     from editing.editor import EditRequest
+    from editing.training.config import TrainConfig
+    from editing.training.loop import train
     from editing.training.recipe import default_lr, sized_vead_config
-    from editing.training.trainer import TrainConfig, train
 
     edit_layer, it_layers = paper_layers(name, backbone.n_layers)
     placement = EditPlacement(edit_layer, tuple(it_layers), edit_layer)

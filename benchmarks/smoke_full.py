@@ -263,8 +263,9 @@ def _edit(backbone: Backbone, records, placement, steps: list[Step], train_steps
     from editing.adapter.visedit import VisEditEditor
     from editing.editor import EditRequest
     from editing.evaluation.evaluate import evaluate_edits
+    from editing.training.config import TrainConfig
+    from editing.training.loop import train
     from editing.training.recipe import default_lr, sized_vead_config
-    from editing.training.trainer import TrainConfig, train
 
     width = lm_width(backbone.config)
     config = sized_vead_config(width, scene_gate=True, target_role=True)

@@ -35,7 +35,8 @@ from editing.evaluation.evaluate import RestoreError, evaluate_edits
 from editing.evaluation.localisation import ImMaps, im_maps
 from editing.evaluation.metrics import EditScores, RecordScores
 from editing.evaluation.same_object import WorldSameObject, edited_object_in_m_loc
-from editing.training.trainer import TrainConfig, TrainResult, train
+from editing.training.config import TrainConfig, TrainResult
+from editing.training.loop import train
 
 __all__ = ["AdapterHook", "EditAdapter", "EditPlacement", "EditRequest", "EditScores", "EditSignal", "EditSite",
            "Editor", "ImMaps", "LM_INPUT", "RecordScores", "RestoreError", "SplitForward", "TrainConfig",

@@ -36,7 +36,7 @@ SEED = 20240611  # the kill moments' draw
 @pytest.fixture(scope="module")
 def forks():
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "transformers", "attrib.attribution", "editing.training.trainer",
+    context.set_forkserver_preload(["torch", "transformers", "attrib.attribution", "editing.training.loop",
                                     "editing.command.compare", "visedit.cli", __name__])
     return context
 
@@ -117,7 +117,8 @@ def _train_job(model: str, world: str, folder: str, pause: str | None) -> int:
     from attrib.io import atomic_write_text
     from editing.adapter.vead import VeadConfig
     from editing.adapter.visedit import EditPlacement, VisEditEditor
-    from editing.training.trainer import TrainConfig, train
+    from editing.training.config import TrainConfig
+    from editing.training.loop import train
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -50,7 +50,7 @@ class SceneGate(nn.Module):
     Starts at α = 25 and β where, on the default backbones' LM-input states, re-rendered images and
     unrelated ones part (`editing.adapter.scenes`): chamfer 0.95–0.96 against 0.68–0.87, β = 0.9; salient
     0.87–0.92 against 0.36–0.72, β = 0.8; training sharpens the split. The salient similarity needs the
-    reference states (`set_reference`, done by `editing.training.trainer.train`); they are saved with the weights."""
+    reference states (`set_reference`, done by `editing.training.loop.train`); they are saved with the weights."""
 
     INIT_SCALE = 25.0
     INIT_THRESHOLD = {"chamfer": 0.9, "salient": 0.8}

@@ -34,8 +34,9 @@ from editing.editor import Editor, EditRequest
 from editing.evaluation.evaluate import evaluate_edits
 from editing.evaluation.latency import forward_seconds, latency_ratio
 from editing.evaluation.localisation import im_maps
+from editing.training.config import TrainConfig
+from editing.training.loop import train
 from editing.training.recipe import default_lr, default_steps, sized_vead_config
-from editing.training.trainer import TrainConfig, train
 
 TASKS = ("vqa", "caption")
 

@@ -3,7 +3,7 @@ VEAD's target role) as comparison methods.
 
 Both are `VisEditEditor` at the placement the comparison read from the attribution artifact of the
 training records (``context.extra["placement"]``), sized from the LM width (`sized_vead_config`), and
-trained in ``prepare`` on the training records with `editing.training.trainer.train` (checkpointed
+trained in ``prepare`` on the training records with `editing.training.loop.train` (checkpointed
 under ``context.work``, resumed when a run was cut). The adapter adds to visual-token states only, so an
 edit can never change a text-only input: T-Loc is 100 by construction (``text_edits = False``).
 
@@ -31,8 +31,9 @@ from editing.adapter.vead import lm_width
 from editing.adapter.visedit import VisEditEditor
 from editing.editor import EditRequest
 from editing.methods import MethodContext
+from editing.training.config import TrainConfig
+from editing.training.loop import train
 from editing.training.recipe import default_lr, default_steps, sized_vead_config
-from editing.training.trainer import TrainConfig, train
 
 
 class VisEditMethod(VisEditEditor):

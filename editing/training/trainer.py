@@ -1,9 +1,5 @@
-"""Training VEAD + IM on MMEdit records with the backbone frozen.
-
-    editor = VisEditEditor(backbone, placement, VeadConfig(mid_dim=128, n_heads=4, im_hidden=128))
-    result = train(editor, load_records("vqa_train.json"), TrainConfig(steps=2000, seed=0), "runs/llava/checkpoint")
-    editor.save_weights("runs/llava/adapter.safetensors")
-    # killed? the same call with resume=True continues from the last checkpoint, to the same weights
+"""One training step of VEAD + IM on MMEdit records with the backbone frozen (`Trainer`; the run around it,
+checkpointed and resumable, is `editing.training.loop.train`).
 
 One step takes ``batch_size`` records; each contributes four teacher-forced rows (rel, t_gen, m_gen,
 m_loc; text-only T-Loc inputs bypass the adapter, so they carry no gradient) with the record's own
@@ -26,7 +22,7 @@ the down term uses the same token indices of the m_loc row.
 Determinism: the adapter is re-initialised from ``seed``; record order (a fresh permutation per epoch)
 and the per-step draws come from generators seeded by (seed, stream, epoch / step), so any step can be
 recomputed from its number, and a resumed run reaches bit-identical weights (on the same machine and
-thread count). Checkpoints: `editing.training.checkpoint`.
+thread count).
 
 Several processes (``accelerate launch``, `attrib.parallel`): every process draws the same global batch and
 takes its consecutive share of the records; each loss term is its local mean scaled by the process's share
@@ -35,29 +31,22 @@ step, are the global batch's; only the main process checkpoints (docs/gpu.md).
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import time
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
-from tqdm import tqdm
 
 from attrib.data import EditRecord
 from attrib.errors import TrainingDiverged
-from attrib.io import OutputLock, remove_partial_writes
-from attrib.parallel import main_first, processes, sum_, sum_gradients
+from attrib.parallel import processes, sum_, sum_gradients
 from attrib.prompts import load_prompts
 from attrib.regions.attention_noise import AttentionNoise
 from attrib.regions.noise import noise_generator
-from editing.adapter.scenes import reference_states
 from editing.adapter.split import EditSite, SplitForward
 from editing.adapter.visedit import VisEditEditor
 from editing.inputs import teacher_forced_batch
 from editing.training import losses
-from editing.training.checkpoint import load_checkpoint, read_state, save_checkpoint
+from editing.training.config import TrainConfig
 from editing.training.examples import (
     ALIGN_ROLES,
     ROLES,
@@ -70,74 +59,6 @@ from editing.training.examples import (
 )
 
 _ORDER_STREAM, _STEP_STREAM, _INIT_STREAM, _PARTNER_STREAM, _TOKEN_STREAM = 101, 102, 103, 104, 105  # seeded generators
-_RESUMABLE = {"steps", "checkpoint_every"}  # config fields a resumed run may change
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Training settings. The loss weights, ``im_tokens`` (24) and the influence noise (σ 0.7 absolute) are
-    the paper's and its official code's; ``influence_draws`` is the noise draws per token for the alignment
-    targets (official: 1; computed once per record and sample, `editing.training.examples`);
-    ``cache_mb`` bounds the in-memory per-record products (a 7B edit signal is ~10 MB);
-    ``im_up``: "mean" (the paper's: −mean log σ(IM) over the drawn tokens) or "influence" (the drawn tokens
-    weighted by the alignment target, so the gate is pushed open where the edit sample's answer depends
-    on the token rather than on the background, which unrelated images share);
-    ``loc_partners``: extra locality rows per record, each the M-Loc input of another training record drawn
-    at random per step (0 = the record's own M-Loc row only, as the official code);
-    ``product_chunk``: records whose per-record products are computed in one batched forward;
-    ``scene_weight``: weight of the scene gate's own term (adapters with ``scene_gate`` only):
-    −mean log σ(S) on the m_gen rows (the edit's re-rendered image) and −mean log(1 − σ(S)) on the
-    locality rows (unrelated images), averaged;
-    ``scene_reference``: training images whose mean visual states the salient scene gate subtracts
-    (the first N records' ``image``; `editing.adapter.scene_gate`);
-    ``rows_per_backward``: run the layers above the edit site on this many rows at a time, back-propagating
-    each part before the next (bounds the autograd graph's memory on large backbones; 0 = every row of the
-    step at once);
-    ``same_image_weight``: weight of a same-image locality term (0 = none, the paper's loss): per record
-    that lists same-image questions (`attrib.world.dataset`), its first one on the record's own image,
-    held by KL(p_pre ‖ p_post) to the unedited answer under the record's edit — the edit must not
-    rewrite what else is asked about its image."""
-
-    steps: int = 1000
-    batch_size: int = 4
-    lr: float = 1e-4
-    seed: int = 0
-    rel_weight: float = 1.0
-    gen_weight: float = 1.0
-    loc_weight: float = 1.0
-    align_weight: float = 0.1
-    up_weight: float = 0.1
-    down_weight: float = 0.1
-    im_tokens: int = 24
-    im_up: str = "mean"
-    loc_partners: int = 1
-    influence_sigma: float = 0.7
-    influence_draws: int = 4
-    product_chunk: int = 8
-    checkpoint_every: int = 100
-    cache_mb: int = 2048
-    task: str = "vqa"
-    scene_weight: float = 1.0
-    scene_reference: int = 256
-    rows_per_backward: int = 0
-    same_image_weight: float = 0.0
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class TrainResult:
-    """steps: last step done; train_s: wall time over this run and the runs it resumes; products_s: the
-    part of this run's time spent computing per-record products (`ExampleStore`); history: per-step
-    losses of this run; resumed_from: the step a resumed run started after (None = fresh)."""
-
-    steps: int
-    train_s: float
-    products_s: float = 0.0
-    history: list[dict[str, float]] = field(default_factory=list)
-    resumed_from: int | None = None
-    checkpoint: Path | None = None
 
 
 def reset_adapter(editor: VisEditEditor, seed: int) -> None:
@@ -465,93 +386,3 @@ def _share(units: dict[str, tuple[float, float]], unit: str | None) -> float:
 def _pad_positions(logp: torch.Tensor, k: int) -> torch.Tensor:
     """[n, V] → [k, V], repeating the last row (masked out by the caller)."""
     return logp if logp.shape[0] == k else torch.cat([logp, logp[-1:].expand(k - logp.shape[0], -1)])
-
-
-def _check_resumable(state: dict, config: TrainConfig, folder: Path) -> None:
-    theirs = state.get("config", {})  # a field the checkpoint lacks was added since: it ran at its default
-    wrong = [f"{f.name}: checkpoint {theirs.get(f.name, f.default)!r}, now {getattr(config, f.name)!r}"
-             for f in fields(config)
-             if f.name not in _RESUMABLE and theirs.get(f.name, f.default) != getattr(config, f.name)]
-    if wrong:
-        raise ValueError(f"{folder}: cannot resume with other settings ({'; '.join(wrong)})")
-    if state["step"] > config.steps:
-        raise ValueError(f"{folder}: checkpoint is at step {state['step']}, beyond the {config.steps} steps asked for")
-
-
-def train(editor: VisEditEditor, records: Sequence[EditRecord], config: TrainConfig = TrainConfig(),
-          checkpoint_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
-          on_step: Callable[[int, dict], None] | None = None, prompts: dict[str, str] | None = None) -> TrainResult:
-    """Train ``editor``'s adapter (module docstring); checkpoints every ``config.checkpoint_every`` steps
-    and at the end when ``checkpoint_dir`` is given. ``resume`` continues from its committed state (and
-    starts fresh when there is none); without it an existing state is refused rather than overwritten.
-    The checkpoint folder is locked while training runs (`OutputLock`: a second run on it is refused).
-    ``on_step(step, losses)`` is called after each step (tests use it to kill a run).
-
-    A non-finite loss term, gradient or updated weight raises `TrainingDiverged` naming the step, the
-    batch's records and the term (losses and gradients before the optimizer step), before any checkpoint
-    takes it in: the last good checkpoint stays in ``checkpoint_dir``, and the message names it."""
-    folder = None if checkpoint_dir is None else Path(checkpoint_dir)
-    with main_first(OutputLock(folder)) if folder is not None else contextlib.nullcontext():
-        if folder is not None and processes().main:
-            remove_partial_writes(folder)  # a run killed inside a checkpoint write left its temporary files
-        return _train(editor, records, config, folder, resume, progress, on_step, prompts)
-
-
-def _train(editor: VisEditEditor, records: Sequence[EditRecord], config: TrainConfig, folder: Path | None,
-           resume: bool, progress: bool, on_step: Callable[[int, dict], None] | None,
-           prompts: dict[str, str] | None) -> TrainResult:
-    trainer = Trainer(editor, records, config, prompts)
-    backbone = editor.backbone
-    backbone.model.eval()
-    backbone.model.requires_grad_(False)  # frozen: gradients reach only the adapter
-    editor.adapter.train()
-    start, before_s, resumed = 0, 0.0, None
-    state = read_state(folder) if folder is not None else None
-    if state is not None and not resume:
-        raise ValueError(f"{folder}: a training checkpoint is already there (step {state['step']}); "
-                         "resume it (--resume / RESUME=1) or remove the folder")
-    if state is not None:
-        _check_resumable(state, config, folder)
-        state = load_checkpoint(folder, editor, trainer.optimizer)
-        start, before_s, resumed = state["step"], state.get("train_s", 0.0), state["step"]
-    else:
-        reset_adapter(editor, config.seed)
-        scene = editor.adapter.scene
-        if scene is not None and scene.similarity == "salient":
-            scene.set_reference(reference_states(trainer.split, trainer.records, config.scene_reference))
-    began = time.perf_counter()
-    result = TrainResult(start, before_s, resumed_from=resumed)
-    saved = start  # the step of the checkpoint on disk (when there is one)
-    running: dict[str, float] = {}
-
-    def info() -> dict:
-        return {"config": config.to_json(), "seed": config.seed, "n_records": len(trainer.records),
-                "placement": editor.placement.to_json(), "train_s": round(before_s + time.perf_counter() - began, 3),
-                "running_losses": {k: round(v, 5) for k, v in running.items()}}
-
-    bar = tqdm(range(start + 1, config.steps + 1), initial=start, total=config.steps, desc="train VEAD + IM",
-               disable=not progress, mininterval=1)
-    for step in bar:
-        try:
-            step_losses = trainer.step(step)
-        except TrainingDiverged as error:
-            bar.close()
-            kept = ("no checkpoint folder" if folder is None else "no checkpoint written yet" if saved == 0
-                    else f"the last good checkpoint (step {saved}) is kept in {folder}")
-            raise TrainingDiverged(f"{error}; {kept}") from None
-        result.history.append(step_losses)
-        for name, value in step_losses.items():  # exponential running means for the progress bar
-            running[name] = value if name not in running else 0.9 * running[name] + 0.1 * value
-        bar.set_postfix({k: f"{running[k]:.3f}" for k in ("loss", "rel", "t_gen", "m_gen", "loc", "align")})
-        result.steps = step
-        if on_step is not None:
-            on_step(step, step_losses)
-        if folder is not None and trainer.procs.main and (step % config.checkpoint_every == 0
-                                                          or step == config.steps):
-            result.checkpoint = save_checkpoint(folder, editor, trainer.optimizer, step, info())
-            saved = step
-    bar.close()
-    editor.adapter.eval()
-    result.train_s = before_s + time.perf_counter() - began
-    result.products_s = trainer.store.compute_s
-    return result

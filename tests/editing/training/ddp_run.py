@@ -12,7 +12,8 @@ from attrib.data import load_records
 from attrib.parallel import processes
 from editing.adapter.vead import VeadConfig
 from editing.adapter.visedit import EditPlacement, VisEditEditor
-from editing.training.trainer import TrainConfig, train
+from editing.training.config import TrainConfig
+from editing.training.loop import train
 
 
 def main(name: str, folder: str, data: str, out: str, steps: str, rows: str, chunk: str) -> None:

@@ -12,8 +12,9 @@ from attrib.prompts import load_prompts
 from editing.adapter.visedit import EditPlacement
 from editing.editor import EditRequest
 from editing.inputs import teacher_forced_batch
+from editing.training.config import TrainConfig
 from editing.training.examples import ROLES, answer_positions, example_rows, stack_signals, token_influence
-from editing.training.trainer import TrainConfig, Trainer, im_inputs
+from editing.training.trainer import Trainer, im_inputs
 
 
 @pytest.fixture(scope="module")

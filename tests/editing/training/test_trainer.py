@@ -1,6 +1,6 @@
-"""Training on a tiny backbone: the loss falls, a seed fixes the weights, and a killed run resumes to
-bit-identical weights; checkpoints are refused or resumed as asked; a NaN or infinite loss stops the run
-before it reaches a checkpoint (kills by a real SIGKILL: tests/test_kills.py)."""
+"""Training steps on a tiny backbone: the loss falls, locality partners and target roles are drawn from the
+seed, a step in parts gives the one-pass gradient, and a NaN or infinite loss stops the run before it
+reaches a checkpoint."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import load_file
 
 from attrib.backbones.loader import load_backbone
-from attrib.data import load_records
 from attrib.errors import TrainingDiverged
 from editing.adapter.scenes import visual_states
 from editing.adapter.split import SplitForward
@@ -20,24 +19,12 @@ from editing.adapter.visedit import EditPlacement
 from editing.inputs import target_lengths
 from editing.training import losses
 from editing.training.checkpoint import STATE_FILE
+from editing.training.config import TrainConfig
 from editing.training.examples import example_rows
-from editing.training.trainer import TrainConfig, Trainer, reset_adapter, train
+from editing.training.loop import train
+from editing.training.trainer import Trainer, reset_adapter
 
 FAST = TrainConfig(steps=6, batch_size=2, lr=1e-2, influence_draws=1, checkpoint_every=2)
-
-
-class Killed(Exception):
-    pass
-
-
-@pytest.fixture(scope="module")
-def llava(tiny_dirs):
-    return load_backbone("llava", tiny_dirs["llava"])
-
-
-@pytest.fixture(scope="module")
-def records(tiny_world):
-    return load_records(tiny_world / "vqa_train.json")
 
 
 def _weights(editor) -> dict[str, torch.Tensor]:
@@ -51,53 +38,6 @@ def test_loss_decreases(tiny_backbone, records, make_editor):
     assert len(totals) == 10 and sum(totals[-2:]) < sum(totals[:2])
     assert {"rel", "t_gen", "m_gen", "loc", "align", "up", "down"} <= set(result.history[0])
     assert not editor.is_edited and not any(p.requires_grad for p in tiny_backbone.model.parameters())
-
-
-def test_same_seed_same_weights(llava, records, make_editor):
-    config = TrainConfig(steps=3, batch_size=2, lr=1e-2, influence_draws=1)
-    runs = []
-    for seed in (0, 0, 1):
-        editor = make_editor(llava, EditPlacement(-1, (1,), 1))
-        train(editor, records, TrainConfig(**{**config.to_json(), "seed": seed}), progress=False)
-        runs.append(_weights(editor))
-    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
-    assert not all(torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
-
-
-def test_killed_run_resumes_to_the_same_weights(llava, records, make_editor, tmp_path):
-    placement = EditPlacement(0, (1,), 1)
-    whole = make_editor(llava, placement)
-    train(whole, records, FAST, tmp_path / "whole", progress=False)
-    expected = _weights(whole)
-
-    killed = make_editor(llava, placement)
-
-    def kill(step, losses):
-        if step == 3:  # after the step-2 checkpoint, before the next one
-            raise Killed
-
-    with pytest.raises(Killed):
-        train(killed, records, FAST, tmp_path / "killed", progress=False, on_step=kill)
-    state = json.loads((tmp_path / "killed" / STATE_FILE).read_text())
-    assert state["step"] == 2 and state["seed"] == 0 and state["optimizer"]["param_groups"][0]["lr"] == 1e-2
-    assert {"torch"} <= set(state["rng"]) and (tmp_path / "killed" / state["weights"]).is_file()
-    with pytest.raises(ValueError, match="resume it"):
-        train(killed, records, FAST, tmp_path / "killed", progress=False)
-
-    resumed = make_editor(llava, placement)  # a fresh process would start from a fresh adapter
-    result = train(resumed, records, FAST, tmp_path / "killed", resume=True, progress=False)
-    assert result.resumed_from == 2 and len(result.history) == 4
-    got = _weights(resumed)
-    assert all(torch.equal(got[k], expected[k]) for k in expected)
-    files = sorted(p.name for p in (tmp_path / "killed").iterdir())
-    assert files == ["adapter-step0000006.safetensors", "optimizer-step0000006.safetensors", STATE_FILE]
-
-
-def test_resume_refuses_other_settings(llava, records, make_editor, tmp_path):
-    editor = make_editor(llava, EditPlacement(0, (1,), 1))
-    train(editor, records, TrainConfig(**{**FAST.to_json(), "steps": 2}), tmp_path, progress=False)
-    with pytest.raises(ValueError, match="lr: checkpoint 0.01, now 0.5"):
-        train(editor, records, TrainConfig(**{**FAST.to_json(), "lr": 0.5}), tmp_path, resume=True, progress=False)
 
 
 def test_locality_partners_are_other_records_drawn_per_step(llava, records, make_editor):
@@ -131,16 +71,6 @@ def test_scene_gate_term_trains_the_scene_gate(tiny_backbone, records, make_edit
     split = SplitForward(tiny_backbone, -1)
     alone = [visual_states(split, record.load_image("image"))[0] for record in records[:3]]
     torch.testing.assert_close(editor.adapter.scene.reference, torch.stack(alone).mean(0), atol=1e-5, rtol=1e-5)
-
-
-def test_salient_scene_reference_is_kept_across_a_resume(tiny_backbone, records, make_editor, tmp_path):
-    config = VeadConfig(mid_dim=16, n_heads=2, im_hidden=16, im_heads=2, scene_gate=True)
-    settings = dict(batch_size=2, lr=1e-2, influence_draws=1, scene_reference=2, checkpoint_every=1)
-    first = make_editor(tiny_backbone, EditPlacement(-1, (0,), 0), config)
-    train(first, records, TrainConfig(steps=2, **settings), tmp_path / "ck", progress=False)
-    again = make_editor(tiny_backbone, EditPlacement(-1, (0,), 0), config)
-    train(again, records, TrainConfig(steps=3, **settings), tmp_path / "ck", resume=True, progress=False)
-    torch.testing.assert_close(again.adapter.scene.reference, first.adapter.scene.reference)
 
 
 def test_target_role_is_drawn_from_the_seed_and_trained(tiny_backbone, records, make_editor):
