@@ -105,7 +105,7 @@ def compare_markdown(results: dict) -> str:
     lines += ["", "\\* T-Loc is 100 by construction: the method cannot change a text-only input.",
               f"Metrics: {results.get('protocol')}; mean = the five metrics' mean; same-image loc and novel Rel "
               "are beside the five, not in the mean; overhead = the forward of 4 test inputs with one edit "
-              "applied over unedited (" + "; ".join(sorted(p for p in protocols if p)) + ")."]
+              "applied over unedited" + _protocols(protocols) + "."]
     if None in protocols:
         lines.append("† overhead by the first protocol: the median of 5 forwards against the unedited one "
                      "before the edit.")
@@ -176,6 +176,12 @@ def _scene_sharing(images: dict) -> str:
             f"M-Loc images show an edit's scene; edits by object count {objects}")
 
 
+def _protocols(protocols: set) -> str:
+    """The latency protocols recorded, as ' (first; second)'; empty when none is (older results only)."""
+    named = sorted(p for p in protocols if p)
+    return f" ({'; '.join(named)})" if named else ""
+
+
 def lifelong_markdown(results: dict) -> str:
     """The lifelong comparison: the five-metric mean per method and N (the best of each N in bold), then
     every metric, same-image locality, novel Rel, edit time, latency and memory per method and N."""
@@ -217,9 +223,9 @@ def lifelong_markdown(results: dict) -> str:
     protocols = {m.get("latency_protocol") for m in results["methods"].values() if m.get("lifelong")}
     lines += ["", "\\* T-Loc is 100 by construction: the method cannot change a text-only input.",
               f"Metrics: {results.get('protocol')}, every edit of a chunk scored with all N live (LiveEdit's "
-              "protocol); latency × = the forward of the first min(4, N) edit prompts with N live over unedited ("
-              + "; ".join(sorted(p for p in protocols if p)) + "); RSS growth = resident memory after N edits "
-              "minus before (noisy below a few MiB)."]
+              "protocol); latency × = the forward of the first min(4, N) edit prompts with N live over unedited"
+              + _protocols(protocols) + "; RSS growth = resident memory after N edits minus before (noisy below "
+              "a few MiB)."]
     if None in protocols:
         lines.append("† latency by the first protocol: the median of 11 forwards of one edit prompt, encoding "
                      "included — noisy (the unedited model read 0.75–1.56× itself); `visedit compare --edits … "

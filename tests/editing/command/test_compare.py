@@ -56,6 +56,8 @@ def test_methods_run_apart_and_a_second_run_resumes(world, tiny_dirs, tmp_path):
     assert "**100.0**" in report and "†" not in report and (tmp_path / "metrics.png").is_file()
     del saved["methods"]["none"]["latency_protocol"]  # as written by the first, median-of-5 protocol
     assert f"{none['inference_overhead']}† |" in compare_markdown(saved)
+    del saved["methods"]["lookup"]["latency_protocol"]
+    assert "over unedited." in compare_markdown(saved)  # no protocol recorded: no empty parentheses
     stamp = (tmp_path / "methods" / "lookup.json").stat().st_mtime_ns
     (tmp_path / "methods" / "none.json").unlink()  # as if the run had been killed during "none"
     run_compare(options)
