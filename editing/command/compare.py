@@ -262,7 +262,8 @@ def _die_with_parent(parent: int) -> None:
 
 def _child(options: CompareOptions, name: str, path: str, parent: int) -> None:
     _die_with_parent(parent)
-    if options.latency_only:
+    start = time.perf_counter()
+    if options.latency_only:  # the file keeps the wall time of the run that scored it
         from editing.command.lifelong import remeasure_latency
 
         result = remeasure_latency(options, prepared_method(options, name), read_method(Path(path), True))
@@ -272,6 +273,8 @@ def _child(options: CompareOptions, name: str, path: str, parent: int) -> None:
         result = {**run_sequential(options, prepared_method(options, name)), "peak_mem_mb": _peak_mb()}
     else:
         result = run_method(options, name)
+    if not options.latency_only:  # the whole method: loading, prepare (or a reused fit), evaluation
+        result["wall_s"] = round(time.perf_counter() - start, 1)
     atomic_write_text(Path(path), json.dumps(result, indent=1, default=str) + "\n")
 
 

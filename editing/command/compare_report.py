@@ -19,6 +19,10 @@ from editing.command.report import METRICS
 
 LABELS = {"rel": "Rel", "t_gen": "T-Gen", "m_gen": "M-Gen", "t_loc": "T-Loc", "m_loc": "M-Loc", "mean": "mean",
           "loc_same_image": "same-image loc", "novel_rel": "novel Rel"}
+# The wall-time budgets of a whole comparison on 2 CPU cores, in minutes (benchmark issue: single edit;
+# lifelong issue: EDITS=1,10,100,1000 on BLIP-2), and of one learned baseline's prepare, in seconds.
+BUDGET_MIN = {False: {"blip2": 45, "llava": 60, "minigpt4": 60}, True: {"blip2": 60}}
+PREPARE_BUDGET_S = 600
 EXTENSION = {"visedit_gated": "ours: VisEdit + scene gate + target role + scene router",
              "lookup": "control, not an editor", "none": "unedited model"}
 
@@ -40,7 +44,7 @@ def check_method(data: Any, where: str) -> dict:
     require(data, "protocol", str, where)
     require(data, "t_loc_by_construction", bool, where, default=False)
     require(data, "latency_protocol", str, where, default=None)
-    for key in ("loc_same_image", "prepare_s", "edit_ms", "inference_overhead", "peak_mem_mb"):
+    for key in ("loc_same_image", "prepare_s", "edit_ms", "inference_overhead", "peak_mem_mb", "wall_s"):
         _score(data, key, where)
     targets = require(data, "targets", (dict, type(None)), where, default=None) or {}
     novel = require(targets, "novel", (dict, type(None)), f"{where}, in 'targets'", default=None) or {}
@@ -109,6 +113,7 @@ def compare_markdown(results: dict) -> str:
     if None in protocols:
         lines.append("† overhead by the first protocol: the median of 5 forwards against the unedited one "
                      "before the edit.")
+    lines += _wall_time(results, lifelong=False)
     lines.append("")
     shortened = [f"{n}: {m['prepare']['shortened']}" for n, m in methods.items()
                  if isinstance(m.get("prepare"), dict) and m["prepare"].get("shortened")]
@@ -157,6 +162,7 @@ def check_sequential(data: Any, where: str) -> dict:
     require(data, "t_loc_by_construction", bool, where, default=False)
     require(data, "latency_protocol", str, where, default=None)
     _score(data, "prepare_s", where)
+    _score(data, "wall_s", where)
     return data
 
 
@@ -174,6 +180,33 @@ def _scene_sharing(images: dict) -> str:
     return (f"; by scene (the (shape, colour) objects an image rephrase keeps): {images['distinct_scenes']} distinct, "
             f"{images['edits_sharing_a_scene']} edits share theirs with another, {images['m_loc_on_an_edit_scene']} "
             f"M-Loc images show an edit's scene; edits by object count {objects}")
+
+
+def _wall_time(results: dict, lifelong: bool) -> list[str]:
+    """The comparison's wall time against its budget (`BUDGET_MIN`): the methods' own processes summed,
+    from their ``wall_s``; a method that reused a fit in OUT/work counts its loading, not its training.
+    Learned baselines whose prepare ran past `PREPARE_BUDGET_S` are named."""
+    methods = results["methods"]
+    timed = {n: m["wall_s"] for n, m in methods.items() if m.get("wall_s") is not None}
+    budget = BUDGET_MIN[lifelong].get(results["backbone"])
+    lines = []
+    if timed:
+        untimed = sorted(set(methods) - set(timed))
+        text = (f"Wall time: {sum(timed.values()) / 60:.1f} min for {len(timed)} method"
+                f"{'s' if len(timed) > 1 else ''} (each method's process: loading, prepare or a reused fit, "
+                "evaluation)")
+        if budget is not None:
+            fresh = " (from fresh fits)" if lifelong else ""
+            text += f"; budget {budget} min on 2 CPU cores for every method{fresh}"
+        if untimed:
+            text += f"; not recorded for {', '.join(untimed)} (run before the wall time was kept)"
+        lines.append(text + ".")
+    over = [f"{n} {m['prepare_s'] / 60:.1f} min" for n, m in methods.items()
+            if n not in ("visedit", "visedit_gated") and (m.get("prepare_s") or 0) > PREPARE_BUDGET_S]
+    if over:
+        lines.append(f"Prepare over the {PREPARE_BUDGET_S // 60}-minute budget of a learned baseline: "
+                     + ", ".join(over) + ".")
+    return lines
 
 
 def _protocols(protocols: set) -> str:
@@ -230,6 +263,7 @@ def lifelong_markdown(results: dict) -> str:
         lines.append("† latency by the first protocol: the median of 11 forwards of one edit prompt, encoding "
                      "included — noisy (the unedited model read 0.75–1.56× itself); `visedit compare --edits … "
                      "--latency-only` measures it again.")
+    lines += _wall_time(results, lifelong=True)
     lines.append("")
     return "\n".join(lines)
 

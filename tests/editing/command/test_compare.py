@@ -50,10 +50,13 @@ def test_methods_run_apart_and_a_second_run_resumes(world, tiny_dirs, tmp_path):
                                                abs=0.01)
         assert method["peak_mem_mb"] > 0 and method["prepare_s"] >= 0 and method["inference_overhead"] > 0
         assert method["latency_protocol"].startswith("forward only")
+        assert method["wall_s"] > 0 and method["wall_s"] >= method["prepare_s"]
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["roles"]["test"]["file"].endswith("vqa_eval.json") and set(saved["methods"]) == {"none", "lookup"}
     report = (tmp_path / "results.md").read_text()
     assert "**100.0**" in report and "†" not in report and (tmp_path / "metrics.png").is_file()
+    wall = (none["wall_s"] + lookup["wall_s"]) / 60
+    assert f"Wall time: {wall:.1f} min for 2 methods" in report and "not recorded" not in report
     del saved["methods"]["none"]["latency_protocol"]  # as written by the first, median-of-5 protocol
     assert f"{none['inference_overhead']}† |" in compare_markdown(saved)
     del saved["methods"]["lookup"]["latency_protocol"]
@@ -182,6 +185,7 @@ def test_latency_only_measures_the_latency_again_and_keeps_the_scores(world, tin
     assert "9.0† |" in lifelong_markdown(run_compare(options))  # read back, nothing run
     again = run_compare(replace(options, latency_only=True))
     measured = json.loads(path.read_text())
+    assert measured["wall_s"] == first["wall_s"] > 0  # the scoring run's, not the re-measurement's
     assert measured["latency_protocol"].startswith("forward only") and "†" not in (tmp_path / "results.md").read_text()
     for n, scores in measured["sequential"].items():
         assert scores["latency_ratio"] != 9.0 and set(scores["latency_s"]) == {"unedited_before_s", "edited_s",
