@@ -5,9 +5,9 @@ then every one of them scored with all N live) `VisEditEditor.edit` adds each ed
 `EditBank` instead, and the adapter hook routes every input row to one stored edit:
 
 - with a scene router (``visedit_gated``; `editing.adapter.router`), to the edit whose image embedding is
-  closest to the input's (one [B, N] matrix product) when that cosine reaches the router's threshold, to
-  none otherwise; the routed edit is then weighted by the scene gate σ(α·(s − β)) as in the single-edit
-  adapter;
+  closest to the input's (one [B, N] matrix product) when that cosine reaches the router's threshold for a
+  bank of N edits (chosen on dev per bank size), to none otherwise; the routed edit is then weighted by
+  the scene gate σ(α·(s − β)) as in the single-edit adapter;
 - with a scene gate and no router, to the edit whose image is most like the input's image by the gate's
   own similarity (the input's visual-token set against each stored edit image's, every pair at once: one
   batched cosine over [B, N, P, P']), weighted by the gate (this similarity parts an edit image from one
@@ -123,7 +123,7 @@ class EditBank:
         cosines = self.router.scores(visual, self.embeddings())
         n = cosines.shape[1]
         best = n - 1 - cosines.flip(1).argmax(1)  # the last of equal maxima: the latest edit
-        keep = cosines.gather(1, best[:, None])[:, 0] >= self.router.threshold
+        keep = cosines.gather(1, best[:, None])[:, 0] >= self.router.threshold_for(n)
         weight = torch.ones(len(best), device=visual.device)
         if self.adapter.scene is not None:  # the routed edit's gate, as the adapter will compute it
             stored = self.stacked()

@@ -13,8 +13,12 @@ The router learns a representation in which they part: a set encoder over the ed
 over tokens, a linear map, unit length), trained contrastively on the training records only — each edit
 image and its image rephrase a positive pair, every other image of the batch a negative (InfoNCE both ways,
 temperature τ), pairs of records in one ``group`` (the same scene, or the same image file) never negatives.
-An input goes to the stored edit with the highest cosine when that cosine reaches ``threshold``, to none
-otherwise; the threshold is chosen on dev records with all of them live at once (`choose_threshold`).
+An input goes to the stored edit with the highest cosine when that cosine reaches the threshold of the
+bank's size, to none otherwise. The thresholds are chosen on dev records (`choose_threshold`), one per bank
+size 1, 10, 100, … and the largest bank dev can build (the dev edits plus the training images): a larger
+bank holds more images an unrelated input can come close to, so it needs a higher threshold, while a
+small bank can let through the image rephrases that the high one turns away. A bank of N edits takes the
+threshold of the smallest calibrated size ≥ N (the largest when N exceeds them all).
 """
 from __future__ import annotations
 
@@ -43,17 +47,34 @@ class RouterConfig:
 
 
 class SceneRouter(nn.Module):
-    """``forward(visual [B, P, d]) → [B, dim]`` unit scene embeddings; ``threshold`` the cosine an input
-    needs to its closest stored edit image to be routed there."""
+    """``forward(visual [B, P, d]) → [B, dim]`` unit scene embeddings; ``thresholds[k]`` the cosine an
+    input needs to its closest stored edit image to be routed there when the bank holds up to
+    ``bank_sizes[k]`` edits (`threshold_for`)."""
 
-    def __init__(self, width: int, n_tokens: int, config: RouterConfig = RouterConfig()):
+    def __init__(self, width: int, n_tokens: int, config: RouterConfig = RouterConfig(), n_sizes: int = 1):
         super().__init__()
         self.config = config
         self.token = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, config.hidden), nn.GELU(),
                                    nn.Linear(config.hidden, config.hidden))
         self.out = nn.Sequential(nn.GELU(), nn.Linear(config.hidden, config.dim))
         self.register_buffer("reference", torch.zeros(n_tokens, width))
-        self.register_buffer("threshold", torch.tensor(1.0))
+        self.register_buffer("bank_sizes", torch.ones(n_sizes, dtype=torch.long))
+        self.register_buffer("thresholds", torch.ones(n_sizes))
+
+    def set_thresholds(self, sizes: Sequence[int], thresholds: Sequence[float]) -> None:
+        """Replace the thresholds: ``thresholds[k]`` for a bank of up to ``sizes[k]`` edits (ascending)."""
+        if len(sizes) != len(thresholds) or not sizes or list(sizes) != sorted(set(sizes)) or sizes[0] < 1:
+            raise ValueError(f"scene router: bank sizes {list(sizes)} must be ascending, distinct, ≥ 1 and "
+                             f"match the {len(thresholds)} thresholds")
+        device = self.reference.device
+        self.bank_sizes = torch.tensor(list(sizes), dtype=torch.long, device=device)
+        self.thresholds = torch.tensor(list(thresholds), dtype=self.thresholds.dtype, device=device)
+
+    def threshold_for(self, n: int) -> torch.Tensor:
+        """The threshold of a bank of ``n`` edits: the smallest calibrated size ≥ n, else the largest."""
+        k = min(int(torch.searchsorted(self.bank_sizes, torch.tensor(n, device=self.bank_sizes.device))),
+                len(self.bank_sizes) - 1)
+        return self.thresholds[k]
 
     def forward(self, visual: torch.Tensor) -> torch.Tensor:
         if visual.shape[1:] != self.reference.shape:
@@ -120,17 +141,39 @@ def contrastive_loss(a: torch.Tensor, b: torch.Tensor, group: torch.Tensor, temp
     return 0.5 * (nn.functional.cross_entropy(logits, target) + nn.functional.cross_entropy(logits.T, target))
 
 
+def calibration_sizes(largest: int) -> list[int]:
+    """The bank sizes dev calibrates a threshold for: 1, 10, 100, … below ``largest``, then ``largest``."""
+    sizes, k = [], 1
+    while k < largest:
+        sizes.append(k)
+        k *= 10
+    return [*sizes, largest]
+
+
+def _drawn_max(cos: torch.Tensor, excluded: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """[r] per row of ``cos`` [r, B], the largest cosine among ``k`` entries drawn at random from those not
+    ``excluded`` (all of them when fewer are left); -inf when none is drawn."""
+    keys = torch.rand(cos.shape, generator=generator)
+    keys[excluded] = 2.0  # drawn last, and masked below
+    rank = keys.argsort(1).argsort(1)
+    drawn = (rank < k) & ~excluded
+    return cos.masked_fill(~drawn, float("-inf")).amax(1)
+
+
 @torch.no_grad()
 def choose_threshold(router: SceneRouter, edit: torch.Tensor, rephrase: torch.Tensor, unrelated: torch.Tensor,
                      groups: tuple[Sequence, Sequence], stored: torch.Tensor | None = None,
                      stored_groups: Sequence = ()) -> dict:
-    """Set ``router.threshold`` from dev records: the cosine that maximises the share of image rephrases
-    routed to their own edit plus the share of unrelated (M-Loc) images routed to none, with every dev edit
-    live and, as further stored edits, ``stored`` (e.g. the training images: a bank as large as the ones
-    the router will face). ``edit`` / ``rephrase`` / ``unrelated`` [n, P, d] visual states; ``groups``:
-    (each dev edit's, each unrelated image's) group — a stored image of a row's own group is not a
-    competitor (it shows the same image); ``stored`` [m, P, d] with ``stored_groups``. Returns the dev
-    measurements."""
+    """Set the router's thresholds from dev records, one per bank size of `calibration_sizes` up to every
+    dev edit live plus, as further stored edits, ``stored`` (e.g. the training images: a bank as large as
+    the ones the router will face). For each size N, each image rephrase faces its own edit and N − 1
+    stored edits drawn at random (seeded), each unrelated (M-Loc) image the edit of its dev record (row i
+    of ``unrelated`` belongs to edit i mod n) and N − 1 drawn ones; the threshold is the cosine that
+    maximises the share of rephrases routed to their own edit plus the share of unrelated images routed to
+    none. ``edit`` / ``rephrase`` / ``unrelated`` [n, P, d] visual states; ``groups``: (each dev edit's,
+    each unrelated image's) group — a stored image of a row's own group is not a competitor (it shows the
+    same image); ``stored`` [m, P, d] with ``stored_groups``. Returns the dev measurements: those of the
+    largest bank at the top level, every size's under ``by_bank_size``."""
     edit_groups, unrelated_groups = list(groups[0]), list(groups[1])
     ids = {g: i for i, g in enumerate(dict.fromkeys([*edit_groups, *unrelated_groups, *stored_groups]))}
     edit_ids = torch.tensor([ids[g] for g in edit_groups])
@@ -143,21 +186,31 @@ def choose_threshold(router: SceneRouter, edit: torch.Tensor, rephrase: torch.Te
     own = torch.arange(len(edit))
     to_rephrase = router(rephrase) @ bank.T  # [n, n + m]
     own_cos = to_rephrase[own, own].clone()
-    to_rephrase[edit_ids[:, None] == bank_ids[None]] = float("-inf")  # own group, own edit included
-    own_best = own_cos > to_rephrase.amax(1)
+    rephrase_excluded = edit_ids[:, None] == bank_ids[None]  # own group, own edit included
     to_unrelated = router(unrelated) @ bank.T
-    to_unrelated[unrelated_ids[:, None] == bank_ids[None]] = float("-inf")
-    to_unrelated = to_unrelated.amax(1)
-    candidates = torch.cat([own_cos, to_unrelated[torch.isfinite(to_unrelated)]]).unique()
-    routed = (own_best[None] & (own_cos[None] >= candidates[:, None])).float().mean(1)
-    clean = (to_unrelated[None] < candidates[:, None]).float().mean(1)
-    best = int((routed + clean).argmax())
-    router.threshold.fill_(float(candidates[best]))
-    return {"threshold": round(float(candidates[best]), 4), "dev_edits": len(edit),
-            "stored_besides": len(bank) - len(edit),
-            "dev_rephrase_routed_to_own": round(100 * float(routed[best]), 1),
-            "dev_unrelated_routed_to_none": round(100 * float(clean[best]), 1),
-            "dev_rephrase_closest_is_own": round(100 * float(own_best.float().mean()), 1)}
+    paired = torch.arange(len(unrelated)) % len(edit)  # the dev edit each unrelated image comes with
+    paired_cos = to_unrelated[torch.arange(len(unrelated)), paired]
+    paired_cos = paired_cos.masked_fill(unrelated_ids == edit_ids[paired], float("-inf"))
+    unrelated_excluded = unrelated_ids[:, None] == bank_ids[None]
+    unrelated_excluded[torch.arange(len(unrelated)), paired] = True  # it is in the bank already
+    generator = torch.Generator().manual_seed(router.config.seed)
+    by_size, exact = [], []
+    for size in calibration_sizes(len(bank)):
+        own_best = own_cos > _drawn_max(to_rephrase, rephrase_excluded, size - 1, generator)
+        closest = torch.maximum(paired_cos, _drawn_max(to_unrelated, unrelated_excluded, size - 1, generator))
+        candidates = torch.cat([own_cos, closest[torch.isfinite(closest)]]).unique()
+        routed = (own_best[None] & (own_cos[None] >= candidates[:, None])).float().mean(1)
+        clean = (closest[None] < candidates[:, None]).float().mean(1)
+        best = int((routed + clean).argmax())
+        exact.append(float(candidates[best]))
+        by_size.append({"bank_size": size, "threshold": round(float(candidates[best]), 4),
+                        "dev_rephrase_routed_to_own": round(100 * float(routed[best]), 1),
+                        "dev_unrelated_routed_to_none": round(100 * float(clean[best]), 1),
+                        "dev_rephrase_closest_is_own": round(100 * float(own_best.float().mean()), 1)})
+    router.set_thresholds([row["bank_size"] for row in by_size], exact)
+    largest = by_size[-1]
+    return {"threshold": largest["threshold"], "dev_edits": len(edit), "stored_besides": len(bank) - len(edit),
+            **{k: v for k, v in largest.items() if k.startswith("dev_")}, "by_bank_size": by_size}
 
 
 def image_groups(records: Sequence, field: str = "image") -> list:

@@ -9,7 +9,8 @@ edit can never change a text-only input: T-Loc is 100 by construction (``text_ed
 
 ``visedit_gated`` with ``router: true`` (its config) also fits the scene router (`editing.adapter.router`)
 that sends each input to one of many live edits: on the training records' images and image rephrases,
-its threshold chosen on the dev records with the training images as further stored edits; saved to
+its thresholds, one per bank size, chosen on the dev records with the training images as further stored
+edits; saved to
 ``<work>/router.safetensors`` and reused while its key (config, edit layer, training file and count) holds.
 """
 from __future__ import annotations
@@ -117,10 +118,13 @@ class VisEditMethod(VisEditEditor):
         if metadata.get("key") != key:
             return None  # fitted under another config or data: fit again
         report = parse_json(metadata.get("report"), f"{path}: metadata 'report'")
-        if not isinstance(report, dict) or "reference" not in tensors:
+        if not isinstance(report, dict) or "reference" not in tensors or "thresholds" not in tensors:
+            if "threshold" in tensors and "reference" in tensors:
+                return None  # a router of one threshold for every bank size: fit again
             raise ArtifactError(f"{path}: not a scene router file (no report or reference); delete it to fit again")
         width, n_tokens = tensors["reference"].shape[1], tensors["reference"].shape[0]
-        router = SceneRouter(n_tokens=n_tokens, width=width, config=self.router_config)
+        router = SceneRouter(n_tokens=n_tokens, width=width, config=self.router_config,
+                             n_sizes=len(tensors.get("bank_sizes", ())))
         router.load_state_dict(tensors)
         router.eval()
         return router, report

@@ -13,6 +13,8 @@ from attrib.data import load_records
 from editing.adapter.router import (
     RouterConfig,
     SceneRouter,
+    _drawn_max,
+    calibration_sizes,
     choose_threshold,
     contrastive_loss,
     fit_router,
@@ -68,13 +70,45 @@ def test_a_fitted_router_sends_each_rerendering_to_its_own_scene_and_others_to_n
                               (list(range(300, 350)), list(range(350, 400))), stored=first[:300],
                               stored_groups=list(range(300)))
     assert report["dev_rephrase_closest_is_own"] >= 90 and report["dev_unrelated_routed_to_none"] >= 90
-    assert router.threshold.item() == pytest.approx(report["threshold"], abs=1e-4)
+    assert router.threshold_for(10_000).item() == pytest.approx(report["threshold"], abs=1e-4)
+    sizes = [row["bank_size"] for row in report["by_bank_size"]]
+    assert sizes == [1, 10, 100, 350] and router.bank_sizes.tolist() == sizes
+    thresholds = [row["threshold"] for row in report["by_bank_size"]]
+    assert [router.threshold_for(n).item() for n in (1, 2, 10, 11, 100, 101, 350)] == pytest.approx(
+        [thresholds[0], thresholds[1], thresholds[1], thresholds[2], thresholds[2], thresholds[3], thresholds[3]],
+        abs=1e-4)
+    assert thresholds[0] <= thresholds[-1]  # one stored image is less to come close to than 350
+    alone = report["by_bank_size"][0]
+    assert alone["dev_rephrase_routed_to_own"] >= report["dev_rephrase_routed_to_own"]
+    assert alone["dev_rephrase_closest_is_own"] == 100.0  # nothing else stored: its own edit is closest
     scores = router.scores(second[300:350], router(first[300:350]))
     assert (scores.argmax(1) == torch.arange(50)).float().mean() >= 0.9
     again = SceneRouter(12, 6, SMALL_ROUTER)
     fit_router(again, first[:300], second[:300], list(range(300)))
     fitted, refitted = router.state_dict(), again.state_dict()
-    assert all(torch.equal(fitted[k], refitted[k]) for k in fitted if k != "threshold")  # one seed, one router
+    assert all(torch.equal(fitted[k], refitted[k]) for k in fitted if k not in ("thresholds", "bank_sizes"))
+
+
+def test_drawn_max_equals_the_max_over_the_k_entries_drawn_first_per_row():
+    cos = torch.randn(5, 9, generator=torch.Generator().manual_seed(3))
+    excluded = torch.zeros(5, 9, dtype=torch.bool)
+    excluded[0, :8] = True  # one entry left: k larger than what is left takes it
+    excluded[1] = True  # nothing left: -inf
+    excluded[2, [1, 4]] = True
+    for k in (0, 1, 3, 20):
+        keys = torch.rand(cos.shape, generator=torch.Generator().manual_seed(7))
+        expected = []
+        for row in range(5):
+            allowed = [j for j in range(9) if not excluded[row, j]]
+            drawn = sorted(allowed, key=lambda j: keys[row, j].item())[:k]
+            expected.append(max((cos[row, j].item() for j in drawn), default=float("-inf")))
+        got = _drawn_max(cos, excluded, k, torch.Generator().manual_seed(7))
+        assert got.tolist() == pytest.approx(expected)
+
+
+def test_calibration_sizes_are_powers_of_ten_then_the_largest_bank():
+    assert calibration_sizes(1) == [1] and calibration_sizes(10) == [1, 10]
+    assert calibration_sizes(3100) == [1, 10, 100, 1000, 3100]
 
 
 def test_choose_threshold_ignores_stored_images_of_a_rows_own_group():
@@ -95,7 +129,7 @@ class _LookupRouter(SceneRouter):
     def __init__(self, known: torch.Tensor, threshold: float = 0.5):
         super().__init__(known.shape[-1], known.shape[1], RouterConfig(hidden=4, dim=len(known)))
         self.known = known
-        self.threshold.fill_(threshold)
+        self.set_thresholds([1], [threshold])
 
     def forward(self, visual):
         match = (visual[:, None].to(self.known.dtype) - self.known[None]).abs().flatten(2).amax(2) < 1e-4

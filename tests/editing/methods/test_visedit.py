@@ -33,7 +33,8 @@ def test_the_router_is_fitted_saved_and_reused(tiny_backbone, world, tmp_path):
         report = editor.prepare(train, dev)["router"]
         assert not report["loaded"] and report["dev_edits"] == 6 and report["stored_besides"] == 12
         assert editor.hook.bank.router is not None
-        assert editor.hook.bank.router.threshold.item() == pytest.approx(report["threshold"], abs=1e-4)
+        assert editor.hook.bank.router.threshold_for(10_000).item() == pytest.approx(report["threshold"], abs=1e-4)
+        assert [row["bank_size"] for row in report["by_bank_size"]] == [1, 10, 18]
         assert (tmp_path / "router.safetensors").is_file()
     finally:
         editor.close()
@@ -42,7 +43,8 @@ def test_the_router_is_fitted_saved_and_reused(tiny_backbone, world, tmp_path):
         reloaded = again.prepare(train, dev)["router"]
         assert reloaded["loaded"] and reloaded["threshold"] == report["threshold"]
         fitted = again.hook.bank.router.state_dict()
-        assert fitted["threshold"].item() == pytest.approx(report["threshold"], abs=1e-4)
+        assert fitted["thresholds"].tolist() == pytest.approx([r["threshold"] for r in report["by_bank_size"]],
+                                                             abs=1e-4)
     finally:
         again.close()
     other = _method("visedit_gated", tiny_backbone, tmp_path)
