@@ -96,8 +96,8 @@ def test_editing(tmp_path, monkeypatch):
 
 
 def test_compare(tmp_path, monkeypatch):
-    notebook = run("04_compare", "minigpt4", tmp_path, monkeypatch)  # no comparison of it: BLIP-2's committed one
-    assert "figures/blip2/compare/results.json: blip2, task vqa, 300 test edits" in printed(notebook)
+    notebook = run("04_compare", "minigpt4", tmp_path, monkeypatch)  # its committed comparison
+    assert "figures/minigpt4/compare/results.json: minigpt4, task vqa, 300 test edits" in printed(notebook)
     table = "".join(o["data"].get("text/markdown", "") for o in outputs(notebook) if "data" in o)
     assert "| method | Rel | T-Gen |" in table
     for method in ("none", "visedit", "visedit_gated", "serac", "lookup"):
