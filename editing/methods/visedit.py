@@ -10,8 +10,8 @@ edit can never change a text-only input: T-Loc is 100 by construction (``text_ed
 ``visedit_gated`` with ``router: true`` (its config) also fits the scene router (`editing.adapter.router`)
 that sends each input to one of many live edits: on the training records' images and image rephrases,
 its thresholds, one per bank size, chosen on the dev records with the training images as further stored
-edits; saved to
-``<work>/router.safetensors`` and reused while its key (config, edit layer, training file and count) holds.
+edits; saved to ``<work>/router.safetensors`` and reused while its key (config, edit layer, training file
+and count) holds.
 """
 from __future__ import annotations
 
@@ -118,13 +118,14 @@ class VisEditMethod(VisEditEditor):
         if metadata.get("key") != key:
             return None  # fitted under another config or data: fit again
         report = parse_json(metadata.get("report"), f"{path}: metadata 'report'")
-        if not isinstance(report, dict) or "reference" not in tensors or "thresholds" not in tensors:
-            if "threshold" in tensors and "reference" in tensors:
-                return None  # a router of one threshold for every bank size: fit again
-            raise ArtifactError(f"{path}: not a scene router file (no report or reference); delete it to fit again")
+        if "threshold" in tensors and "thresholds" not in tensors:
+            return None  # a router of one threshold for every bank size: fit again
+        if not isinstance(report, dict) or not {"reference", "thresholds", "bank_sizes"} <= set(tensors):
+            raise ArtifactError(f"{path}: not a scene router file (no report, reference, thresholds or bank "
+                                "sizes); delete it to fit again")
         width, n_tokens = tensors["reference"].shape[1], tensors["reference"].shape[0]
         router = SceneRouter(n_tokens=n_tokens, width=width, config=self.router_config,
-                             n_sizes=len(tensors.get("bank_sizes", ())))
+                             n_sizes=len(tensors["bank_sizes"]))
         router.load_state_dict(tensors)
         router.eval()
         return router, report
