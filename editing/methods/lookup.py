@@ -35,7 +35,11 @@ FORCED_LOGIT = 1e4  # added to a forced token's logit: far above any real logit 
 
 class LookupBackbone(Backbone):
     """The backbone with a lookup table in front: `encode` notes each row's target length, `forward`
-    overwrites the answer logits of rows whose image matches the stored edit image."""
+    overwrites the answer logits of rows whose image matches the stored edit image.
+
+    The note is kept with the ``input_ids`` tensor it belongs to and `forward` uses it only for that very
+    tensor (identity, not storage address: a freed batch's memory is handed to the next one, and a batch
+    encoded without targets must not read another batch's lengths)."""
 
     def bind(self, table: "Lookup") -> "LookupBackbone":
         self.table, self.notes = table, {}
@@ -45,7 +49,7 @@ class LookupBackbone(Backbone):
         inputs = super().encode(images, prompts, targets)
         if targets is not None:
             lengths = [len(target_token_ids(self, p, t, images is not None)) for p, t in zip(prompts, targets)]
-            self.notes = {"ids": inputs["input_ids"].data_ptr(), "lengths": lengths}
+            self.notes = {"ids": inputs["input_ids"], "lengths": lengths}
         return inputs
 
     def forward(self, inputs, **kwargs):
@@ -55,7 +59,7 @@ class LookupBackbone(Backbone):
             return out
         matched = table.matches(inputs)  # [B] entry or -1
         length = inputs["input_ids"].shape[1]
-        noted = self.notes.get("ids") == inputs["input_ids"].data_ptr()
+        noted = self.notes.get("ids") is inputs["input_ids"]
         for row in (matched >= 0).nonzero().flatten().tolist():
             answer = self.notes["lengths"][row] if noted else 0
             start = length - answer - 1  # the position that predicts the first answer token

@@ -41,3 +41,21 @@ def test_an_unrelated_image_is_left_alone(tiny_backbone, records):
     before = view.forward(view.encode([image], ["what?"], ["red"])).logits
     lookup.edit(EditRequest.from_record(records[0]))
     assert torch.equal(view.forward(view.encode([image], ["what?"], ["red"])).logits, before)
+
+
+
+def test_a_batch_at_a_noted_batchs_address_reads_no_lengths(tiny_backbone, records):
+    """A note belongs to one encoded tensor. A later batch that sits at the same storage address (the
+    allocator hands a freed batch's memory to the next) and holds another number of rows must not read it;
+    `expand` puts a two-row batch at the noted one-row batch's address."""
+    lookup = build_method("lookup", MethodContext(tiny_backbone))
+    lookup.prepare(records, records)
+    view = lookup.backbone
+    image, prompt = records[0].load_image("image"), EditRequest.from_record(records[0]).prompt
+    lookup.edit(EditRequest(image, prompt, "turquoise"))
+    two = view.encode([image, image], [prompt, prompt], ["turquoise", "turquoise"])
+    one = view.encode([image], [prompt], ["turquoise"])  # the note now belongs to this batch
+    two["input_ids"] = one["input_ids"].expand(2, -1)
+    assert two["input_ids"].data_ptr() == one["input_ids"].data_ptr()
+    logits = view.forward(two).logits  # not noted: one forced token, at the last position
+    assert (logits[:, -1].argmax(-1) == lookup.stored[0]["ids"][0]).all()
