@@ -43,7 +43,6 @@ def test_an_unrelated_image_is_left_alone(tiny_backbone, records):
     assert torch.equal(view.forward(view.encode([image], ["what?"], ["red"])).logits, before)
 
 
-
 def test_a_batch_at_a_noted_batchs_address_reads_no_lengths(tiny_backbone, records):
     """A note belongs to one encoded tensor. A later batch that sits at the same storage address (the
     allocator hands a freed batch's memory to the next) and holds another number of rows must not read it;
