@@ -5,6 +5,7 @@
     visedit validate --backbone llava --n 96         # region maps against the world's truth boxes
     visedit edit --backbone blip2                    # train and evaluate VisEdit (VEAD + IM)
     visedit compare --backbone blip2 --test-seed 2   # every editing method, reported on a fresh test split
+    visedit caption-tokens --backbone blip2          # E-IC: which caption tokens each editor misses
     visedit scenes --backbone blip2                  # what the scene gate can tell apart, untrained
     visedit bench                                    # speed ratios against their goals
     visedit smoke-full --backbone llava              # the real sizes on random weights, on a CPU
@@ -44,6 +45,8 @@ COMMANDS: dict[str, Command] = {
     "edit": Command("train and evaluate VisEdit (VEAD + IM) on one backbone", editing.edit_arguments, editing.edit),
     "compare": Command("every editing method on one backbone: train on train, choose on dev, report on test",
                        editing.compare_arguments, editing.compare),
+    "caption-tokens": Command("which target-caption tokens each editor misses on E-IC: the edited word or the rest",
+                              editing.caption_tokens_arguments, editing.caption_tokens),
     "scenes": Command("how well scene similarity separates image_rephrase from m_loc images, untrained",
                       editing.scenes_arguments, editing.scenes),
     "bench": Command("speed ratios measured in one run, against their goals", bench.bench_arguments, bench.bench),

@@ -1,4 +1,4 @@
-"""The editing side of the ``visedit`` command line: ``edit`` and ``scenes``.
+"""The editing side of the ``visedit`` command line: ``edit``, ``scenes``, ``compare``, ``caption-tokens``.
 
 As in `attrib.commands`: ``<name>_arguments(parser)`` declares a command's options, ``<name>(args)`` runs
 it; `visedit.cli` puts them together and prints raised errors as one line.
@@ -175,4 +175,39 @@ def compare(args: argparse.Namespace) -> int:
         print(f"{name:>14}: " + " ".join(f"{k} {method[k]}" for k in ("rel", "t_gen", "m_gen", "t_loc", "m_loc", "mean",
                                                                      "loc_same_image")))
     print(f"results in {options.output()}")
+    return 0
+
+
+def caption_tokens_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--methods", default="visedit_gated,visedit",
+                   help="comma-separated methods: " + ", ".join(_method_names()))
+    p.add_argument("--test-seed", type=int, default=CompareOptions.test_seed,
+                   help="world seed of the test split (not 1, the development world's)")
+    p.add_argument("--train", type=Path, default=None, help="MMEdit caption training JSON (real data)")
+    p.add_argument("--eval", type=Path, default=None, help="MMEdit caption test JSON (real data)")
+    p.add_argument("--images", type=Path, default=None, help="image root (default: each file's folder)")
+    p.add_argument("--n-test", type=int, default=CompareOptions.n_test, help="test edits (the first N)")
+    p.add_argument("--dev-n", type=int, default=CompareOptions.dev_n,
+                   help="real data: records of --train set aside as dev (drawn with --seed)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every method and of the dev draw")
+    p.add_argument("--out", type=Path, default=None,
+                   help="the comparison's folder, whose fits are reused (default: runs/compare/<backbone>-caption)")
+
+
+def caption_tokens(args: argparse.Namespace) -> int:
+    """Which target-caption tokens each editor misses: the edited word or the rest (E-IC)."""
+    from editing.command.caption_tokens import RESULT, run_caption_tokens
+
+    options = CompareOptions(backbone=args.backbone, model=args.model, device=args.device, dtype=args.dtype,
+                             task="caption", methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+                             test_seed=args.test_seed, train=args.train, eval=args.eval, images=args.images,
+                             n_test=args.n_test, dev_n=args.dev_n, seed=args.seed, out=args.out,
+                             progress=not args.no_progress)
+    results = run_caption_tokens(options)
+    for name, counts in results["methods"].items():
+        print(f"{name:>14}: exact {counts['exact']} (ceiling {counts['exact_ceiling_edited_word_only']}), edited "
+              f"word right {counts['edited_right']}, rest right {counts['rest_right']} (unedited "
+              f"{counts['rest_right_unedited']})")
+    print(f"results in {options.output() / RESULT}")
     return 0

@@ -16,7 +16,8 @@ def test_help_lists_every_subcommand(capsys):
         main(["--help"])
     assert done.value.code == 0
     out = capsys.readouterr().out
-    for name in ("world", "heatmaps", "validate", "edit", "scenes", "bench", "train-defaults", "convert-minigpt4"):
+    for name in ("world", "heatmaps", "validate", "edit", "compare", "caption-tokens", "scenes", "bench",
+                 "train-defaults", "convert-minigpt4"):
         assert name in out and name in COMMANDS
 
 
@@ -59,8 +60,8 @@ time.sleep(120)
 def test_a_second_run_on_the_same_output_is_refused_in_one_line(tmp_path, capsys):
     """Another process writes into each command's output (its lock held): the command refuses at once,
     printing one line that names the folder and that process, and exits 2."""
-    out = {name: tmp_path / name for name in ("heatmaps", "validate", "edit", "compare", "bench", "smoke", "work",
-                                              "world", "scenes.json")}
+    out = {name: tmp_path / name for name in ("heatmaps", "validate", "edit", "compare", "captions", "bench", "smoke",
+                                              "work", "world", "scenes.json")}
     beside = ("world", "scenes.json")  # built elsewhere and renamed into place / a single file
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, *[("^" if name in beside else "") + str(path)
                                                                for name, path in out.items()]],
@@ -70,7 +71,8 @@ def test_a_second_run_on_the_same_output_is_refused_in_one_line(tmp_path, capsys
         data = ["--data", str(tmp_path / "never-read.json")]
         files = ["--train", str(tmp_path / "t.json"), "--eval", str(tmp_path / "e.json")]
         runs = {"heatmaps": ["heatmaps", *data], "validate": ["validate", *data], "edit": ["edit", *files],
-                "compare": ["compare", "--methods", "none", *files], "bench": ["bench", "--quick"],
+                "compare": ["compare", "--methods", "none", *files],
+                "captions": ["caption-tokens", "--methods", "none", *files], "bench": ["bench", "--quick"],
                 "smoke": ["smoke-full"], "work": ["train-defaults", "--out", str(tmp_path / "models")],
                 "world": ["world", "--seed", "0"], "scenes.json": ["scenes", *data]}
         for name, argv in runs.items():
