@@ -49,6 +49,7 @@ class EditBank:
     def __init__(self, adapter: EditAdapter, floor: float = ROUTE_FLOOR, router: SceneRouter | None = None):
         self.adapter, self.floor, self.router = adapter, floor, router
         self.signals: list[EditSignal] = []
+        self.last_scores: torch.Tensor | None = None  # [B, N] what the latest `route` ranked the edits by
         self._stacked: EditSignal | None = None
         self._edit_side: tuple[torch.Tensor, torch.Tensor] | None = None
         self._embedded: tuple[SceneRouter, torch.Tensor] | None = None
@@ -66,7 +67,7 @@ class EditBank:
 
     def clear(self) -> None:
         self.signals.clear()
-        self._stacked = self._edit_side = self._embedded = None
+        self._stacked = self._edit_side = self._embedded = self.last_scores = None
 
     def stacked(self) -> EditSignal:
         """Every stored edit as one signal of N rows: states right-padded with zeros and masked (VEAD's
@@ -109,10 +110,12 @@ class EditBank:
         """visual [B, P, d] (the input rows' visual-token states at the edit layer) → (best [B] index of
         the stored edit each row goes to, weight [B] its routing weight in [0, 1], keep [B] whether the
         weight reaches ``floor`` and, with a router, its cosine the router's threshold). Ties go to the most
-        recent edit."""
+        recent edit. The [B, N] scores it ranked by (router cosines, scene logits or IM scores) are kept in
+        ``last_scores``."""
         if self.router is not None:
             return self._route_by_router(visual)
         scores = self.scene_logits(visual) if self.adapter.scene is not None else self.im_scores(visual)
+        self.last_scores = scores
         n = scores.shape[1]
         best = n - 1 - scores.flip(1).argmax(1)  # the last of equal maxima: the latest edit
         top = scores.gather(1, best[:, None])[:, 0]
@@ -121,6 +124,7 @@ class EditBank:
 
     def _route_by_router(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cosines = self.router.scores(visual, self.embeddings())
+        self.last_scores = cosines
         n = cosines.shape[1]
         best = n - 1 - cosines.flip(1).argmax(1)  # the last of equal maxima: the latest edit
         keep = cosines.gather(1, best[:, None])[:, 0] >= self.router.threshold_for(n)
