@@ -19,21 +19,22 @@ RESULT = "caption-tokens.json"
 
 def run_caption_tokens(options: CompareOptions) -> dict:
     """Count every method of ``options.methods`` (one at a time, each closed before the next) into
-    OUT/caption-tokens.json, keeping the methods a previous run of the same roles wrote there."""
+    OUT/caption-tokens.json, keeping the methods a previous run on the same roles and test edits wrote there."""
     from editing.evaluation.caption_tokens import caption_token_misses
 
     options = replace(options, task="caption", edits=())
     out = options.output()
     path = out / RESULT
     with OutputLock(out):
-        roles = data_roles(options).described
-        results = {"backbone": options.backbone, "task": "caption", "roles": roles, "methods": {}}
+        split = data_roles(options)
+        results = {"backbone": options.backbone, "task": "caption", "roles": split.described,
+                   "n_test": len(split.test), "methods": {}}
         if path.is_file():
             kept = read_json(path)
-            if kept.get("roles") == roles and kept.get("backbone") == options.backbone:
+            if all(kept.get(key) == results[key] for key in ("backbone", "roles", "n_test")):
                 results["methods"] = kept.get("methods", {})
         for name in options.method_names():
-            editor, _, split, _, _ = prepared_method(options, name)
+            editor = prepared_method(options, name)[0]
             try:
                 counts = caption_token_misses(editor, split.test, progress=options.progress)
             finally:

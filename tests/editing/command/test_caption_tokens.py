@@ -31,4 +31,6 @@ def test_counts_are_written_per_method_with_the_roles(world, tiny_dirs, tmp_path
                  "--dev-n", "2", "--out", str(tmp_path), "--no-progress"]) == 0
     saved = json.loads((tmp_path / RESULT).read_text())
     assert set(saved["methods"]) == {"none", "lookup"} and saved["methods"]["none"] == none
-    assert saved["methods"]["lookup"]["n_records"] == 2
+    assert saved["methods"]["lookup"]["n_records"] == 2 and saved["n_test"] == 2
+    fewer = run_caption_tokens(CompareOptions(**{**options.__dict__, "n_test": 1, "methods": ("none",)}))
+    assert set(fewer["methods"]) == {"none"} and fewer["methods"]["none"]["n_records"] == 1  # not mixed
