@@ -109,11 +109,8 @@ def scenes(args: argparse.Namespace) -> int:
     return 0
 
 
-def compare_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_arguments(p)
-    p.add_argument("--task", default="vqa", choices=TASKS, help="E-VQA (vqa) or E-IC (caption)")
-    p.add_argument("--methods", default="all",
-                   help="comma-separated methods (default: all): " + ", ".join(_method_names()))
+def _roles_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that pick the train / dev / test records (`editing.command.compare.data_roles`)."""
     p.add_argument("--test-seed", type=int, default=CompareOptions.test_seed,
                    help="world seed of the test split (not 1, the development world's)")
     p.add_argument("--train", type=Path, default=None, help="MMEdit training JSON (real data; dev is carved from it)")
@@ -123,6 +120,14 @@ def compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dev-n", type=int, default=CompareOptions.dev_n,
                    help="real data: records of --train set aside as dev (drawn with --seed)")
     p.add_argument("--seed", type=int, default=0, help="seed of every method and of the dev draw")
+
+
+def compare_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--task", default="vqa", choices=TASKS, help="E-VQA (vqa) or E-IC (caption)")
+    p.add_argument("--methods", default="all",
+                   help="comma-separated methods (default: all): " + ", ".join(_method_names()))
+    _roles_arguments(p)
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: runs/compare/<backbone>-<task>, with -lifelong for --edits)")
     p.add_argument("--edits", type=_counts, default=(),
@@ -182,15 +187,7 @@ def caption_tokens_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--methods", default="visedit_gated,visedit",
                    help="comma-separated methods: " + ", ".join(_method_names()))
-    p.add_argument("--test-seed", type=int, default=CompareOptions.test_seed,
-                   help="world seed of the test split (not 1, the development world's)")
-    p.add_argument("--train", type=Path, default=None, help="MMEdit caption training JSON (real data)")
-    p.add_argument("--eval", type=Path, default=None, help="MMEdit caption test JSON (real data)")
-    p.add_argument("--images", type=Path, default=None, help="image root (default: each file's folder)")
-    p.add_argument("--n-test", type=int, default=CompareOptions.n_test, help="test edits (the first N)")
-    p.add_argument("--dev-n", type=int, default=CompareOptions.dev_n,
-                   help="real data: records of --train set aside as dev (drawn with --seed)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every method and of the dev draw")
+    _roles_arguments(p)
     p.add_argument("--out", type=Path, default=None,
                    help="the comparison's folder, whose fits are reused (default: runs/compare/<backbone>-caption)")
 
