@@ -6,8 +6,8 @@ import torch
 
 from attrib.backbones.loader import load_backbone
 from attrib.data import load_records
-from editing.editor import Editor
 from editing.evaluation.caption_tokens import CaptionTokens, caption_token_misses, edited_span
+from tests.editing.conftest import FlagEditor, one_token_everywhere
 
 
 def ids(*values):
@@ -48,17 +48,8 @@ def llava(tiny_dirs):
 
 
 def test_an_edit_that_changes_nothing_keeps_the_unedited_misses(llava, tiny_world):
-    class Nothing(Editor):
-        backbone = llava
-
-        def edit(self, request):
-            pass
-
-        def restore(self):
-            pass
-
     records = load_records(tiny_world / "caption_eval.json")
-    out = caption_token_misses(Nothing(), records).to_json()
+    out = caption_token_misses(FlagEditor(llava), records).to_json()
     wrong = out["wrong_tokens"]
     assert out["n_records"] == len(records) and out["n_edited_tokens"] >= 1
     rest_wrong = wrong["rest_new_word"] + wrong["rest_other"]
@@ -67,27 +58,8 @@ def test_an_edit_that_changes_nothing_keeps_the_unedited_misses(llava, tiny_worl
 
 
 def test_an_edit_that_answers_one_token_everywhere_misses_the_rest(llava, tiny_world, monkeypatch):
-    forward = llava.forward
-    state = {"edited": False}
-
-    def edited_forward(inputs, **kwargs):
-        out = forward(inputs, **kwargs)
-        if state["edited"]:
-            out.logits[..., 7] += 1e4
-        return out
-
-    class Everything(Editor):
-        backbone = llava
-
-        def edit(self, request):
-            state["edited"] = True
-
-        def restore(self):
-            state["edited"] = False
-
-    monkeypatch.setattr(llava, "forward", edited_forward)
     records = load_records(tiny_world / "caption_eval.json")
-    counts = caption_token_misses(Everything(), records)
+    counts = caption_token_misses(one_token_everywhere(monkeypatch, llava, 7), records)
     wrong = counts.to_json()["wrong_tokens"]
     labels = llava.tokenizer(" " + records[0].alt, add_special_tokens=False).input_ids
     assert counts.exact == 0 and sum(wrong[k] for k in ("edited_kept_old", "edited_other", "rest_new_word",

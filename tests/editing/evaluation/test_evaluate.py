@@ -7,8 +7,8 @@ import pytest
 
 from attrib.backbones.loader import load_backbone
 from attrib.data import DataError, load_records
-from editing.editor import Editor
 from editing.evaluation.evaluate import RestoreError, evaluate_edits
+from tests.editing.conftest import FlagEditor, one_token_everywhere
 
 KEYS = {"task", "n_eval", "n_skipped", "protocol", "rel", "t_gen", "m_gen", "t_loc", "m_loc", "exact_match",
         "m_loc_same_object", "m_loc_other", "n_same_object", "n_other", "secondary", "edit_ms", "loc_same_image",
@@ -38,33 +38,11 @@ def test_runs_on_every_backbone_and_returns_all_metrics(tiny_backbone, tiny_worl
 
 def test_same_image_locality_sees_an_edit_that_rewrites_its_image(llava, tiny_world, monkeypatch):
     records = load_records(tiny_world / "vqa_eval.json")
-    forward = llava.forward
-    state = {"edited": False}
-
-    def edited_forward(inputs, **kwargs):
-        out = forward(inputs, **kwargs)
-        if state["edited"] and inputs.get("pixel_values") is not None:
-            out.logits[..., 7] += 1e4  # every image row now answers token 7
-        return out
-
-    class Everything(Editor):
-        backbone = llava
-
-        def edit(self, request):
-            state["edited"] = True
-
-        def restore(self):
-            state["edited"] = False
-
-    monkeypatch.setattr(llava, "forward", edited_forward)
-    rewrite = evaluate_edits(Everything(), records).to_json()
+    everything = one_token_everywhere(monkeypatch, llava, 7)  # every image row now answers token 7
+    rewrite = evaluate_edits(everything, records).to_json()
     assert rewrite["loc_same_image"] < 50.0 and rewrite["m_loc"] < 50.0 and rewrite["t_loc"] == 100.0
 
-    class Nothing(Everything):
-        def edit(self, request):
-            pass
-
-    untouched = evaluate_edits(Nothing(), records).to_json()
+    untouched = evaluate_edits(FlagEditor(llava), records).to_json()
     assert untouched["loc_same_image"] == 100.0 and untouched["m_loc"] == 100.0
 
 

@@ -6,8 +6,9 @@ import torch
 
 from attrib.backbones.loader import load_backbone
 from attrib.data import load_records
-from editing.editor import Editor, EditRequest
+from editing.editor import EditRequest
 from editing.evaluation.routing import RoutingRanks, routing_ranks
+from tests.editing.conftest import FlagEditor
 
 
 def test_an_own_edit_that_stands_out_comes_first_and_explains_no_edit_or_input_variance():
@@ -48,17 +49,8 @@ def test_the_loop_reads_the_scores_the_bank_routes_by(llava, tiny_world, make_ed
 
 
 def test_an_editor_without_a_bank_is_refused(llava, tiny_world, make_editor):
-    class Plain(Editor):
-        backbone = llava
-
-        def edit(self, request):
-            pass
-
-        def restore(self):
-            pass
-
     records = load_records(tiny_world / "vqa_eval.json")
-    with pytest.raises(ValueError, match="edit bank, not Plain"):
-        routing_ranks(Plain(), records)
+    with pytest.raises(ValueError, match="edit bank, not FlagEditor"):
+        routing_ranks(FlagEditor(llava), records)
     with pytest.raises(ValueError, match="no chunk of 10"):
         routing_ranks(make_editor(llava, 0), records, n_live=10)
