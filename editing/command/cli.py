@@ -136,6 +136,10 @@ def compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prepare-only", action="store_true",
                    help="only train the learned methods (visedit, visedit_gated, mend, serac) into OUT/work, for a "
                         "later compare to reuse; the one mode that runs under `accelerate launch`")
+    p.add_argument("--set", dest="overrides", metavar="METHOD.KEY=VALUE", type=_override, action="append",
+                   default=[], help="replace one value of a method's config file (editing/methods/config/"
+                                    "METHOD.yaml) in this run, e.g. ft_l.norm_constraint=4e-4; repeatable; recorded "
+                                    "in its results, and a resumed run must ask for the same")
     p.add_argument("--latency-only", action="store_true",
                    help="with --edits: measure again only the latency of the lifelong results already in OUT "
                         "(their scores kept), then rewrite the report")
@@ -147,6 +151,32 @@ def _counts(text: str) -> tuple[int, ...]:
     if not parts or not all(part.isdigit() and int(part) > 0 for part in parts):
         raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers of edits, got {text!r}")
     return tuple(sorted({int(part) for part in parts}))
+
+
+def _override(text: str) -> tuple[str, str, object]:
+    """``"ft_l.steps=20"`` → ("ft_l", "steps", 20): the value read as a number when it is one, else as YAML
+    (true, [a, b], a word)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    method, dot, name = key.strip().partition(".")
+    if not sep or not dot or not method or not name or not value.strip():
+        raise argparse.ArgumentTypeError(f"expected METHOD.KEY=VALUE (e.g. ft_l.steps=20), got {text!r}")
+    for cast in (int, float):
+        with contextlib.suppress(ValueError):
+            return method, name.strip(), cast(value)
+    try:
+        return method, name.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"{text!r}: the value is neither a number nor YAML") from None
+
+
+def _overrides(pairs: list[tuple[str, str, object]]) -> dict[str, dict[str, object]]:
+    """``--set`` values as method → key → value (a key given twice keeps the last)."""
+    table: dict[str, dict[str, object]] = {}
+    for method, key, value in pairs:
+        table.setdefault(method, {})[key] = value
+    return table
 
 
 def _method_names() -> list[str]:
@@ -163,7 +193,7 @@ def compare(args: argparse.Namespace) -> int:
                              test_seed=args.test_seed, train=args.train, eval=args.eval, images=args.images,
                              n_test=args.n_test, dev_n=args.dev_n, seed=args.seed, out=args.out,
                              progress=not args.no_progress, edits=args.edits,
-                             latency_only=args.latency_only)
+                             latency_only=args.latency_only, overrides=_overrides(args.overrides))
     if args.prepare_only:
         prepared = prepare_methods(options, options.method_names())
         if processes().main:

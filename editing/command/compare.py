@@ -40,6 +40,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -80,6 +81,7 @@ class CompareOptions:
     world_root: Path = field(default=Path("runs"))
     edits: tuple[int, ...] = ()  # lifelong: numbers of edits live at once (`editing.command.lifelong`); () = single
     latency_only: bool = False  # lifelong: measure the latency of the method files already in OUT again
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # method → config key → value (`method_hyper`)
 
     def output(self) -> Path:
         name = f"{self.backbone}-{self.task}"
@@ -101,6 +103,38 @@ class CompareOptions:
         if unknown:
             raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
         return names
+
+
+def method_hyper(options: CompareOptions, name: str) -> dict[str, Any]:
+    """Method ``name``'s hyperparameters: its config file's (`editing.methods.method_config`) with
+    ``options.overrides[name]`` in place of the values they name (``--set METHOD.KEY=VALUE``). A key the
+    config does not have, or a value of another type than the config's (an int where it has a float
+    excepted), is refused: a misspelt override would otherwise change nothing."""
+    from editing.methods import CONFIG_DIR, method_config
+
+    hyper = method_config(name, options.backbone)
+    changed = dict(options.overrides.get(name, {}))
+    for key, value in changed.items():
+        if key not in hyper:
+            raise ValueError(f"--set {name}.{key}: {CONFIG_DIR / f'{name}.yaml'} has no {key!r}; its keys: "
+                             f"{', '.join(hyper) or 'none'}")
+        old = hyper[key]
+        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+            changed[key] = value = float(value)
+        if old is not None and type(value) is not type(old):
+            raise ValueError(f"--set {name}.{key}={value!r}: the config's value is {old!r} ({type(old).__name__}); "
+                             "give one of the same type")
+    return {**hyper, **changed}
+
+
+def overridden(options: CompareOptions, name: str) -> dict[str, Any]:
+    """The values ``--set`` gives method ``name`` (as `method_hyper` reads them); {} when none."""
+    keys = options.overrides.get(name, {})
+    return {key: method_hyper(options, name)[key] for key in keys} if keys else {}
+
+
+def _as_set(name: str, overrides: dict | None) -> str:
+    return " ".join(f"{name}.{k}={v}" for k, v in (overrides or {}).items()) or "nothing"
 
 
 @dataclass
@@ -208,8 +242,8 @@ def prepared_method(options: CompareOptions, name: str):
     extra = {}
     if name.startswith("visedit"):
         extra["placement"] = placement_from_train(backbone, roles, options, out)
-    context = MethodContext(backbone, task=options.task, seed=options.seed, work=out / "work" / name,
-                            progress=options.progress, extra=extra)
+    context = MethodContext(backbone, task=options.task, seed=options.seed, hyper=method_hyper(options, name),
+                            work=out / "work" / name, progress=options.progress, extra=extra)
     editor = build_method(name, context)
     start = time.perf_counter()
     prepared = editor.prepare(roles.train, roles.dev[:options.n_dev])
@@ -275,6 +309,7 @@ def _child(options: CompareOptions, name: str, path: str, parent: int) -> None:
         result = run_method(options, name)
     if not options.latency_only:  # the whole method: loading, prepare (or a reused fit), evaluation
         result["wall_s"] = round(time.perf_counter() - start, 1)
+    result["overrides"] = overridden(options, name)  # a resumed run must ask for the same (`_run_compare`)
     atomic_write_text(Path(path), json.dumps(result, indent=1, default=str) + "\n")
 
 
@@ -298,6 +333,10 @@ def run_compare(options: CompareOptions) -> dict:
         raise ValueError("visedit compare runs as one process (each method in a child of its own); under "
                          "`accelerate launch` only --prepare-only runs (training the learned methods)")
     names = options.method_names()
+    for name in options.overrides:
+        if name not in names:
+            raise ValueError(f"--set {name}.*: {name} is not among the methods run ({', '.join(names)})")
+        method_hyper(options, name)  # an unknown key or a wrong type is refused before anything runs
     if any(n < 1 for n in options.edits):
         raise ValueError(f"--edits takes positive numbers of live edits, got {list(options.edits)}")
     if options.latency_only:
@@ -322,6 +361,11 @@ def _run_compare(options: CompareOptions, names: list[str]) -> dict:
                if (out / "methods" / f"{name}.json").exists()}  # a bad one stops the run before hours of work
     wanted = [str(n) for n in sorted(options.edits)]
     for name, method in methods.items():
+        asked = overridden(options, name)
+        if method.get("overrides", {}) != asked:
+            raise ValueError(f"{out / 'methods' / f'{name}.json'}: ran with --set "
+                             f"{_as_set(name, method.get('overrides'))}, not {_as_set(name, asked)}; delete the "
+                             "file or give another --out")
         held = sorted(method.get("sequential", {}), key=int)
         if options.latency_only and method["lifelong"] and held != wanted:
             raise ValueError(f"--latency-only: {name}'s results hold N = {', '.join(held)}, not --edits "
@@ -339,7 +383,8 @@ def _run_compare(options: CompareOptions, names: list[str]) -> dict:
             methods[name] = read_method(path, lifelong)
     methods = {name: methods[name] for name in names}  # the order asked for
     results = {"backbone": options.backbone, "task": options.task, "n_test": len(roles.test),
-               "roles": roles.described, "options": {k: str(v) for k, v in asdict(options).items()}}
+               "roles": roles.described, "options": {k: str(v) for k, v in asdict(options).items()},
+               "overrides": {name: overridden(options, name) for name in options.overrides}}
     if lifelong:
         from editing.command.compare_report import lifelong_markdown, plot_lifelong
         from editing.evaluation.metrics import VISEDIT_PROTOCOL

@@ -43,6 +43,7 @@ def check_method(data: Any, where: str) -> dict:
         _score(data, key, where, default=...)
     require(data, "protocol", str, where)
     require(data, "t_loc_by_construction", bool, where, default=False)
+    require(data, "overrides", dict, where, default={})
     require(data, "latency_protocol", str, where, default=None)
     for key in ("loc_same_image", "prepare_s", "edit_ms", "inference_overhead", "peak_mem_mb", "wall_s"):
         _score(data, key, where)
@@ -113,7 +114,7 @@ def compare_markdown(results: dict) -> str:
     if None in protocols:
         lines.append("† overhead by the first protocol: the median of 5 forwards against the unedited one "
                      "before the edit.")
-    lines += _wall_time(results, lifelong=False)
+    lines += _wall_time(results, lifelong=False) + _overrides(methods)
     lines.append("")
     shortened = [f"{n}: {m['prepare']['shortened']}" for n, m in methods.items()
                  if isinstance(m.get("prepare"), dict) and m["prepare"].get("shortened")]
@@ -160,6 +161,7 @@ def check_sequential(data: Any, where: str) -> dict:
             for key in ("loc_same_image", "edit_ms", "latency_ratio", "rss_growth_mb"):
                 _score(scores, key, entry)
     require(data, "t_loc_by_construction", bool, where, default=False)
+    require(data, "overrides", dict, where, default={})
     require(data, "latency_protocol", str, where, default=None)
     _score(data, "prepare_s", where)
     _score(data, "wall_s", where)
@@ -207,6 +209,13 @@ def _wall_time(results: dict, lifelong: bool) -> list[str]:
         lines.append(f"Prepare over the {PREPARE_BUDGET_S // 60}-minute budget of a learned baseline: "
                      + ", ".join(over) + ".")
     return lines
+
+
+def _overrides(methods: dict) -> list[str]:
+    """The hyperparameters a run changed from the config files (``--set``), as one line; none when none."""
+    changed = [f"{name}.{key}={value}" for name, method in methods.items()
+               for key, value in (method.get("overrides") or {}).items()]
+    return ["Changed from the config files (`--set`): " + ", ".join(changed) + "."] if changed else []
 
 
 def _protocols(protocols: set) -> str:
@@ -263,7 +272,7 @@ def lifelong_markdown(results: dict) -> str:
         lines.append("† latency by the first protocol: the median of 11 forwards of one edit prompt, encoding "
                      "included — noisy (the unedited model read 0.75–1.56× itself); `visedit compare --edits … "
                      "--latency-only` measures it again.")
-    lines += _wall_time(results, lifelong=True)
+    lines += _wall_time(results, lifelong=True) + _overrides(results["methods"])
     lines.append("")
     return "\n".join(lines)
 

@@ -85,3 +85,14 @@ def test_a_second_run_on_the_same_output_is_refused_in_one_line(tmp_path, capsys
         holder.kill()
         holder.wait()
     assert not (tmp_path / "models").exists() and not (tmp_path / "world").exists()  # nothing was written
+
+
+def test_set_reads_numbers_and_yaml_and_refuses_a_malformed_pair(capsys):
+    args = parser().parse_args(["compare", "--set", "ft_l.norm_constraint=4e-4", "--set", "tp.steps=20",
+                                "--set", "tp.memory_fields=[src]", "--set", "tp.neurons=edit"])
+    assert args.overrides == [("ft_l", "norm_constraint", 4e-4), ("tp", "steps", 20), ("tp", "memory_fields", ["src"]),
+                              ("tp", "neurons", "edit")]
+    for bad in ("ft_l=3", "ft_l.steps", ".steps=3", "ft_l.steps="):
+        with pytest.raises(SystemExit):
+            parser().parse_args(["compare", "--set", bad])
+        assert "expected METHOD.KEY=VALUE" in capsys.readouterr().err

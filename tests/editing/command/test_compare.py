@@ -68,6 +68,35 @@ def test_methods_run_apart_and_a_second_run_resumes(world, tiny_dirs, tmp_path):
     assert (tmp_path / "methods" / "none.json").is_file()
 
 
+def test_set_replaces_config_values_is_recorded_and_a_resumed_run_must_ask_for_the_same(world, tiny_dirs, tmp_path):
+    options = _options(world, tiny_dirs, tmp_path, methods=("ft_l",), overrides={"ft_l": {"steps": 2, "lr": 1}})
+    results = run_compare(options)
+    ft_l = json.loads((tmp_path / "methods" / "ft_l.json").read_text())
+    assert ft_l["hyper"]["steps"] == 2 and ft_l["hyper"]["lr"] == 1.0 and isinstance(ft_l["hyper"]["lr"], float)
+    assert ft_l["hyper"]["weight_decay"] == 0.01  # the config file's value where --set says nothing
+    assert ft_l["overrides"] == results["overrides"]["ft_l"] == {"steps": 2, "lr": 1.0}
+    report = (tmp_path / "results.md").read_text()
+    assert "Changed from the config files (`--set`): ft_l.steps=2, ft_l.lr=1.0." in report
+    stamp = (tmp_path / "methods" / "ft_l.json").stat().st_mtime_ns
+    run_compare(options)  # the same --set: resumed, not run again
+    assert (tmp_path / "methods" / "ft_l.json").stat().st_mtime_ns == stamp
+    for other, said in (({}, "not nothing"), ({"ft_l": {"steps": 3, "lr": 1.0}}, "not ft_l.steps=3 ft_l.lr=1.0")):
+        with pytest.raises(ValueError, match=rf"ft_l.json: ran with --set ft_l.steps=2 ft_l.lr=1.0, {said}; delete"):
+            run_compare(replace(options, overrides=other))
+    assert (tmp_path / "methods" / "ft_l.json").stat().st_mtime_ns == stamp
+
+
+def test_set_refuses_an_unknown_key_a_wrong_type_or_a_method_not_run(world, tiny_dirs, tmp_path):
+    options = _options(world, tiny_dirs, tmp_path, methods=("none", "ft_l"))
+    cases = [({"ft_l": {"stepz": 2}}, r"--set ft_l.stepz: .*ft_l.yaml has no 'stepz'; its keys: steps, lr"),
+             ({"ft_l": {"steps": "many"}}, r"--set ft_l.steps='many': the config's value is 15 \(int\); give one"),
+             ({"tp": {"steps": 2}}, r"--set tp.\*: tp is not among the methods run \(none, ft_l\)")]
+    for overrides, message in cases:
+        with pytest.raises(ValueError, match=message):
+            run_compare(replace(options, overrides=overrides))
+        assert not (tmp_path / "methods").exists()  # refused before anything ran
+
+
 # -- reading results back -------------------------------------------------------------------------------------
 
 SHIPPED = REPOSITORY / "figures" / "blip2" / "compare" / "results.json"  # a real comparison's results
