@@ -1,9 +1,11 @@
 """Fixtures of the editing tests: small adapter sizes, editors that take their hooks out afterwards
-(the tiny backbones are shared by the whole session), and a tiny synthetic world on disk."""
+(the tiny backbones are shared by the whole session), the tiny LLaVA loaded once per module (for tests
+that change its weights or hooks), and a tiny synthetic world on disk."""
 from __future__ import annotations
 
 import pytest
 
+from attrib.backbones.loader import load_backbone
 from attrib.world import write_world
 from editing.adapter.vead import VeadConfig
 from editing.adapter.visedit import VisEditEditor
@@ -25,6 +27,11 @@ def make_editor():
     yield make
     for editor in made:
         editor.remove()
+
+
+@pytest.fixture(scope="module")
+def llava(tiny_dirs):
+    return load_backbone("llava", tiny_dirs["llava"])
 
 
 @pytest.fixture(scope="session")

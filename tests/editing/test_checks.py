@@ -5,15 +5,9 @@ import dataclasses
 
 import pytest
 
-from attrib.backbones.loader import load_backbone
 from attrib.data import DataError, load_records
 from attrib.prompts import load_prompts
 from editing.checks import usable_records
-
-
-@pytest.fixture(scope="module")
-def llava(tiny_dirs):
-    return load_backbone("llava", tiny_dirs["llava"])
 
 
 def _broken(record, **fields):

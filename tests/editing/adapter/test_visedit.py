@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from attrib.backbones.loader import load_backbone
 from attrib.errors import ArtifactError
 from editing.adapter.vead import VeadConfig
 from editing.adapter.visedit import EditPlacement, VisEditEditor, weights_placement
@@ -19,11 +18,6 @@ from editing.inputs import teacher_forced_batch
 from tests.mutations import damaged_bytes, json_mutations, valid_or_clean_error
 
 PROMPT, TARGET = "what color is the circle?", "blue square"
-
-
-@pytest.fixture(scope="module")
-def llava(tiny_dirs):
-    return load_backbone("llava", tiny_dirs["llava"])
 
 
 def _request(images, index: int = 0, prompt: str = PROMPT, target: str = TARGET) -> EditRequest:

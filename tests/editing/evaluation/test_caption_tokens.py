@@ -1,10 +1,8 @@
 """Which caption tokens an editor misses: the counting on constructed rows, and the loop on a tiny world."""
 from __future__ import annotations
 
-import pytest
 import torch
 
-from attrib.backbones.loader import load_backbone
 from attrib.data import load_records
 from editing.evaluation.caption_tokens import CaptionTokens, caption_token_misses, edited_span
 from tests.editing.conftest import FlagEditor, one_token_everywhere
@@ -40,11 +38,6 @@ def test_the_edited_span_follows_words_of_different_lengths():
     counts = CaptionTokens()
     counts.add(alt=ids(1, 2, 3, 4), old=ids(1, 5, 4), edited_top=ids(1, 5, 3, 4), unedited_top=ids(1, 5, 4, 4))
     assert counts.edited_kept_old == 1 and counts.n_edited == 2 and counts.unedited_rest_wrong == 0
-
-
-@pytest.fixture(scope="module")
-def llava(tiny_dirs):
-    return load_backbone("llava", tiny_dirs["llava"])
 
 
 def test_an_edit_that_changes_nothing_keeps_the_unedited_misses(llava, tiny_world):

@@ -5,7 +5,6 @@ import dataclasses
 
 import pytest
 
-from attrib.backbones.loader import load_backbone
 from attrib.data import DataError, load_records
 from editing.evaluation.evaluate import RestoreError, evaluate_edits
 from tests.editing.conftest import FlagEditor, one_token_everywhere
@@ -13,11 +12,6 @@ from tests.editing.conftest import FlagEditor, one_token_everywhere
 KEYS = {"task", "n_eval", "n_skipped", "protocol", "rel", "t_gen", "m_gen", "t_loc", "m_loc", "exact_match",
         "m_loc_same_object", "m_loc_other", "n_same_object", "n_other", "secondary", "edit_ms", "loc_same_image",
         "n_same_image", "targets"}
-
-
-@pytest.fixture(scope="module")
-def llava(tiny_dirs):
-    return load_backbone("llava", tiny_dirs["llava"])
 
 
 def test_runs_on_every_backbone_and_returns_all_metrics(tiny_backbone, tiny_world, make_editor):

@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attrib.backbones.loader import load_backbone
 from attrib.data import load_records
 from editing.editor import EditRequest
 from editing.evaluation.routing import RoutingRanks, routing_ranks
@@ -24,11 +23,6 @@ def test_a_loud_edit_wins_every_input():
     out = RoutingRanks(scores, [["a", "b", "c", "d"]]).to_json()
     assert out["loudest_edit_wins"] == 100.0 and out["own_top"] == 25.0  # only the loud edit's own input
     assert out["variance_share"]["edit"] == 100.0 and out["own_rank_mean"] == pytest.approx(1.5)
-
-
-@pytest.fixture(scope="module")
-def llava(tiny_dirs):
-    return load_backbone("llava", tiny_dirs["llava"])
 
 
 def test_the_loop_reads_the_scores_the_bank_routes_by(llava, tiny_world, make_editor):

@@ -12,17 +12,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from attrib.backbones.loader import load_backbone
 from attrib.errors import ArtifactError
 from editing.adapter.vead import VeadConfig
 from editing.adapter.visedit import VisEditEditor
 from editing.training.checkpoint import STATE_FILE, load_checkpoint, read_state, save_checkpoint
 from tests.mutations import damaged_bytes, json_mutations, valid_or_clean_error
-
-
-@pytest.fixture(scope="module")
-def llava(tiny_dirs):
-    return load_backbone("llava", tiny_dirs["llava"])
 
 
 def test_round_trip(llava, make_editor, tmp_path):

@@ -17,11 +17,6 @@ from editing.training.examples import ROLES, answer_positions, example_rows, sta
 from editing.training.trainer import Trainer, im_inputs
 
 
-@pytest.fixture(scope="module")
-def llava(tiny_dirs):
-    return load_backbone("llava", tiny_dirs["llava"])
-
-
 def test_answer_positions():
     select, mask = answer_positions([1, 3], 10)
     assert select.tolist() == [[8, 8, 8], [6, 7, 8]] and mask.tolist() == [[True, False, False], [True] * 3]
