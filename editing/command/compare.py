@@ -129,8 +129,10 @@ def method_hyper(options: CompareOptions, name: str) -> dict[str, Any]:
 
 def overridden(options: CompareOptions, name: str) -> dict[str, Any]:
     """The values ``--set`` gives method ``name`` (as `method_hyper` reads them); {} when none."""
-    keys = options.overrides.get(name, {})
-    return {key: method_hyper(options, name)[key] for key in keys} if keys else {}
+    if not options.overrides.get(name):
+        return {}
+    hyper = method_hyper(options, name)
+    return {key: hyper[key] for key in options.overrides[name]}
 
 
 def _as_set(name: str, overrides: dict | None) -> str:
