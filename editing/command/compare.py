@@ -283,7 +283,8 @@ def run_method(options: CompareOptions, name: str) -> dict:
     result = {**scores, "mean": round(float(np.mean(five)), 2), "t_loc_by_construction": not editor.text_edits,
               "prepare_s": round(prepare_s, 2), "inference_overhead": overhead, "latency_protocol": LATENCY_PROTOCOL,
               "peak_mem_mb": _peak_mb(),
-              "hyper": context.hyper, "seed": options.seed, "prepare": prepared, "threads": torch.get_num_threads()}
+              "hyper": context.hyper, "overrides": overridden(options, name), "seed": options.seed, "prepare": prepared,
+              "threads": torch.get_num_threads()}
     return result
 
 
@@ -306,12 +307,12 @@ def _child(options: CompareOptions, name: str, path: str, parent: int) -> None:
     elif options.edits:
         from editing.command.lifelong import run_sequential
 
-        result = {**run_sequential(options, prepared_method(options, name)), "peak_mem_mb": _peak_mb()}
+        result = {**run_sequential(options, prepared_method(options, name)), "peak_mem_mb": _peak_mb(),
+                  "overrides": overridden(options, name)}
     else:
         result = run_method(options, name)
     if not options.latency_only:  # the whole method: loading, prepare (or a reused fit), evaluation
         result["wall_s"] = round(time.perf_counter() - start, 1)
-    result["overrides"] = overridden(options, name)  # a resumed run must ask for the same (`_run_compare`)
     atomic_write_text(Path(path), json.dumps(result, indent=1, default=str) + "\n")
 
 
