@@ -88,6 +88,15 @@ def barrier() -> None:
         _state().wait_for_everyone()
 
 
+def finish() -> None:
+    """Leave the process group, if this process joined one. Every launched command ends here: a process
+    that exits with the group still alive leaves gloo's worker threads to the interpreter's teardown, which
+    now and then aborts the process ("terminate called without an active exception") after its work is done.
+    Leaving is local (no barrier), so a process that is done need not wait for the main one to write."""
+    if launched() and torch.distributed.is_available() and torch.distributed.is_initialized():
+        _state().destroy_process_group()
+
+
 def gather(value: Any) -> list[Any]:
     """``value`` of every process, in rank order, on every process (``[value]`` alone). Tensors inside are
     sent as they are (CPU tensors through the process group's object transport)."""

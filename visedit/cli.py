@@ -25,6 +25,7 @@ from typing import Callable, NamedTuple
 
 from attrib import commands as attribution
 from attrib.data import DataError
+from attrib.parallel import finish
 from benchmarks import bench, gpu, smoke_full
 from editing.command import cli as editing
 
@@ -101,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, OSError, ValueError) as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
+    finally:
+        finish()
 
 
 if __name__ == "__main__":

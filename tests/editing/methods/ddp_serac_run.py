@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from attrib.backbones.loader import load_backbone
 from attrib.data import load_records
-from attrib.parallel import processes
+from attrib.parallel import finish, processes
 from editing.methods import MethodContext, build_method, method_config
 from editing.methods.serac_parts import trainable_layers
 
@@ -31,3 +31,4 @@ def main(name: str, folder: str, data: str, out: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    finish()

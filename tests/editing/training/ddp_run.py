@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from attrib.backbones.loader import load_backbone
 from attrib.data import load_records
-from attrib.parallel import processes
+from attrib.parallel import finish, processes
 from editing.adapter.vead import VeadConfig
 from editing.adapter.visedit import EditPlacement, VisEditEditor
 from editing.training.config import TrainConfig
@@ -39,3 +39,4 @@ def main(name: str, folder: str, data: str, out: str, steps: str, rows: str, chu
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    finish()
