@@ -70,3 +70,19 @@ def test_the_papers_visedit_has_no_router(tiny_backbone, world, tmp_path):
         assert editor.hook.bank.router is None
     finally:
         editor.close()
+
+
+def test_the_router_config_comes_from_the_backbones_section(tiny_backbone, tmp_path):
+    """BLIP-2 and MiniGPT-4 train their routers 120 epochs at lr 3e-3 (chosen on their dev); LLaVA keeps the
+    defaults; the context's seed is the router's."""
+    hyper = method_config("visedit_gated", tiny_backbone.spec.name)
+    context = MethodContext(tiny_backbone, task="vqa", seed=5, work=tmp_path, hyper=hyper,
+                            extra={"placement": EditPlacement(edit_layer=0)})
+    editor = build_method("visedit_gated", context)
+    try:
+        config = editor.router_config
+        expected = (60, 1e-3) if tiny_backbone.spec.name == "llava" else (120, 3e-3)
+        assert (config.epochs, config.lr, config.seed) == (*expected, 5)
+        assert (config.hidden, config.dim, config.temperature) == (512, 128, 0.1)
+    finally:
+        editor.close()
