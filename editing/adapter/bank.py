@@ -131,7 +131,8 @@ class EditBank:
         weight = torch.ones(len(best), device=visual.device)
         if self.adapter.scene is not None:  # the routed edit's gate, as the adapter will compute it
             stored = self.stacked()
-            edit_visual = stored.visual_states()[best.to(stored.states.device)]
+            rows = best.to(stored.states.device)  # gather the routed edits' visual states only, not all N
+            edit_visual = stored.states[rows[:, None], stored.visual[rows]]
             weight = torch.sigmoid(self.adapter.scene(visual.to(edit_visual.dtype), edit_visual.to(visual.device)))
         return best, weight, keep & (weight >= self.floor)
 

@@ -80,7 +80,10 @@ class SceneRouter(nn.Module):
         if visual.shape[1:] != self.reference.shape:
             raise ValueError(f"scene router: visual states {tuple(visual.shape[1:])} do not match the "
                              f"{tuple(self.reference.shape)} it was built for")
-        pooled = self.token(visual.to(self.reference.dtype) - self.reference).mean(1)
+        # The token encoder's last layer is linear, so it is applied once to the mean over tokens rather
+        # than to every token before the mean: the same embedding (to rounding) for 1/P of that layer's cost.
+        *per_token, last = self.token
+        pooled = last(nn.Sequential(*per_token)(visual.to(self.reference.dtype) - self.reference).mean(1))
         return nn.functional.normalize(self.out(pooled), dim=-1)
 
     @torch.no_grad()

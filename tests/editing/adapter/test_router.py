@@ -89,6 +89,16 @@ def test_a_fitted_router_sends_each_rerendering_to_its_own_scene_and_others_to_n
     assert all(torch.equal(fitted[k], refitted[k]) for k in fitted if k not in ("thresholds", "bank_sizes"))
 
 
+def test_the_embedding_pools_before_the_last_linear_layer_as_after_it():
+    router = SceneRouter(12, 6, SMALL_ROUTER)
+    with torch.no_grad():
+        router.reference.normal_(generator=torch.Generator().manual_seed(4))
+        visual = torch.randn(5, 6, 12, generator=torch.Generator().manual_seed(5))
+        per_token = router.token(visual - router.reference).mean(1)  # every token through every layer
+        straightforward = torch.nn.functional.normalize(router.out(per_token), dim=-1)
+        torch.testing.assert_close(router(visual), straightforward, rtol=0, atol=1e-6)
+
+
 def test_drawn_max_equals_the_max_over_the_k_entries_drawn_first_per_row():
     cos = torch.randn(5, 9, generator=torch.Generator().manual_seed(3))
     excluded = torch.zeros(5, 9, dtype=torch.bool)
@@ -168,3 +178,21 @@ def test_image_groups_are_world_scenes_or_files(tiny_world, tmp_path):
     groups = image_groups(records)
     assert all(isinstance(g, tuple) for g in groups)
     assert image_groups(records, "image_rephrase") == groups  # a rephrase shows the same scene
+
+
+def test_routing_weight_is_the_routed_edits_own_scene_gate(tiny_backbone, images, make_editor):
+    editor = make_editor(tiny_backbone, -1, GATED)
+    with torch.no_grad():  # a gate between shut and open, so its value shows
+        editor.adapter.scene.log_scale.fill_(math.log(3.0))
+        editor.adapter.scene.threshold.fill_(0.5)
+    requests = [EditRequest(im, PROMPT, TARGETS[i]) for i, im in enumerate(images)]
+    signals = [editor.edit_signal(r) for r in requests]
+    states = torch.cat([s.visual_states() for s in signals]).detach()
+    editor.hook.bank.router = _LookupRouter(states[:3])
+    for i in (2, 0, 1):
+        editor.edit(requests[i])
+    best, weight, _ = editor.hook.bank.route(states)
+    expected = [torch.sigmoid(editor.adapter.scene_logits(states[i:i + 1], signals[i])).item() for i in range(3)]
+    assert best[:3].tolist() == [1, 2, 0]
+    assert weight[:3].tolist() == pytest.approx(expected, abs=1e-6)
+    editor.restore()
