@@ -82,8 +82,10 @@ class SceneRouter(nn.Module):
                              f"{tuple(self.reference.shape)} it was built for")
         # The token encoder's last layer is linear, so it is applied once to the mean over tokens rather
         # than to every token before the mean: the same embedding (to rounding) for 1/P of that layer's cost.
-        *per_token, last = self.token
-        pooled = last(nn.Sequential(*per_token)(visual.to(self.reference.dtype) - self.reference).mean(1))
+        hidden = visual.to(self.reference.dtype) - self.reference
+        for layer in list(self.token)[:-1]:
+            hidden = layer(hidden)
+        pooled = self.token[-1](hidden.mean(1))
         return nn.functional.normalize(self.out(pooled), dim=-1)
 
     @torch.no_grad()
