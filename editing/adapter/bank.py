@@ -130,9 +130,7 @@ class EditBank:
         keep = cosines.gather(1, best[:, None])[:, 0] >= self.router.threshold_for(n)
         weight = torch.ones(len(best), device=visual.device)
         if self.adapter.scene is not None:  # the routed edit's gate, as the adapter will compute it
-            stored = self.stacked()
-            rows = best.to(stored.states.device)  # gather the routed edits' visual states only, not all N
-            edit_visual = stored.states[rows[:, None], stored.visual[rows]]
+            edit_visual = self.stacked().visual_states(best)  # the routed edits' states only, not all N
             weight = torch.sigmoid(self.adapter.scene(visual.to(edit_visual.dtype), edit_visual.to(visual.device)))
         return best, weight, keep & (weight >= self.floor)
 

@@ -144,13 +144,15 @@ class EditSignal:
     cache: EditCache | None = None
     visual: torch.Tensor | None = None
 
-    def visual_states(self) -> torch.Tensor:
-        """[E, P', d] the edit sample's visual-token states."""
+    def visual_states(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[E, P', d] the edit sample's visual-token states; with ``rows`` [B] (edit indices), only those
+        edits' [B, P', d], gathered without touching the others."""
         if self.visual is None:
             raise ValueError("this edit signal does not say where the edit sample's visual tokens are "
                              "(make it with VisEditEditor.edit_signal)")
-        rows = torch.arange(len(self), device=self.states.device)[:, None]
-        return self.states[rows, self.visual.to(self.states.device)]
+        device = self.states.device
+        rows = torch.arange(len(self), device=device) if rows is None else rows.to(device)
+        return self.states[rows[:, None], self.visual.to(device)[rows]]
 
     def target_mask(self) -> torch.Tensor:
         """[E, L] True at the edit sample's target tokens: the real tokens after ``prompt_end``."""
