@@ -31,7 +31,7 @@ def edit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", type=Path, default=None, help="trained adapter: evaluate without training")
     p.add_argument("--steps", type=int, default=None,
                    help=f"training steps of --batch-size edits (default: {default_steps('llava')} for llava, "
-                        f"{default_steps('blip2')} otherwise)")
+                        f"{default_steps('llava', 'caption')} for its captions, {default_steps('blip2')} otherwise)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/edit/<backbone>)")
     p.add_argument("--resume", action="store_true", help="continue the run checkpointed in OUT/checkpoint")
     p.add_argument("--skip-bad", action="store_true", help="skip records with a missing image or field")

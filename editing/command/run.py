@@ -174,7 +174,7 @@ def _train(options: EditOptions, editor: VisEditEditor, records: list[EditRecord
     if options.checkpoint is not None:
         return None, None, options.checkpoint
     lr = options.lr or default_lr(lm_width(editor.backbone.config))
-    steps = options.steps or default_steps(options.backbone)
+    steps = options.steps or default_steps(options.backbone, options.task)
     config = TrainConfig(steps=steps, batch_size=options.batch_size, lr=lr, seed=options.seed,
                          checkpoint_every=options.checkpoint_every, task=options.task,
                          rows_per_backward=options.rows_per_backward, same_image_weight=options.same_image_weight)

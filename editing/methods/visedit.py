@@ -49,7 +49,8 @@ class VisEditMethod(VisEditEditor):
         super().__init__(context.backbone, context.extra["placement"], config)
         self.context = context
         hyper = context.hyper
-        self.train_config = TrainConfig(steps=int(hyper.get("steps") or default_steps(context.backbone.spec.name)),
+        steps = int(hyper.get("steps") or default_steps(context.backbone.spec.name, context.task))
+        self.train_config = TrainConfig(steps=steps,
                                         batch_size=int(hyper.get("batch_size", 4)),
                                         lr=float(hyper.get("lr") or default_lr(width)), seed=context.seed,
                                         task=context.task, checkpoint_every=int(hyper.get("checkpoint_every", 100)),

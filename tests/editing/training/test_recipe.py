@@ -17,3 +17,8 @@ def test_adapter_is_sized_from_the_width():
 
 def test_llava_trains_fewer_steps_than_the_q_former_backbones():
     assert default_steps("llava") == 1750 and default_steps("blip2") == default_steps("minigpt4") == 2000
+
+
+def test_llava_captions_train_twice_as_long():
+    assert default_steps("llava", "caption") == 3500 == 2 * default_steps("llava", "vqa")
+    assert default_steps("blip2", "caption") == default_steps("minigpt4", "caption") == 2000
