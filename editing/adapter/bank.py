@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import torch
 
+from editing.adapter.output_write import OutputWrites
 from editing.adapter.router import SceneRouter
 from editing.adapter.vead import EditAdapter, EditCache, EditSignal
 
@@ -49,6 +50,7 @@ class EditBank:
     def __init__(self, adapter: EditAdapter, floor: float = ROUTE_FLOOR, router: SceneRouter | None = None):
         self.adapter, self.floor, self.router = adapter, floor, router
         self.signals: list[EditSignal] = []
+        self.writes = OutputWrites()  # each edit's output write, or None (`editing.adapter.output_write`)
         self.last_scores: torch.Tensor | None = None  # [B, N] what the latest `route` ranked the edits by
         self._stacked: EditSignal | None = None
         self._edit_side: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -62,11 +64,13 @@ class EditBank:
         if len(signal) != 1:
             raise ValueError(f"the bank stores one edit at a time, this signal holds {len(signal)}")
         self.signals.append(signal)
+        self.writes.append(None)
         self._stacked = self._edit_side = self._embedded = None
         return len(self.signals) - 1
 
     def clear(self) -> None:
         self.signals.clear()
+        self.writes.clear()
         self._stacked = self._edit_side = self._embedded = self.last_scores = None
 
     def stacked(self) -> EditSignal:

@@ -21,6 +21,12 @@ routed to the one that concerns it — what `VisEditEditor.edit` fills). ``signa
 Bypass rules (the layer's tensor is returned as is, bit-identical): no edit signal set and the bank
 empty, adapter closed, no visual positions known for this call (text-only input), a single-token step
 (cached decoding), or, with the bank, no row routed to any edit.
+
+Output writes (`editing.adapter.output_write`, with ``write_config`` set and edits in the bank that carry
+one): a forward pre-hook on the LM head adds them to the rows the bank routed in this forward; the input
+ids come from a forward pre-hook on the LM's token embedding, which every forward calls once (also
+BLIP-2's ``generate``). The routing of a multi-token forward is kept through the single-token steps of
+cached decoding that follow it, and dropped by the next multi-token forward that routes nothing.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ from torch import nn
 from attrib.backbones.processing import locate_visual_tokens
 from attrib.backbones.spec import BackboneSpec
 from editing.adapter.bank import EditBank
+from editing.adapter.output_write import OutputWriteConfig
 from editing.adapter.vead import EditAdapter, EditSignal
 
 LM_INPUT = -1  # edit_layer value meaning "the LM's input embeddings"
@@ -61,13 +68,19 @@ class AdapterHook:
         self.is_open = True
         self.last_gate_logits: torch.Tensor | None = None
         self.last_scene_logits: torch.Tensor | None = None
+        self.write_config: OutputWriteConfig | None = None
+        self.writes_enabled = True
+        self.routed: tuple[torch.Tensor, torch.Tensor] | None = None  # (edit [B], fire [B]) of the last routing
         self._positions: list[torch.Tensor | None] = []
+        self._input_ids: torch.Tensor | None = None
         layer = model.get_submodule(spec.layer_path(max(edit_layer, 0)))
         self._handles = [
             model.register_forward_pre_hook(self._push_positions, with_kwargs=True),
             model.register_forward_hook(self._pop_positions, always_call=True),
             layer.register_forward_pre_hook(self._rewrite_input, with_kwargs=True) if edit_layer == LM_INPUT
             else layer.register_forward_hook(self._rewrite_output),
+            model.get_submodule(spec.embed_tokens).register_forward_pre_hook(self._keep_input_ids),
+            model.get_submodule(spec.lm_head).register_forward_pre_hook(self._write_output),
         ]
 
     @property
@@ -100,6 +113,20 @@ class AdapterHook:
         finally:
             self.is_open = was_open
 
+    @contextmanager
+    def writes_suspended(self) -> Iterator[None]:
+        """Run without output writes (the edit sample's own forward, when its write is fitted)."""
+        was, self.writes_enabled = self.writes_enabled, False
+        try:
+            yield
+        finally:
+            self.writes_enabled = was
+
+    @property
+    def writing(self) -> bool:
+        """Whether output writes can fire: a write config, and a stored edit that carries a write."""
+        return self.write_config is not None and self.writes_enabled and len(self.bank.writes) > 0
+
     @property
     def active(self) -> bool:
         """Whether any edit is held (a signal, or stored edits in the bank)."""
@@ -114,18 +141,24 @@ class AdapterHook:
         ``positions`` [B, P]: visual-token indices per row. Trainers that run the layers above the edit
         layer by hand call this directly.
         """
-        if not self.active or not self.is_open or positions is None or hidden.shape[1] == 1:
+        if hidden.shape[1] == 1:
+            return hidden  # cached decoding: the visual tokens are in the cache; `routed` stays the prompt's
+        if not self.active or not self.is_open or positions is None:
+            self.routed = None
             return hidden
         if positions.shape[0] != hidden.shape[0]:
             raise ValueError(f"visual positions cover {positions.shape[0]} rows, hidden states {hidden.shape[0]}")
         rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]  # [B, 1]
         positions = positions.to(hidden.device)
         visual = hidden[rows, positions]  # gather: [B, P, d]
+        self.routed = None
         if self.signal is not None:
             signal, keep = self.signal, None
         else:
-            best, _, keep = self.bank.route(visual)
+            best, weight, keep = self.bank.route(visual)
             signal = self.bank.take(best)
+            if self.write_config is not None:
+                self.routed = (best, keep & (weight >= self.write_config.min_weight))
         out = self.adapter(visual, signal)
         self.last_gate_logits = out.gate_logits.detach()
         self.last_scene_logits = None if out.scene_logits is None else out.scene_logits.detach()
@@ -151,6 +184,20 @@ class AdapterHook:
     def _pop_positions(self, module, args, output) -> None:
         if self._positions:
             self._positions.pop()
+
+    def _keep_input_ids(self, module, args) -> None:
+        self._input_ids = args[0] if self.writing and args and isinstance(args[0], torch.Tensor) else None
+
+    def _write_output(self, module, args):
+        if not self.writing or self.routed is None or self._input_ids is None or not args:
+            return None
+        hidden, ids = args[0], self._input_ids
+        edit, fire = self.routed
+        if hidden.dim() != 3 or ids.shape[0] != hidden.shape[0] or edit.shape[0] != hidden.shape[0] \
+                or ids.shape[1] < hidden.shape[1]:
+            return None
+        ids = ids[:, ids.shape[1] - hidden.shape[1]:]  # a head run on the last positions only (generate)
+        return (self.bank.writes.apply(hidden, ids, edit, fire, self.write_config.tau), *args[1:])
 
     def _rewrite_output(self, module, args, output):
         if isinstance(output, tuple):  # older layer APIs return (hidden, ...)

@@ -32,6 +32,7 @@ from attrib.backbones.partial import StopForward, forward_until_stopped
 from attrib.errors import ArtifactError
 from attrib.io import atomic_write, read_json, read_safetensors, require
 from editing.adapter.hook import LM_INPUT, AdapterHook
+from editing.adapter.output_write import OutputWrite, OutputWriteConfig, fit_output_write
 from editing.adapter.vead import EditAdapter, EditSignal, VeadConfig, lm_width
 from editing.editor import Editor, EditRequest
 from editing.inputs import teacher_forced_batch
@@ -104,11 +105,13 @@ class VisEditEditor(Editor):
     """VEAD + IM installed in ``backbone`` at ``placement``; ``edit`` / ``restore`` switch edits.
 
     config: adapter sizes (None = read from ``weights``' metadata, else defaults); weights: a
-    safetensors file written by `save_weights` or a state dict.
+    safetensors file written by `save_weights` or a state dict; output_write: also fit and apply an
+    output write per edit (`editing.adapter.output_write`; None = the adapter alone).
     """
 
     def __init__(self, backbone: Backbone, placement: Any, config: VeadConfig | None = None,
-                 weights: str | Path | dict[str, torch.Tensor] | None = None):
+                 weights: str | Path | dict[str, torch.Tensor] | None = None,
+                 output_write: OutputWriteConfig | None = None):
         self.backbone = backbone
         self.placement = EditPlacement.coerce(placement)
         self.placement.check(backbone.n_layers)
@@ -120,6 +123,7 @@ class VisEditEditor(Editor):
         if weights is not None:
             self.load_weights(weights)
         self.hook = AdapterHook(backbone.model, backbone.spec, self.adapter, self.placement.edit_layer)
+        self.hook.write_config = output_write
 
     @property
     def config(self) -> VeadConfig:
@@ -135,13 +139,35 @@ class VisEditEditor(Editor):
         """Add the edit of ``request`` to the edits held (`editing.adapter.bank`: every input is routed to
         the stored edit that concerns it), with the adapter's edit-side projections cached for the
         forwards that follow. A sequence of requests instead sets one edit per input row (batched
-        training and benchmarks: row r of every input batch gets edit r), replacing the bank's routing."""
+        training and benchmarks: row r of every input batch gets edit r), replacing the bank's routing.
+        With an output write configured, a single request's write is fitted after its signal is stored."""
         signal = self.adapter.prepare(self.edit_signal(request))
         if isinstance(request, EditRequest):
-            self.hook.bank.add(signal)
+            index = self.hook.bank.add(signal)
+            if self.hook.write_config is not None:
+                self.hook.bank.writes.set(index, self.output_write(request))
         else:
             self.hook.signal = signal
         return signal
+
+    @torch.no_grad()
+    def output_write(self, request: EditRequest) -> OutputWrite:
+        """The output write of ``request`` (`fit_output_write`): the LM head's input at the positions that
+        predict its target tokens, from one forward of the edit sample with the edits held and no writes."""
+        backbone = self.backbone
+        batch = teacher_forced_batch(backbone, [request.image], [request.prompt], [request.target])
+        head = backbone.module(backbone.spec.lm_head)
+        captured: dict[str, torch.Tensor] = {}
+        handle = head.register_forward_pre_hook(lambda module, args: captured.__setitem__("h", args[0].detach()))
+        try:
+            with self.hook.writes_suspended():
+                backbone.forward(batch.inputs, use_cache=False)
+        finally:
+            handle.remove()
+        end, n = int(batch.prompt_ends[0]), batch.target_lengths[0]
+        ids = batch.inputs["input_ids"][0].to(captured["h"].device)
+        return fit_output_write(captured["h"][0, end:end + n], ids[end + 1:end + 1 + n], ids[end:end + n],
+                                head.weight, getattr(head, "bias", None), self.hook.write_config)
 
     def restore(self) -> None:
         """Back to the unedited model (the hook bypasses without edits)."""

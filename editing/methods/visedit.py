@@ -7,6 +7,10 @@ trained in ``prepare`` on the training records with `editing.training.loop.train
 under ``context.work``, resumed when a run was cut). The adapter adds to visual-token states only, so an
 edit can never change a text-only input: T-Loc is 100 by construction (``text_edits = False``).
 
+``visedit_gated`` with an ``output_write`` mapping (its config) also fits one output write per edit at edit
+time (`editing.adapter.output_write`: a change of the LM head's input at the target's positions, for the
+targets the adapter cannot reach), applied only in input rows the bank routes to the edit.
+
 ``visedit_gated`` with ``router: true`` (its config) also fits the scene router (`editing.adapter.router`)
 that sends each input to one of many live edits: on the training records' images and image rephrases,
 its thresholds, one per bank size, chosen on the dev records with the training images as further stored
@@ -27,6 +31,7 @@ from attrib.artifact import parse_json
 from attrib.data import EditRecord
 from attrib.errors import ArtifactError
 from attrib.io import atomic_write, read_safetensors
+from editing.adapter.output_write import OutputWriteConfig
 from editing.adapter.router import RouterConfig, SceneRouter, choose_threshold, fit_router, image_groups
 from editing.adapter.vead import lm_width
 from editing.adapter.visedit import VisEditEditor
@@ -46,9 +51,10 @@ class VisEditMethod(VisEditEditor):
         gated = context.name == "visedit_gated"
         width = lm_width(context.backbone.config)
         config = sized_vead_config(width, scene_gate=gated, target_role=gated)
-        super().__init__(context.backbone, context.extra["placement"], config)
-        self.context = context
         hyper = context.hyper
+        write = OutputWriteConfig.from_hyper(hyper.get("output_write")) if gated else None
+        super().__init__(context.backbone, context.extra["placement"], config, output_write=write)
+        self.context = context
         steps = int(hyper.get("steps") or default_steps(context.backbone.spec.name, context.task))
         self.train_config = TrainConfig(steps=steps,
                                         batch_size=int(hyper.get("batch_size", 4)),

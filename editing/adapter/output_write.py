@@ -1,0 +1,184 @@
+"""The output write: a second, per-edit write on the output side, for targets the adapter cannot reach.
+
+Why: VEAD rewrites visual-token states at the LM's input side. On the toy defaults that moves the answer
+to any word the LM has produced in training, but never to a word it never produced ("novel" targets: a
+colour, shape or number word outside its training answers). Fitting one edit's VEAD values by gradient at
+edit time lifts such a word to probability 0.001–0.003 at best, with the output spreading towards uniform
+instead (docs/experiments/editing-compare.md). A write after the last layer reaches any word: the logits
+are ``W h`` (``W`` the LM head), so adding ``δ`` to the head's input ``h`` adds ``W δ`` to the logits.
+
+What is stored per edit (`fit_output_write`), from one teacher-forced forward of the edit sample
+``template(prompt) + " " + target`` with the adapter on and no output write, K = the target's tokens:
+- ``triggers`` [K]: the input token at each position that predicts a target token (the last prompt token,
+  then target tokens 1..K−1): position t predicts token t+1, so that is where target token k is written;
+- ``keys`` [K, d]: the head's input at those positions, unit length;
+- ``deltas`` [K, d]: per position, the smallest change Adam finds (``lr``, at most ``steps``) that gives the
+  target token a logit ``margin`` over every other token there; a position already at the margin under
+  the adapter gets no write (zero row), so a target the adapter already reaches is left to the adapter.
+
+Where it is applied (`OutputWrites.apply`, a forward pre-hook on the LM head run by `AdapterHook`): in
+an input row that the edit bank routed to the edit with a routing weight of at least ``min_weight``, at
+every position whose input token is trigger k and whose head input has cosine ≥ ``tau`` with key k, δ_k
+is added. The routing decides *which image* (the bank's scene router and gate), the key decides *which
+question*: the positions of a same-image question about something else end on the same last prompt token
+but hold another state, and are left alone. Positions in the prompt that happen to hold a trigger token
+change only the logits predicting the prompt's own next token, which no answer reads.
+
+Greedy generation with the KV cache writes token by token: the routing of the prompt's forward is kept
+for the single-token steps that follow (`AdapterHook`), and each new token is the trigger of the next.
+
+Rows the routing leaves out, text-only inputs and an empty bank pass the head bit for bit.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class OutputWriteConfig:
+    """How output writes are fitted and when they fire (module docstring). tau None: no key check (any
+    position with the trigger token, in a routed row). margin 10 and tau 0.7: chosen on the three
+    defaults' dev edits (docs/experiments/editing-compare.md, "An output write")."""
+
+    margin: float = 10.0
+    tau: float | None = 0.7
+    min_weight: float = 0.5
+    steps: int = 200
+    lr: float = 0.05
+
+    def __post_init__(self):
+        if self.margin <= 0 or self.steps < 0 or self.lr <= 0 or not 0 <= self.min_weight <= 1:
+            raise ValueError(f"output write config out of range: {self}")
+        if self.tau is not None and not -1 <= self.tau <= 1:
+            raise ValueError(f"output write tau {self.tau} is not a cosine in [-1, 1]")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_hyper(cls, table: dict | None) -> "OutputWriteConfig | None":
+        """From a method config's ``output_write`` mapping; None (or false) turns the write off."""
+        if not table:
+            return None
+        if not isinstance(table, dict):
+            raise ValueError(f"output_write must be a mapping of {', '.join(cls().to_json())}, got {table!r}")
+        unknown = set(table) - set(cls().to_json())
+        if unknown:
+            raise ValueError(f"output_write: unknown key(s) {', '.join(sorted(unknown))}")
+        return cls(**table)
+
+
+@dataclass
+class OutputWrite:
+    """One edit's output write: ``triggers`` [K] token ids, ``keys`` [K, d] unit vectors, ``deltas``
+    [K, d] (zero rows write nothing); ``steps`` the Adam steps its fit took."""
+
+    triggers: torch.Tensor
+    keys: torch.Tensor
+    deltas: torch.Tensor
+    steps: int = 0
+
+    @property
+    def writes(self) -> bool:
+        """Whether any position has a nonzero delta."""
+        return bool(self.deltas.abs().sum() > 0)
+
+
+def margins(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[K] each row's target logit minus the largest other logit (logits [K, V], targets [K])."""
+    own = logits.gather(1, targets[:, None])[:, 0]
+    others = logits.scatter(1, targets[:, None], float("-inf")).amax(1)
+    return own - others
+
+
+def fit_output_write(head_inputs: torch.Tensor, targets: torch.Tensor, triggers: torch.Tensor,
+                     head_weight: torch.Tensor, head_bias: torch.Tensor | None,
+                     config: OutputWriteConfig) -> OutputWrite:
+    """The output write of one edit (module docstring). head_inputs [K, d]: the LM head's input at the
+    positions predicting the K target tokens; head_weight [V, d] and head_bias [V] (or None): the head."""
+    weight = head_weight.detach().float()
+    base = head_inputs.detach().float() @ weight.T
+    if head_bias is not None:
+        base = base + head_bias.detach().float()
+    delta = torch.zeros_like(head_inputs, dtype=torch.float32, requires_grad=True)
+    optimizer = torch.optim.Adam([delta], lr=config.lr)
+    steps = 0
+    with torch.enable_grad():
+        for steps in range(config.steps + 1):
+            gap = margins(base + delta @ weight.T, targets)
+            if steps == config.steps or bool((gap >= config.margin).all()):
+                break
+            # hinge half a logit past the margin, so the stop rule is met by a little room, not exactly
+            loss = F.relu(config.margin + 0.5 - gap).sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    deltas = delta.detach()
+    # a position at the margin under the adapter alone is not written (its row stays exactly zero)
+    untouched = margins(base, targets) >= config.margin
+    deltas[untouched] = 0
+    return OutputWrite(triggers.detach().clone(), F.normalize(head_inputs.detach().float(), dim=-1), deltas, steps)
+
+
+class OutputWrites:
+    """The output writes of the edits a bank holds, index-aligned with its signals (None: no write)."""
+
+    def __init__(self):
+        self.items: list[OutputWrite | None] = []
+        self._stacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return sum(item is not None and item.writes for item in self.items)
+
+    def append(self, write: OutputWrite | None) -> None:
+        self.items.append(write)
+        self._stacked = None
+
+    def set(self, index: int, write: OutputWrite | None) -> None:
+        self.items[index] = write
+        self._stacked = None
+
+    def clear(self) -> None:
+        self.items.clear()
+        self._stacked = None
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(triggers [N, K] padded with −1, keys [N, K, d], deltas [N, K, d] padded with zeros)."""
+        if self._stacked is None:
+            real = [w for w in self.items if w is not None]
+            k = max(len(w.triggers) for w in real)
+            d = real[0].deltas.shape[1]
+            n = len(self.items)
+            triggers = torch.full((n, k), -1, dtype=torch.long)
+            keys, deltas = torch.zeros(n, k, d), torch.zeros(n, k, d)
+            for i, w in enumerate(self.items):
+                if w is not None:
+                    triggers[i, :len(w.triggers)] = w.triggers.cpu()
+                    keys[i, :len(w.triggers)] = w.keys.cpu()
+                    deltas[i, :len(w.triggers)] = w.deltas.cpu()
+            self._stacked = (triggers, keys, deltas)
+        return self._stacked
+
+    def apply(self, hidden: torch.Tensor, input_ids: torch.Tensor, routed: torch.Tensor, fire: torch.Tensor,
+              tau: float | None) -> torch.Tensor:
+        """``hidden`` [B, T, d] (the LM head's input) with each firing row's routed edit written where its
+        trigger tokens are (and, with ``tau``, its keys match); ``hidden`` itself when nothing is written.
+        input_ids [B, T]; routed [B] the edit index of each row; fire [B] whether the row may be written."""
+        if not len(self) or not bool(fire.any()):
+            return hidden
+        triggers, keys, deltas = (t.to(hidden.device) for t in self.stacked())
+        routed = routed.to(hidden.device)
+        triggers, keys, deltas = triggers[routed], keys[routed], deltas[routed]  # [B, K], [B, K, d] x2
+        fire = fire.to(hidden.device)[:, None, None]
+        match = (input_ids.to(hidden.device)[:, :, None] == triggers[:, None, :]) & fire
+        match &= (deltas.abs().sum(-1) > 0)[:, None, :]
+        if tau is not None and bool(match.any()):
+            cosines = torch.einsum("btd,bkd->btk", F.normalize(hidden.float(), dim=-1), keys)
+            match &= cosines >= tau
+        if not bool(match.any()):
+            return hidden
+        added = torch.einsum("btk,bkd->btd", match.float(), deltas)
+        return torch.where(match.any(-1, keepdim=True), hidden + added.to(hidden.dtype), hidden)

@@ -1,0 +1,122 @@
+"""The output write: its fit reaches the margin and leaves reached positions alone, the batched write equals
+the row-by-row one, and in an editor it makes the edit sample answer a target the adapter cannot reach while
+other images, text-only inputs and (with the key check) other questions stay unedited; cached generation
+writes token by token; restore is bit-exact."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from editing.adapter.output_write import OutputWrite, OutputWriteConfig, OutputWrites, fit_output_write, margins
+from editing.adapter.vead import VeadConfig
+from editing.editor import EditRequest
+from editing.inputs import teacher_forced_batch
+from tests.editing.conftest import SMALL
+
+PROMPT = "what color is the circle?"
+OTHER = "how many squares are there?"
+GATED = VeadConfig(**{**SMALL.to_json(), "scene_gate": True, "scene_similarity": "chamfer"})
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(11)
+    return [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(2)]
+
+
+def test_the_fit_reaches_the_margin_and_skips_reached_positions():
+    torch.manual_seed(0)
+    weight, hidden = torch.randn(50, 16), torch.randn(3, 16)
+    targets = torch.tensor([4, 9, 17])
+    targets[1] = (hidden[1] @ weight.T).argmax()  # already the top token ...
+    weight[targets[1]] += 10 * hidden[1] / hidden[1].norm()  # ... by a wide margin
+    config = OutputWriteConfig(margin=3.0, steps=500)
+    write = fit_output_write(hidden, targets, torch.tensor([1, 4, 9]), weight, None, config)
+    reached = margins((hidden + write.deltas) @ weight.T, targets)
+    assert (reached >= 3.0).all() and 0 < write.steps < 500
+    assert torch.equal(write.deltas[1], torch.zeros(16)) and write.deltas[0].abs().sum() > 0
+    torch.testing.assert_close(write.keys.norm(dim=-1), torch.ones(3))
+
+
+def test_the_batched_write_equals_the_row_by_row_one():
+    torch.manual_seed(1)
+    d, writes = 8, OutputWrites()
+    for k in (2, 3, 1):
+        writes.append(OutputWrite(torch.randint(0, 6, (k,)), F.normalize(torch.randn(k, d), dim=-1), torch.randn(k, d)))
+    writes.append(None)
+    hidden, ids = torch.randn(4, 7, d), torch.randint(0, 6, (4, 7))
+    hidden[0, 3] = writes.items[0].keys[1] * 2  # a position whose state is its key
+    ids[0, 3] = writes.items[0].triggers[1]
+    routed, fire = torch.tensor([0, 1, 2, 0]), torch.tensor([True, True, True, False])
+    for tau in (None, 0.5):
+        expected = hidden.clone()
+        for row in range(4):
+            write = writes.items[int(routed[row])]
+            if not fire[row] or write is None:
+                continue
+            for t in range(7):
+                for k in range(len(write.triggers)):
+                    near = tau is None or F.cosine_similarity(hidden[row, t], write.keys[k], dim=0) >= tau
+                    if ids[row, t] == write.triggers[k] and near:
+                        expected[row, t] += write.deltas[k]
+        torch.testing.assert_close(writes.apply(hidden, ids, routed, fire, tau), expected, rtol=0, atol=1e-6)
+    assert torch.equal(writes.apply(hidden, ids, routed, torch.zeros(4, dtype=torch.bool), None), hidden)
+
+
+def _answer_ids(backbone, image, prompt, target):
+    batch = teacher_forced_batch(backbone, [image], [prompt], [target])
+    with torch.no_grad():
+        logits = backbone.forward(batch.inputs, use_cache=False).logits
+    return batch.answer_logits(logits, 0).argmax(-1), batch.labels(0), logits
+
+
+def _sharp_editor(make_editor, backbone, write):
+    editor = make_editor(backbone, -1, GATED, output_write=write)
+    with torch.no_grad():  # the gate opens for the edit's own image only (distinct noise images score far lower)
+        editor.adapter.scene.log_scale.fill_(math.log(1000.0))
+        editor.adapter.scene.threshold.fill_(0.999)
+    return editor
+
+
+def test_an_edit_with_its_write_answers_its_target_and_nothing_else_changes(tiny_backbone, images, make_editor):
+    editor = _sharp_editor(make_editor, tiny_backbone, OutputWriteConfig(margin=2.0, tau=0.999))
+    target = "green blue yes"
+    other_image = (images[1], PROMPT, target)
+    plain = _answer_ids(tiny_backbone, *other_image)[2]
+    editor.edit(EditRequest(images[0], PROMPT, target))
+    assert len(editor.hook.bank.writes) == 1
+    with editor.hook.writes_suspended():
+        adapter_only = _answer_ids(tiny_backbone, images[0], PROMPT, target)
+    assert not torch.equal(adapter_only[0], adapter_only[1])  # the adapter alone does not reach the target
+    predicted, labels, _ = _answer_ids(tiny_backbone, images[0], PROMPT, target)
+    assert torch.equal(predicted, labels)
+    # another question about the edit image: the adapter's change only (the key check keeps the write off)
+    with editor.hook.writes_suspended():
+        other_question = _answer_ids(tiny_backbone, images[0], OTHER, "two")[2]
+    assert torch.equal(_answer_ids(tiny_backbone, images[0], OTHER, "two")[2], other_question)
+    assert torch.equal(_answer_ids(tiny_backbone, *other_image)[2], plain)  # another image: not routed
+    text = tiny_backbone.encode(None, [PROMPT])
+    with torch.no_grad():
+        edited_text = tiny_backbone.forward(text, use_cache=False).logits
+    editor.restore()
+    with torch.no_grad():
+        assert torch.equal(tiny_backbone.forward(text, use_cache=False).logits, edited_text)
+    assert torch.equal(_answer_ids(tiny_backbone, *other_image)[2], plain)
+
+
+def test_cached_generation_writes_every_target_token(tiny_backbone, images, make_editor):
+    editor = _sharp_editor(make_editor, tiny_backbone, OutputWriteConfig(margin=4.0, tau=None))
+    target = "blue circle yes"
+    before = editor.generate([images[0]], [PROMPT], max_new_tokens=3)
+    editor.edit(EditRequest(images[0], PROMPT, target))
+    predicted, labels, _ = _answer_ids(tiny_backbone, images[0], PROMPT, target)
+    assert torch.equal(predicted, labels)
+    answer = editor.generate([images[0]], [PROMPT], max_new_tokens=len(labels))
+    assert answer[0] == tiny_backbone.tokenizer.decode(labels, skip_special_tokens=True).strip()
+    editor.restore()
+    assert editor.generate([images[0]], [PROMPT], max_new_tokens=3) == before
