@@ -128,21 +128,26 @@ class OutputWrites:
 
     def __init__(self):
         self.items: list[OutputWrite | None] = []
+        self._writing = 0  # how many items write anything: kept by count, read on every forward
         self._stacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def __len__(self) -> int:
-        return sum(item is not None and item.writes for item in self.items)
+        """The number of held edits whose write changes anything."""
+        return self._writing
 
     def append(self, write: OutputWrite | None) -> None:
-        self.items.append(write)
-        self._stacked = None
+        self.items.append(None)
+        self.set(len(self.items) - 1, write)
 
     def set(self, index: int, write: OutputWrite | None) -> None:
+        old = self.items[index]
+        self._writing += (write is not None and write.writes) - (old is not None and old.writes)
         self.items[index] = write
         self._stacked = None
 
     def clear(self) -> None:
         self.items.clear()
+        self._writing = 0
         self._stacked = None
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -145,24 +145,28 @@ class VisEditEditor(Editor):
         if isinstance(request, EditRequest):
             index = self.hook.bank.add(signal)
             if self.hook.write_config is not None:
-                self.hook.bank.writes.set(index, self.output_write(request))
+                self.hook.bank.writes.set(index, self.output_write(request, signal))
         else:
             self.hook.signal = signal
         return signal
 
     @torch.no_grad()
-    def output_write(self, request: EditRequest) -> OutputWrite:
+    def output_write(self, request: EditRequest, signal: EditSignal) -> OutputWrite:
         """The output write of ``request`` (`fit_output_write`): the LM head's input at the positions that
-        predict its target tokens, from one forward of the edit sample with the edits held and no writes."""
+        predict its target tokens, from one forward of the edit sample under its own edit ``signal`` alone
+        (what the bank gives the edit's own image) and no writes; the bank is not consulted, so the cost of
+        an edit does not grow with the edits already held."""
         backbone = self.backbone
         batch = teacher_forced_batch(backbone, [request.image], [request.prompt], [request.target])
         head = backbone.module(backbone.spec.lm_head)
         captured: dict[str, torch.Tensor] = {}
         handle = head.register_forward_pre_hook(lambda module, args: captured.__setitem__("h", args[0].detach()))
+        held, self.hook.signal = self.hook.signal, signal
         try:
             with self.hook.writes_suspended():
                 backbone.forward(batch.inputs, use_cache=False)
         finally:
+            self.hook.signal = held
             handle.remove()
         end, n = int(batch.prompt_ends[0]), batch.target_lengths[0]
         ids = batch.inputs["input_ids"][0].to(captured["h"].device)

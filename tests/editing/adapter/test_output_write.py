@@ -120,3 +120,19 @@ def test_cached_generation_writes_every_target_token(tiny_backbone, images, make
     assert answer[0] == tiny_backbone.tokenizer.decode(labels, skip_special_tokens=True).strip()
     editor.restore()
     assert editor.generate([images[0]], [PROMPT], max_new_tokens=3) == before
+
+
+def test_a_write_is_fitted_under_its_own_edit_whatever_else_the_bank_holds(tiny_backbone, images, make_editor):
+    editor = _sharp_editor(make_editor, tiny_backbone, OutputWriteConfig(margin=2.0))
+    request = EditRequest(images[0], PROMPT, "green blue yes")
+    editor.edit(request)
+    alone = editor.hook.bank.writes.items[0]
+    editor.restore()
+    assert len(editor.hook.bank.writes) == 0 and editor.hook.bank.writes.items == []
+    editor.edit(EditRequest(images[1], PROMPT, "red"))
+    editor.edit(EditRequest(images[0], OTHER, "four"))
+    editor.edit(request)
+    banked = editor.hook.bank.writes.items[2]
+    assert editor.hook.signal is None and len(editor.hook.bank) == 3
+    assert torch.equal(banked.triggers, alone.triggers) and torch.equal(banked.deltas, alone.deltas)
+    assert len(editor.hook.bank.writes) == sum(w.writes for w in editor.hook.bank.writes.items)
