@@ -8,7 +8,7 @@ instead (docs/experiments/editing-compare.md). A write after the last layer reac
 are ``W h`` (``W`` the LM head), so adding ``δ`` to the head's input ``h`` adds ``W δ`` to the logits.
 
 What is stored per edit (`fit_output_write`), from one teacher-forced forward of the edit sample
-``template(prompt) + " " + target`` with the adapter on and no output write, K = the target's tokens:
+``template(prompt) + " " + target`` under this edit alone (adapter on, no output write), K = its target tokens:
 - ``triggers`` [K]: the input token at each position that predicts a target token (the last prompt token,
   then target tokens 1..K−1): position t predicts token t+1, so that is where target token k is written;
 - ``keys`` [K, d]: the head's input at those positions, unit length;
