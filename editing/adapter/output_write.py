@@ -151,7 +151,8 @@ class OutputWrites:
         self._stacked = None
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(triggers [N, K] padded with −1, keys [N, K, d], deltas [N, K, d] padded with zeros)."""
+        """(triggers [N, K], keys [N, K, d], deltas [N, K, d]); padding and positions without a write (zero
+        delta) get trigger −1, which no input token matches, so `apply` need not look at the deltas."""
         if self._stacked is None:
             real = [w for w in self.items if w is not None]
             k = max(len(w.triggers) for w in real)
@@ -164,6 +165,7 @@ class OutputWrites:
                     triggers[i, :len(w.triggers)] = w.triggers.cpu()
                     keys[i, :len(w.triggers)] = w.keys.cpu()
                     deltas[i, :len(w.triggers)] = w.deltas.cpu()
+            triggers[deltas.abs().sum(-1) == 0] = -1
             self._stacked = (triggers, keys, deltas)
         return self._stacked
 
@@ -179,7 +181,6 @@ class OutputWrites:
         triggers, keys, deltas = triggers[routed], keys[routed], deltas[routed]  # [B, K], [B, K, d] x2
         fire = fire.to(hidden.device)[:, None, None]
         match = (input_ids.to(hidden.device)[:, :, None] == triggers[:, None, :]) & fire
-        match &= (deltas.abs().sum(-1) > 0)[:, None, :]
         if tau is not None and bool(match.any()):
             cosines = torch.einsum("btd,bkd->btk", F.normalize(hidden.float(), dim=-1), keys)
             match &= cosines >= tau
