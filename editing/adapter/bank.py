@@ -23,9 +23,11 @@ cost of a forward grows with N only through the routing scores, never through a 
 
 Two edits on the same image: the input goes to one of them, the one whose edit image is the closest;
 when they tie (the same image), the most recent edit wins — a later correction of the same picture
-replaces the earlier one for that image. The adapter writes visual tokens only, which cannot see the
-question (they come before it), so nothing at the edit layer could tell which of two questions about one
-image is being asked; the bank does not pretend to.
+replaces the earlier one for that image. The visual tokens come before the question, so the edit layer's
+visual slice cannot tell which of two questions about one image is being asked. With a question gate
+(`editing.adapter.question_gate`, ``visedit_gated`` on E-VQA) the routed edit then acts only if the row
+asks its question (the edit's stored question key, ``questions``); the other edit on the same image is
+not tried in its place.
 
 A bank of one edit is the single-edit adapter, except that a row whose weight is under ``floor`` is
 skipped instead of changed by less than a thousandth of the edit.
@@ -51,6 +53,8 @@ class EditBank:
         self.adapter, self.floor, self.router = adapter, floor, router
         self.signals: list[EditSignal] = []
         self.writes = OutputWrites()  # each edit's output write, or None (`editing.adapter.output_write`)
+        self.questions: list[torch.Tensor | None] = []  # each edit's question key (`editing.adapter.question_gate`)
+        self._question_keys: tuple[torch.Tensor, torch.Tensor] | None = None
         self.last_scores: torch.Tensor | None = None  # [B, N] what the latest `route` ranked the edits by
         self._stacked: EditSignal | None = None
         self._edit_side: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -65,13 +69,34 @@ class EditBank:
             raise ValueError(f"the bank stores one edit at a time, this signal holds {len(signal)}")
         self.signals.append(signal)
         self.writes.append(None)
-        self._stacked = self._edit_side = self._embedded = None
+        self.questions.append(None)
+        self._stacked = self._edit_side = self._embedded = self._question_keys = None
         return len(self.signals) - 1
 
     def clear(self) -> None:
         self.signals.clear()
         self.writes.clear()
-        self._stacked = self._edit_side = self._embedded = self.last_scores = None
+        self.questions.clear()
+        self._stacked = self._edit_side = self._embedded = self.last_scores = self._question_keys = None
+
+    def set_question(self, index: int, key: torch.Tensor | None) -> None:
+        """Give stored edit ``index`` its question key ([dim], unit; None: the edit has no question gate)."""
+        self.questions[index] = None if key is None else key.detach().reshape(-1)
+        self._question_keys = None
+
+    def question_keys(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(keys [N, dim], has [N] whether edit n has a key; zeros where not), or None when no edit has one."""
+        if self._question_keys is None:
+            real = [k for k in self.questions if k is not None]
+            if not real:
+                return None
+            keys = real[0].new_zeros((len(self.questions), real[0].shape[0]))
+            has = torch.zeros(len(self.questions), dtype=torch.bool, device=real[0].device)
+            for i, key in enumerate(self.questions):
+                if key is not None:
+                    keys[i], has[i] = key, True
+            self._question_keys = (keys, has)
+        return self._question_keys
 
     def stacked(self) -> EditSignal:
         """Every stored edit as one signal of N rows: states right-padded with zeros and masked (VEAD's

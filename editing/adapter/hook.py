@@ -22,6 +22,11 @@ Bypass rules (the layer's tensor is returned as is, bit-identical): no edit sign
 empty, adapter closed, no visual positions known for this call (text-only input), a single-token step
 (cached decoding), or, with the bank, no row routed to any edit.
 
+Question gate (`editing.adapter.question_gate`, with ``question_gate`` set and edits in the bank that carry
+a question key): a row the bank routes to an edit is left untouched unless its question key (from the
+forward's input ids, read by the token-embedding pre-hook below) reaches the gate's threshold with the
+edit's; a forward run from ``inputs_embeds`` has no ids and is refused.
+
 Output writes (`editing.adapter.output_write`, with ``write_config`` set and edits in the bank that carry
 one): a forward pre-hook on the LM head adds them to the rows the bank routed in this forward; the input
 ids come from a forward pre-hook on the LM's token embedding, which every forward calls once (also
@@ -40,6 +45,7 @@ from attrib.backbones.processing import locate_visual_tokens
 from attrib.backbones.spec import BackboneSpec
 from editing.adapter.bank import EditBank
 from editing.adapter.output_write import OutputWriteConfig
+from editing.adapter.question_gate import QuestionEncoder
 from editing.adapter.vead import EditAdapter, EditSignal
 
 LM_INPUT = -1  # edit_layer value meaning "the LM's input embeddings"
@@ -71,6 +77,9 @@ class AdapterHook:
         self.write_config: OutputWriteConfig | None = None
         self.writes_enabled = True
         self.routed: tuple[torch.Tensor, torch.Tensor] | None = None  # (edit [B], fire [B]) of the last routing
+        self.question_gate: QuestionEncoder | None = None
+        self.last_question_cos: torch.Tensor | None = None  # [B] each row's question cosine to its routed edit
+        self.embed = model.get_submodule(spec.embed_tokens)
         self._positions: list[torch.Tensor | None] = []
         self._input_ids: torch.Tensor | None = None
         layer = model.get_submodule(spec.layer_path(max(edit_layer, 0)))
@@ -79,7 +88,7 @@ class AdapterHook:
             model.register_forward_hook(self._pop_positions, always_call=True),
             layer.register_forward_pre_hook(self._rewrite_input, with_kwargs=True) if edit_layer == LM_INPUT
             else layer.register_forward_hook(self._rewrite_output),
-            model.get_submodule(spec.embed_tokens).register_forward_pre_hook(self._keep_input_ids),
+            self.embed.register_forward_pre_hook(self._keep_input_ids),
             model.get_submodule(spec.lm_head).register_forward_pre_hook(self._write_output),
         ]
 
@@ -156,6 +165,8 @@ class AdapterHook:
             signal, keep = self.signal, None
         else:
             best, weight, keep = self.bank.route(visual)
+            if self.question_gate is not None and self.bank.question_keys() is not None:
+                keep = keep & self._asks_question(best, hidden.shape[:2])
             signal = self.bank.take(best)
             if self.write_config is not None:
                 self.routed = (best, keep & (weight >= self.write_config.min_weight))
@@ -185,8 +196,25 @@ class AdapterHook:
         if self._positions:
             self._positions.pop()
 
+    def _asks_question(self, best: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """[B] whether each row's question key reaches the question gate's threshold with its routed edit's
+        (edits without a key pass)."""
+        ids = self._input_ids
+        if ids is None or tuple(ids.shape) != tuple(shape):
+            raise ValueError("the question gate reads the input ids of the forward, and this one ran without "
+                             f"them (input_ids {None if ids is None else tuple(ids.shape)}, hidden states "
+                             f"{tuple(shape)}): pass input_ids, not inputs_embeds")
+        gate = self.question_gate
+        keys, has = self.bank.question_keys()
+        with torch.no_grad():
+            rows = gate.keys(ids, self.embed)
+        cos = (rows * keys.to(rows.device)[best.to(rows.device)]).sum(-1)
+        self.last_question_cos = cos
+        return (~has.to(rows.device)[best.to(rows.device)] | (cos >= gate.threshold)).to(best.device)
+
     def _keep_input_ids(self, module, args) -> None:
-        self._input_ids = args[0] if self.writing and args and isinstance(args[0], torch.Tensor) else None
+        wanted = self.writing or (self.question_gate is not None and len(self.bank) > 0)
+        self._input_ids = args[0] if wanted and args and isinstance(args[0], torch.Tensor) else None
 
     def _write_output(self, module, args):
         if not self.writing or self.routed is None or self._input_ids is None or not args:

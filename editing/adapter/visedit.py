@@ -33,6 +33,7 @@ from attrib.errors import ArtifactError
 from attrib.io import atomic_write, read_json, read_safetensors, require
 from editing.adapter.hook import LM_INPUT, AdapterHook
 from editing.adapter.output_write import OutputWrite, OutputWriteConfig, fit_output_write
+from editing.adapter.question_gate import prompt_ids
 from editing.adapter.vead import EditAdapter, EditSignal, VeadConfig, lm_width
 from editing.editor import Editor, EditRequest
 from editing.inputs import teacher_forced_batch
@@ -140,12 +141,15 @@ class VisEditEditor(Editor):
         the stored edit that concerns it), with the adapter's edit-side projections cached for the
         forwards that follow. A sequence of requests instead sets one edit per input row (batched
         training and benchmarks: row r of every input batch gets edit r), replacing the bank's routing.
-        With an output write configured, a single request's write is fitted after its signal is stored."""
+        With an output write configured, a single request's write is fitted after its signal is stored; with a
+        question gate, its question key is stored too."""
         signal = self.adapter.prepare(self.edit_signal(request))
         if isinstance(request, EditRequest):
             index = self.hook.bank.add(signal)
             if self.hook.write_config is not None:
                 self.hook.bank.writes.set(index, self.output_write(request, signal))
+            if self.hook.question_gate is not None:
+                self.hook.bank.set_question(index, self.question_key(request.prompt))
         else:
             self.hook.signal = signal
         return signal
@@ -172,6 +176,12 @@ class VisEditEditor(Editor):
         ids = batch.inputs["input_ids"][0].to(captured["h"].device)
         return fit_output_write(captured["h"][0, end:end + n], ids[end + 1:end + 1 + n], ids[end:end + n],
                                 head.weight, getattr(head, "bias", None), self.hook.write_config)
+
+    @torch.no_grad()
+    def question_key(self, prompt: str) -> torch.Tensor:
+        """[dim] the question gate's key of ``prompt`` (`editing.adapter.question_gate`)."""
+        gate = self.hook.question_gate
+        return gate.keys(prompt_ids(self.backbone, prompt)[None], self.hook.embed)[0]
 
     def restore(self) -> None:
         """Back to the unedited model (the hook bypasses without edits)."""

@@ -23,7 +23,8 @@ LABELS = {"rel": "Rel", "t_gen": "T-Gen", "m_gen": "M-Gen", "t_loc": "T-Loc", "m
 # lifelong issue: EDITS=1,10,100,1000 on BLIP-2), and of one learned baseline's prepare, in seconds.
 BUDGET_MIN = {False: {"blip2": 45, "llava": 60, "minigpt4": 60}, True: {"blip2": 60}}
 PREPARE_BUDGET_S = 600
-EXTENSION = {"visedit_gated": "ours: VisEdit + scene gate + target role + scene router + output write",
+EXTENSION = {"visedit_gated": "ours: VisEdit + scene gate + target role + scene router + output write"
+                              " + question gate on E-VQA",
              "lookup": "control, not an editor", "none": "unedited model"}
 
 

@@ -16,6 +16,12 @@ that sends each input to one of many live edits: on the training records' images
 its thresholds, one per bank size, chosen on the dev records with the training images as further stored
 edits; saved to ``<work>/router.safetensors`` and reused while its key (config, edit layer, training file
 and count) holds.
+
+``visedit_gated`` with a ``question_gate`` mapping (its config) on E-VQA also fits the question gate
+(`editing.adapter.question_gate`): a routed edit acts only in rows that ask its question or a rephrase of
+it. Trained on the training records' questions, its threshold chosen on the dev records; saved to
+``<work>/question_gate.safetensors`` and reused while its key holds. Not on E-IC: a caption edit's
+instruction is not a question about the image, and its rows append the caption with no closing marker.
 """
 from __future__ import annotations
 
@@ -31,11 +37,15 @@ from attrib.artifact import parse_json
 from attrib.data import EditRecord
 from attrib.errors import ArtifactError
 from attrib.io import atomic_write, read_safetensors
+from attrib.prompts import load_prompts
 from editing.adapter.output_write import OutputWriteConfig
+from editing.adapter.question_gate import (QuestionEncoder, QuestionGateConfig, choose_question_threshold,
+                                           closing_marker, fit_question_encoder, prompt_ids)
 from editing.adapter.router import RouterConfig, SceneRouter, choose_threshold, fit_router, image_groups
 from editing.adapter.vead import lm_width
 from editing.adapter.visedit import VisEditEditor
 from editing.editor import EditRequest
+from editing.evaluation.evaluate import same_image_questions
 from editing.methods import MethodContext
 from editing.training.config import TrainConfig
 from editing.training.loop import train
@@ -63,6 +73,9 @@ class VisEditMethod(VisEditEditor):
                                         same_image_weight=float(hyper.get("same_image_weight", 0.0)))
         self.router_config = RouterConfig(**{**hyper.get("router_config", {}), "seed": context.seed}) \
             if gated and hyper.get("router") else None
+        question = hyper.get("question_gate")
+        self.question_config = QuestionGateConfig(**{**question, "seed": context.seed}) \
+            if gated and isinstance(question, dict) and context.task == "vqa" else None
 
     def close(self) -> None:
         self.remove()
@@ -75,6 +88,8 @@ class VisEditMethod(VisEditEditor):
                   "adapter": self.config.to_json(), "placement": self.placement.to_json()}
         if self.router_config is not None:
             report["router"] = self.prepare_router(train_records, dev)
+        if self.question_config is not None:
+            report["question_gate"] = self.prepare_question_gate(train_records, dev)
         return {**report, "wall_s": round(time.perf_counter() - start, 2)}
 
     def visual_states(self, records: Sequence[EditRecord], field: str, batch_size: int = 32) -> torch.Tensor:
@@ -118,6 +133,52 @@ class VisEditMethod(VisEditEditor):
                 atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
         router.to(self.adapter.im.norm_visual.weight.device)
         self.hook.bank.router = router
+        return {**report, "loaded": loaded is not None}
+
+    def prepare_question_gate(self, train_records: Sequence[EditRecord], dev: Sequence[EditRecord]) -> dict:
+        """Fit (or load) the question gate on the training records' questions, rephrases and same-image
+        questions, its threshold chosen on the dev records', and install it (module docstring)."""
+        def triples(records: Sequence[EditRecord]) -> list[tuple[str, str, list[str]]]:
+            return [(r.src, r.rephrase, [q["question"] for q in same_image_questions(r)]) for r in records]
+
+        train, held = triples(train_records), triples(dev)
+        if len(train) < 2 or not any(same for _, _, same in held):
+            raise ValueError(f"{self.context.name}: the question gate trains on two or more training records and "
+                             f"chooses its threshold on dev records with same-image questions; got {len(train)} "
+                             f"training records and {sum(bool(same) for _, _, same in held)} such dev records")
+        start = time.perf_counter()
+        backbone, fmt = self.backbone, load_prompts()["vqa"]
+        marker = closing_marker(backbone, fmt)
+        key = json.dumps({"config": self.question_config.to_json(), "marker": marker,
+                          "train": str(train_records[0].source), "n_train": len(train_records),
+                          "dev": str(dev[0].source), "n_dev": len(dev)}, sort_keys=True)
+        path = None if self.context.work is None else Path(self.context.work) / "question_gate.safetensors"
+        embed = self.hook.embed
+        gate = QuestionEncoder(embed.weight.shape[1], self.question_config, len(marker))
+        gate.set_tokens(marker, backbone.tokenizer.pad_token_id, backbone.image_token_id)
+        loaded = None
+        if path is not None and path.is_file():
+            tensors, metadata = read_safetensors(path, "question gate file")
+            if metadata.get("key") == key:
+                gate.load_state_dict(tensors)
+                loaded = parse_json(metadata.get("report"), f"{path}: metadata 'report'")
+        if loaded is not None:
+            report = loaded
+        else:
+            tokens = {s: prompt_ids(backbone, fmt.format(src=s)) for q, r, same in train for s in (q, r, *same)}
+            losses = fit_question_encoder(gate, embed, tokens, train, progress=self.context.progress)
+            strings = {s for q, r, same in held for s in (q, r, *same)}
+            with torch.no_grad():
+                keys = {s: gate.keys(prompt_ids(backbone, fmt.format(src=s))[None], embed)[0] for s in strings}
+            report = choose_question_threshold(gate, keys, held)
+            report.update(config=self.question_config.to_json(), final_loss=round(losses[-1], 4),
+                          fit_s=round(time.perf_counter() - start, 2))
+            if path is not None:
+                state = {k: v.contiguous() for k, v in gate.state_dict().items()}
+                metadata = {"key": key, "report": json.dumps(report)}
+                atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+        gate.eval()
+        self.hook.question_gate = gate
         return {**report, "loaded": loaded is not None}
 
     def _load_router(self, path: Path, key: str) -> tuple[SceneRouter, dict] | None:

@@ -1,16 +1,20 @@
-"""``visedit_gated`` with its scene router: prepare fits the router, puts it in the edit bank, saves it under
-the work folder and reuses it while its key holds; the paper's ``visedit`` gets none."""
+"""``visedit_gated`` with its scene router and question gate: prepare fits them, puts them in the edit bank /
+hook, saves them under the work folder and reuses them while their key holds; the paper's ``visedit`` gets
+neither, and captions no question gate."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from attrib.data import load_records
 from attrib.world import write_world
 from editing.adapter.visedit import EditPlacement
+from editing.editor import EditRequest
 from editing.methods import MethodContext, build_method, method_config
 
 FAST = {"steps": 2, "batch_size": 2, "checkpoint_every": 1,
-        "router_config": {"hidden": 16, "dim": 8, "epochs": 3, "batch_size": 8}}
+        "router_config": {"hidden": 16, "dim": 8, "epochs": 3, "batch_size": 8},
+        "question_gate": {"hidden": 16, "dim": 8, "epochs": 2, "batch_size": 8}}
 
 
 @pytest.fixture(scope="module")
@@ -19,9 +23,9 @@ def world(tmp_path_factory):
                        n_caption_eval=1)
 
 
-def _method(name, backbone, work):
+def _method(name, backbone, work, task="vqa"):
     hyper = {**method_config(name, backbone.spec.name), **FAST}
-    context = MethodContext(backbone, task="vqa", seed=0, work=work, hyper=hyper,
+    context = MethodContext(backbone, task=task, seed=0, work=work, hyper=hyper,
                             extra={"placement": EditPlacement(edit_layer=0)})
     return build_method(name, context)
 
@@ -54,6 +58,36 @@ def test_the_router_is_fitted_saved_and_reused(tiny_backbone, world, tmp_path):
         other.close()
 
 
+def test_the_question_gate_is_fitted_saved_reused_and_stored_per_edit(tiny_backbone, world, tmp_path):
+    train, dev = load_records(world / "vqa_train.json"), load_records(world / "vqa_eval.json")
+    editor = _method("visedit_gated", tiny_backbone, tmp_path)
+    try:
+        report = editor.prepare(train, dev)["question_gate"]
+        assert not report["loaded"] and report["dev_edits"] == 6 and report["dev_same_image_questions"] > 0
+        gate = editor.hook.question_gate
+        assert gate is not None and float(gate.threshold) == pytest.approx(report["threshold"], abs=1e-4)
+        assert (tmp_path / "question_gate.safetensors").is_file()
+        request = EditRequest.from_record(dev[0], "vqa")
+        editor.edit(request)
+        key = editor.hook.bank.questions[0]
+        assert key is not None and torch.equal(key, editor.question_key(request.prompt))
+    finally:
+        editor.close()
+    again = _method("visedit_gated", tiny_backbone, tmp_path)
+    try:
+        reloaded = again.prepare(train, dev)["question_gate"]
+        assert reloaded["loaded"] and reloaded["threshold"] == report["threshold"]
+        for name, tensor in gate.state_dict().items():
+            assert torch.equal(again.hook.question_gate.state_dict()[name], tensor), name
+    finally:
+        again.close()
+    caption = _method("visedit_gated", tiny_backbone, tmp_path / "caption", task="caption")
+    try:
+        assert caption.question_config is None and caption.hook.question_gate is None
+    finally:
+        caption.close()
+
+
 def test_the_router_needs_dev_records(tiny_backbone, world, tmp_path):
     editor = _method("visedit_gated", tiny_backbone, tmp_path)
     try:
@@ -63,11 +97,12 @@ def test_the_router_needs_dev_records(tiny_backbone, world, tmp_path):
         editor.close()
 
 
-def test_the_papers_visedit_has_no_router(tiny_backbone, world, tmp_path):
+def test_the_papers_visedit_has_no_router_and_no_question_gate(tiny_backbone, world, tmp_path):
     editor = _method("visedit", tiny_backbone, tmp_path)
     try:
-        assert "router" not in editor.prepare(load_records(world / "vqa_train.json"), [])
-        assert editor.hook.bank.router is None
+        report = editor.prepare(load_records(world / "vqa_train.json"), [])
+        assert "router" not in report and "question_gate" not in report
+        assert editor.hook.bank.router is None and editor.hook.question_gate is None
     finally:
         editor.close()
 
