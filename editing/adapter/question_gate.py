@@ -99,10 +99,14 @@ class QuestionEncoder(nn.Module):
         return nn.functional.normalize(self.out((weights[..., None] * hidden).sum(1)), dim=-1)
 
     def keys(self, ids: torch.Tensor, embed: nn.Module) -> torch.Tensor:
-        """[B, dim] question keys of the token rows ``ids`` [B, T], embedded by the LM's ``embed``."""
+        """[B, dim] question keys of the token rows ``ids`` [B, T], embedded by the LM's ``embed`` (its
+        weight looked up directly: calling the module would run the hooks installed on it). Only the
+        columns that hold a question token in some row are encoded (the others weigh zero)."""
         mask = self.question_mask(ids)
+        columns = mask.any(0)
+        ids, mask = ids[:, columns.to(ids.device)], mask[:, columns]
         with torch.no_grad():
-            embedded = embed(ids.to(embed.weight.device)).to(self.marker.device)
+            embedded = nn.functional.embedding(ids.to(embed.weight.device), embed.weight).to(self.marker.device)
         return self(embedded, mask)
 
 
@@ -145,7 +149,7 @@ def fit_question_encoder(encoder: QuestionEncoder, embed: nn.Module, tokens: dic
         ids[index[s], :len(t)] = t
     valid = ids >= 0
     with torch.no_grad():
-        embedded = embed(ids.clamp(min=0).to(embed.weight.device)).to(device).float()
+        embedded = nn.functional.embedding(ids.clamp(min=0).to(embed.weight.device), embed.weight).to(device).float()
     masks = encoder.question_mask(ids.clamp(min=0)) & valid.to(device)
     first = torch.tensor([index[q] for q, _, _ in pairs])
     second = torch.tensor([index[r] for _, r, _ in pairs])

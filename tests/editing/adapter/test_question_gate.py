@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from editing.adapter.output_write import OutputWriteConfig
 from editing.adapter.question_gate import (QuestionEncoder, QuestionGateConfig, choose_question_threshold,
                                            closing_marker, fit_question_encoder, meaning_groups, prompt_ids)
 from editing.adapter.vead import VeadConfig
@@ -87,8 +88,8 @@ def test_the_fit_parts_rephrases_from_same_image_questions():
     assert report["threshold"] == pytest.approx(float(gate.threshold), abs=1e-4)
 
 
-def _gated_editor(make_editor, backbone):
-    editor = make_editor(backbone, -1, GATED)
+def _gated_editor(make_editor, backbone, **kwargs):
+    editor = make_editor(backbone, -1, GATED, **kwargs)
     with torch.no_grad():  # the gate opens for the edit's own image only
         editor.adapter.scene.log_scale.fill_(math.log(1000.0))
         editor.adapter.scene.threshold.fill_(0.999)
@@ -134,3 +135,17 @@ def test_an_edit_acts_on_its_question_only(tiny_backbone, images, make_editor):
     editor.restore()
     assert editor.hook.bank.questions == [] and editor.hook.bank.question_keys() is None
     assert torch.equal(_logits(tiny_backbone, images[0], PROMPT, "blue"), before["own"])
+
+
+def test_the_output_write_still_fires_on_the_edits_own_question(tiny_backbone, images, make_editor):
+    editor = _gated_editor(make_editor, tiny_backbone, output_write=OutputWriteConfig(margin=2.0, tau=None))
+    target = "green blue yes"
+    other = _logits(tiny_backbone, images[0], OTHER, target)
+    editor.edit(EditRequest(images[0], PROMPT, target))
+    assert len(editor.hook.bank.writes) == 1
+    batch = teacher_forced_batch(tiny_backbone, [images[0]], [PROMPT], [target])
+    with torch.no_grad():
+        logits = tiny_backbone.forward(batch.inputs, use_cache=False).logits
+    assert torch.equal(batch.answer_logits(logits, 0).argmax(-1), batch.labels(0))
+    # without the key check the write would fire on any routed row; the question gate keeps this one out
+    assert torch.equal(_logits(tiny_backbone, images[0], OTHER, target), other)
