@@ -70,8 +70,8 @@ class QuestionEncoder(nn.Module):
     def set_tokens(self, marker: Sequence[int], pad_id: int | None, image_token_id: int | None) -> None:
         device = self.threshold.device
         self.marker = torch.tensor(list(marker), dtype=torch.long, device=device)
-        self.special = torch.tensor([-1 if pad_id is None else pad_id, -1 if image_token_id is None else image_token_id],
-                                    dtype=torch.long, device=device)
+        special = [-1 if token is None else token for token in (pad_id, image_token_id)]
+        self.special = torch.tensor(special, dtype=torch.long, device=device)
 
     def question_mask(self, ids: torch.Tensor) -> torch.Tensor:
         """[B, T] bool: the tokens of each row before the last occurrence of ``marker`` (every token when
@@ -219,8 +219,10 @@ def prompt_ids(backbone, prompt: str) -> torch.Tensor:
     return torch.tensor(backbone.tokenizer(backbone.format_prompt(prompt))["input_ids"], dtype=torch.long)
 
 
-def closing_marker(backbone, prompt_format: str, probes: Sequence[str] = ("What color is the cube?",
-                                                                            "Count the objects in the image.")) -> list[int]:
+PROBES = ("What color is the cube?", "Count the objects in the image.")
+
+
+def closing_marker(backbone, prompt_format: str, probes: Sequence[str] = PROBES) -> list[int]:
     """The token ids every prompt of ``prompt_format`` (e.g. "{src} The answer is:") ends with in the
     backbone's template: the longest common suffix of two probe prompts' ids."""
     a, b = (prompt_ids(backbone, prompt_format.format(src=p)).tolist() for p in probes)

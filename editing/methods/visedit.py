@@ -39,8 +39,14 @@ from attrib.errors import ArtifactError
 from attrib.io import atomic_write, read_safetensors
 from attrib.prompts import load_prompts
 from editing.adapter.output_write import OutputWriteConfig
-from editing.adapter.question_gate import (QuestionEncoder, QuestionGateConfig, choose_question_threshold,
-                                           closing_marker, fit_question_encoder, prompt_ids)
+from editing.adapter.question_gate import (
+    QuestionEncoder,
+    QuestionGateConfig,
+    choose_question_threshold,
+    closing_marker,
+    fit_question_encoder,
+    prompt_ids,
+)
 from editing.adapter.router import RouterConfig, SceneRouter, choose_threshold, fit_router, image_groups
 from editing.adapter.vead import lm_width
 from editing.adapter.visedit import VisEditEditor

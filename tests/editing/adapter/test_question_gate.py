@@ -11,8 +11,15 @@ import torch
 from PIL import Image
 
 from editing.adapter.output_write import OutputWriteConfig
-from editing.adapter.question_gate import (QuestionEncoder, QuestionGateConfig, choose_question_threshold,
-                                           closing_marker, fit_question_encoder, meaning_groups, prompt_ids)
+from editing.adapter.question_gate import (
+    QuestionEncoder,
+    QuestionGateConfig,
+    choose_question_threshold,
+    closing_marker,
+    fit_question_encoder,
+    meaning_groups,
+    prompt_ids,
+)
 from editing.adapter.vead import VeadConfig
 from editing.editor import EditRequest
 from editing.inputs import teacher_forced_batch

@@ -1,0 +1,43 @@
+"""Dev sweep of the output write (docs/experiments/editing-compare.md, "An output write").
+
+    HF_HUB_OFFLINE=1 .venv/bin/python docs/experiments/scripts/output_write_dev.py blip2 vqa 300 \
+        '[null, {"margin": 10.0, "tau": 0.7}]'
+
+Loads (or fits) `visedit_gated` as `make compare BACKBONE=<backbone> TASK=<task>` does, then scores the first
+N dev edits (world seed 1's eval split) under each output-write config of the JSON list (null: no write).
+One JSON line per config, also appended to runs/outwrite/sweep.jsonl.
+"""
+import json
+import sys
+import time
+from pathlib import Path
+
+from editing.adapter.output_write import OutputWriteConfig
+from editing.command.compare import CompareOptions, prepared_method
+from editing.evaluation.evaluate import evaluate_edits
+
+FIVE = ["rel", "t_gen", "m_gen", "t_loc", "m_loc"]
+
+
+def main(backbone: str, task: str, n: int, configs: list) -> None:
+    options = CompareOptions(backbone=backbone, task=task, out=Path(f"runs/compare/{backbone}-{task}"), progress=False)
+    editor, _, roles, _, _ = prepared_method(options, "visedit_gated")
+    editor.hook.question_gate = None  # the sweep predates the question gate and was run without it
+    dev = roles.dev[:n]
+    log = Path("runs/outwrite/sweep.jsonl")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    for config in configs:
+        editor.hook.write_config = None if config is None else OutputWriteConfig(**config)
+        start = time.perf_counter()
+        scores = evaluate_edits(editor, dev, task).to_json()
+        row = {"backbone": backbone, "task": task, "n": len(dev), "config": config,
+               "s": round(time.perf_counter() - start, 1),
+               **{k: scores.get(k) for k in [*FIVE, "loc_same_image", "exact_match", "edit_ms", "targets"]},
+               "mean": round(sum(scores[k] for k in FIVE) / 5, 2)}
+        print(json.dumps(row), flush=True)
+        with log.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4]))
