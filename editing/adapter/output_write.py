@@ -19,7 +19,8 @@ What is stored per edit (`fit_output_write`), from one teacher-forced forward of
 Where it is applied (`OutputWrites.apply`, a forward pre-hook on the LM head run by `AdapterHook`): in
 an input row that the edit bank routed to the edit with a routing weight of at least ``min_weight``, at
 every position whose input token is trigger k and whose head input has cosine ≥ ``tau`` with key k, δ_k
-is added. The routing decides *which image* (the bank's scene router and gate), the key decides *which
+is added — of several matching keys (a target that repeats a token), only the closest one's. The routing
+decides *which image* (the bank's scene router and gate), the key decides *which
 question*: the positions of a same-image question about something else end on the same last prompt token
 but hold another state, and are left alone. Positions in the prompt that happen to hold a trigger token
 change only the logits predicting the prompt's own next token, which no answer reads.
@@ -181,9 +182,16 @@ class OutputWrites:
         triggers, keys, deltas = triggers[routed], keys[routed], deltas[routed]  # [B, K], [B, K, d] x2
         fire = fire.to(hidden.device)[:, None, None]
         match = (input_ids.to(hidden.device)[:, :, None] == triggers[:, None, :]) & fire
-        if tau is not None and bool(match.any()):
+        if not bool(match.any()):
+            return hidden
+        several = bool((match.sum(-1) > 1).any())  # a target that repeats a token ("a", "the" in captions)
+        if tau is not None or several:
             cosines = torch.einsum("btd,bkd->btk", F.normalize(hidden.float(), dim=-1), keys)
-            match &= cosines >= tau
+            if tau is not None:
+                match &= cosines >= tau
+            if several:  # each position takes the write of its closest matching key only
+                best = cosines.masked_fill(~match, float("-inf")).argmax(-1, keepdim=True)
+                match &= torch.zeros_like(match).scatter_(-1, best, True)
         if not bool(match.any()):
             return hidden
         added = torch.einsum("btk,bkd->btd", match.float(), deltas)

@@ -49,10 +49,14 @@ def test_the_batched_write_equals_the_row_by_row_one():
     for k in (2, 3, 1):
         writes.append(OutputWrite(torch.randint(0, 6, (k,)), F.normalize(torch.randn(k, d), dim=-1), torch.randn(k, d)))
     writes.append(None)
+    writes.items[1].triggers[2] = writes.items[1].triggers[0]  # a target that repeats a token
     hidden, ids = torch.randn(4, 7, d), torch.randint(0, 6, (4, 7))
     hidden[0, 3] = writes.items[0].keys[1] * 2  # a position whose state is its key
     ids[0, 3] = writes.items[0].triggers[1]
+    ids[1, 2] = ids[1, 5] = writes.items[1].triggers[0]  # positions that match two keys of edit 1
+    hidden[1, 5] = writes.items[1].keys[2]
     routed, fire = torch.tensor([0, 1, 2, 0]), torch.tensor([True, True, True, False])
+    several = 0
     for tau in (None, 0.5):
         expected = hidden.clone()
         for row in range(4):
@@ -60,11 +64,14 @@ def test_the_batched_write_equals_the_row_by_row_one():
             if not fire[row] or write is None:
                 continue
             for t in range(7):
-                for k in range(len(write.triggers)):
-                    near = tau is None or F.cosine_similarity(hidden[row, t], write.keys[k], dim=0) >= tau
-                    if ids[row, t] == write.triggers[k] and near:
-                        expected[row, t] += write.deltas[k]
+                cosines = [float(F.cosine_similarity(hidden[row, t], key, dim=0)) for key in write.keys]
+                matching = [k for k in range(len(write.triggers)) if ids[row, t] == write.triggers[k]
+                            and (tau is None or cosines[k] >= tau)]
+                several += len(matching) > 1
+                if matching:  # the closest matching key writes
+                    expected[row, t] += write.deltas[max(matching, key=lambda k: cosines[k])]
         torch.testing.assert_close(writes.apply(hidden, ids, routed, fire, tau), expected, rtol=0, atol=1e-6)
+    assert several >= 2
     assert torch.equal(writes.apply(hidden, ids, routed, torch.zeros(4, dtype=torch.bool), None), hidden)
 
 
@@ -136,3 +143,14 @@ def test_a_write_is_fitted_under_its_own_edit_whatever_else_the_bank_holds(tiny_
     assert editor.hook.signal is None and len(editor.hook.bank) == 3
     assert torch.equal(banked.triggers, alone.triggers) and torch.equal(banked.deltas, alone.deltas)
     assert len(editor.hook.bank.writes) == sum(w.writes for w in editor.hook.bank.writes.items)
+
+
+def test_a_target_that_repeats_tokens_is_answered_exactly(tiny_backbone, images, make_editor):
+    """Repeated target tokens give one trigger several keys; each position takes its closest key's write only."""
+    editor = _sharp_editor(make_editor, tiny_backbone, OutputWriteConfig(margin=2.0, tau=0.0))
+    target = "blue red blue red blue"
+    editor.edit(EditRequest(images[0], PROMPT, target))
+    write = editor.hook.bank.writes.items[0]
+    assert len(set(write.triggers.tolist())) < len(write.triggers)
+    predicted, labels, _ = _answer_ids(tiny_backbone, images[0], PROMPT, target)
+    assert torch.equal(predicted, labels)
