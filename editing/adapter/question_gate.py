@@ -25,30 +25,21 @@ the same whether its answer is being generated or read.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from editing.adapter.router import contrastive_loss
+from editing.adapter.router import ContrastiveConfig, contrastive_loss
 
 
 @dataclass(frozen=True)
-class QuestionGateConfig:
-    """The question encoder's sizes and training (module docstring)."""
+class QuestionGateConfig(ContrastiveConfig):
+    """The question encoder's sizes and training (module docstring); fixed before any run, not swept."""
 
     hidden: int = 256
-    dim: int = 128
-    temperature: float = 0.1
     epochs: int = 40
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    seed: int = 0
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 class QuestionEncoder(nn.Module):

@@ -30,8 +30,9 @@ from torch import nn
 
 
 @dataclass(frozen=True)
-class RouterConfig:
-    """The set encoder's sizes and its training (module docstring); the defaults were chosen on dev."""
+class ContrastiveConfig:
+    """An encoder's sizes (MLP width, embedding size) and its contrastive training (InfoNCE temperature,
+    epochs, batch, AdamW lr and weight decay, seed): the scene router's and the question gate's."""
 
     hidden: int = 512
     dim: int = 128
@@ -44,6 +45,11 @@ class RouterConfig:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class RouterConfig(ContrastiveConfig):
+    """The set encoder's sizes and its training (module docstring); the defaults were chosen on dev."""
 
 
 class SceneRouter(nn.Module):
