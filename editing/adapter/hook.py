@@ -165,8 +165,8 @@ class AdapterHook:
             signal, keep = self.signal, None
         else:
             best, weight, keep = self.bank.route(visual)
-            if self.question_gate is not None and self.bank.question_keys() is not None:
-                keep = keep & self._asks_question(best, hidden.shape[:2])
+            if self.question_gate is not None and self.bank.question_keys() is not None and bool(keep.any()):
+                keep = keep & self._asks_question(best, hidden.shape[:2])  # only rows routed to an edit
             signal = self.bank.take(best)
             if self.write_config is not None:
                 self.routed = (best, keep & (weight >= self.write_config.min_weight))
