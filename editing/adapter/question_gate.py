@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from editing.adapter.router import ContrastiveConfig, contrastive_loss
+from editing.adapter.router import ContrastiveConfig, contrastive_loss, reset_seeded
 
 
 @dataclass(frozen=True)
@@ -147,11 +147,7 @@ def fit_question_encoder(encoder: QuestionEncoder, embed: nn.Module, tokens: dic
     negatives = [torch.tensor([index[n] for n in same], dtype=torch.long) for _, _, same in pairs]
 
     generator = torch.Generator().manual_seed(config.seed)
-    with torch.random.fork_rng():
-        torch.manual_seed(config.seed)
-        for module in encoder.modules():
-            if module is not encoder and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
+    reset_seeded(encoder, config.seed)
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     encoder.train()
     losses = []

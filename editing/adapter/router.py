@@ -116,12 +116,7 @@ def fit_router(router: SceneRouter, first: torch.Tensor, second: torch.Tensor, g
     with torch.no_grad():
         router.reference.copy_(first.mean(0))
     generator = torch.Generator().manual_seed(config.seed)
-    with torch.random.fork_rng():
-        torch.manual_seed(config.seed)
-        for module in (router.token, router.out):
-            for layer in module:
-                if hasattr(layer, "reset_parameters"):
-                    layer.reset_parameters()
+    reset_seeded(router, config.seed)
     optimizer = torch.optim.AdamW(router.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     router.train()
     losses = []
@@ -140,6 +135,16 @@ def fit_router(router: SceneRouter, first: torch.Tensor, second: torch.Tensor, g
         losses.append(total / batches)
     router.eval()
     return losses
+
+
+def reset_seeded(model: nn.Module, seed: int) -> None:
+    """Draw every submodule's parameters afresh (``reset_parameters``, in module order) from ``seed``,
+    leaving the global random state as it was: a fit starts from the same weights whatever ran before."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for module in model.modules():
+            if module is not model and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
 
 
 def contrastive_loss(a: torch.Tensor, b: torch.Tensor, group: torch.Tensor, temperature: float) -> torch.Tensor:

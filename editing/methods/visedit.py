@@ -134,9 +134,7 @@ class VisEditMethod(VisEditEditor):
             report.update(config=self.router_config.to_json(), final_loss=round(losses[-1], 4),
                           fit_s=round(time.perf_counter() - start, 2))
             if path is not None:
-                state = {k: v.contiguous() for k, v in router.state_dict().items()}
-                metadata = {"key": key, "report": json.dumps(report)}
-                atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+                _save_fit(path, router, key, report)
         router.to(self.adapter.im.norm_visual.weight.device)
         self.hook.bank.router = router
         return {**report, "loaded": loaded is not None}
@@ -180,9 +178,7 @@ class VisEditMethod(VisEditEditor):
             report.update(config=self.question_config.to_json(), final_loss=round(losses[-1], 4),
                           fit_s=round(time.perf_counter() - start, 2))
             if path is not None:
-                state = {k: v.contiguous() for k, v in gate.state_dict().items()}
-                metadata = {"key": key, "report": json.dumps(report)}
-                atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+                _save_fit(path, gate, key, report)
         gate.eval()
         self.hook.question_gate = gate
         return {**report, "loaded": loaded is not None}
@@ -203,6 +199,13 @@ class VisEditMethod(VisEditEditor):
         router.load_state_dict(tensors)
         router.eval()
         return router, report
+
+
+def _save_fit(path: Path, module: torch.nn.Module, key: str, report: dict) -> None:
+    """Write a fitted module (router, question gate) with the key it is reused under and its dev report."""
+    state = {k: v.contiguous() for k, v in module.state_dict().items()}
+    metadata = {"key": key, "report": json.dumps(report)}
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
 
 
 def build(context: MethodContext) -> VisEditMethod:
