@@ -176,3 +176,30 @@ def test_unknown_names_and_keys_are_refused(tiny_backbone):
         build(MethodContext(tiny_backbone, name="ft_x", hyper={"steps": 1, "lr": 1.0}))
     with pytest.raises(ValueError, match="unknown key"):
         FinetuneConfig.from_hyper({"steps": 1, "lr": 1.0, "num_steps": 3})
+
+
+@pytest.mark.parametrize("name, hyper", [("ft_l", {}), ("ft_l", {"layer": 0}), ("ft_v", {})])
+def test_running_the_frozen_prefix_once_gives_the_whole_model_steps(tiny_backbone, tiny_images, make_ft, name,
+                                                                    hyper):
+    """``reuse_prefix`` (the layers below FT-L's layer, or FT-V's vision tower, run once per edit) against
+    every step running the whole model: the same losses and weights over two stacked edits."""
+    requests = [EditRequest(tiny_images[0], PROMPT, "blue"), EditRequest(tiny_images[1], PROMPT, "plimton")]
+    runs, original = [], None
+    for reuse in (False, True):
+        editor = make_ft(tiny_backbone, name, **QUICK, **hyper, reuse_prefix=reuse)
+        original = original or [p.detach().clone() for p in editor.parameters]
+        losses = [editor.edit(request) for request in requests]
+        runs.append((losses, [p.detach().clone() for p in editor.parameters]))
+        editor.restore()
+    (whole_losses, whole_weights), (reused_losses, reused_weights) = runs
+    assert torch.allclose(torch.tensor(reused_losses), torch.tensor(whole_losses), atol=1e-5, rtol=0)
+    for whole, reused in zip(whole_weights, reused_weights, strict=True):
+        assert torch.allclose(reused, whole, atol=1e-5, rtol=0)
+    assert any(not torch.equal(whole, before) for whole, before in zip(whole_weights, original))
+
+
+def test_ft_l_text_only_edit_with_the_prefix_reused(tiny_backbone, make_ft):
+    """A text-only edit request takes the text LM's path through the split forward and is learnt."""
+    editor = make_ft(tiny_backbone, "ft_l", **STRONG)
+    losses = editor.edit(EditRequest(None, TEXT_PROMPT, "blue"))
+    assert losses[-1] < losses[0] - 1e-3
