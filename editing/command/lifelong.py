@@ -90,7 +90,7 @@ def run_sequential(options, prepared) -> dict:
     import torch
 
     from editing.evaluation.latency import PROTOCOL as LATENCY_PROTOCOL
-    from editing.evaluation.sequential import evaluate_sequential, pre_edit_locality
+    from editing.evaluation.sequential import evaluate_sequential
 
     editor, context, roles, report, prepare_s = prepared
     result = {"lifelong": editor.lifelong, "t_loc_by_construction": not editor.text_edits,
@@ -98,10 +98,9 @@ def run_sequential(options, prepared) -> dict:
               "prepare_s": round(prepare_s, 2), "hyper": context.hyper, "seed": options.seed, "prepare": report,
               "threads": torch.get_num_threads()}
     if editor.lifelong:
-        pre = pre_edit_locality(editor, roles.test, options.task, progress=options.progress)
         per_n = {}
-        for n in sorted(options.edits):
-            scores = evaluate_sequential(editor, roles.test, n, options.task, pre=pre, progress=options.progress)
+        for n in sorted(options.edits):  # each N computes its pre-edit rows in its own blocks
+            scores = evaluate_sequential(editor, roles.test, n, options.task, progress=options.progress)
             scores["mean"] = round(float(np.mean([scores[k] for k in METRICS])), 2)
             per_n[str(n)] = scores
         result["sequential"] = per_n

@@ -4,14 +4,17 @@
     scores["rel"], scores["edit_ms"], scores["latency_ratio"], scores["rss_growth_mb"]
 
 The protocol of LiveEdit (CVPR 2025), for an editor whose edits accumulate (``Editor.lifelong``):
-1. ``restore()``; the pre-edit T-Loc, M-Loc and same-image predictions of EVERY record are computed before
-   any edit (or handed in: they do not depend on N, so a caller running several N computes them once);
-2. the records are split, in order, into chunks of ``n_live`` (a last chunk shorter than ``n_live`` is
-   left out and counted: every reported edit saw exactly N live);
-3. per chunk: the N edits are applied one after another (each timed); then each edit of the chunk is
-   scored — Rel, T-Gen, M-Gen of its own target (the rows of 16 edits in one forward) and its localities
-   (alone, as in step 1, so pre and post rows have the same shapes) against step 1 — with all N still
-   live; ``restore()``, after which the probe's logits must be bit-identical to the unedited model's
+1. the records are split, in order, into chunks of ``n_live`` (a last chunk shorter than ``n_live`` is
+   left out and counted: every reported edit saw exactly N live), and each chunk into blocks of up to 16
+   consecutive records;
+2. ``restore()``; the pre-edit T-Loc, M-Loc and same-image predictions of every scored record are
+   computed before any edit (`pre_edit_locality`), block by block: the T-Loc rows of a block in one
+   text-only forward, its M-Loc and same-image rows in one forward with the image;
+3. per chunk: the N edits are applied one after another (each timed); then each block of the chunk is
+   scored with all N still live — Rel, T-Gen, M-Gen of each edit's own target (the block's rows in one
+   forward) and its localities in the same two forwards as in step 2, so a locality row is compared with
+   the unedited prediction of the very same batch (padding included), and only the edits can make them
+   differ; ``restore()``, after which the probe's logits must be bit-identical to the unedited model's
    (`RestoreError`).
 
 Beyond the single-edit scores (`EditScores.to_json`): ``n_live``, ``n_chunks``, ``n_left_out``,
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -35,13 +39,14 @@ from tqdm import tqdm
 from attrib.data import EditRecord
 from attrib.prompts import load_prompts
 from editing.editor import Editor, EditRequest
-from editing.evaluation.evaluate import RestoreError, SameObject, _locality, _probe_logits
+from editing.evaluation.evaluate import M_LOC_TOP_K, RestoreError, SameObject, _probe_logits, same_image_questions
 from editing.evaluation.latency import forward_seconds, latency_ratio
 from editing.evaluation.metrics import EditScores, RowPredictions, predict_rows, score_record
 from editing.evaluation.same_object import WorldSameObject
 
 LATENCY_ROWS = 4  # inputs of the latency batch, as in the single-edit `inference_overhead`
-GENERALITY_BLOCK = 16  # records whose Rel / T-Gen / M-Gen rows share one forward (48 rows)
+BLOCK = 16  # records scored together: their Rel / T-Gen / M-Gen rows share one forward (48 rows), their
+# T-Loc rows another, their M-Loc and same-image rows a third
 
 
 def _generality(editor: Editor, records: Sequence[EditRecord], edit_prompt: str) -> list[list[RowPredictions]]:
@@ -68,13 +73,60 @@ def resident_mb() -> float:
     return pages * resource.getpagesize() / 2**20
 
 
-def pre_edit_locality(editor: Editor, records: Sequence[EditRecord], task: str = "vqa",
-                      prompts: dict[str, str] | None = None, progress: bool = False) -> list[list[RowPredictions]]:
-    """Step 1 of the module docstring: every record's unedited locality predictions."""
+def blocks(n_records: int, n_live: int) -> list[range]:
+    """Positions of the scored records, chunk by chunk (chunks of ``n_live``; a last shorter chunk left
+    out), each chunk cut into blocks of up to `BLOCK`: the batches of the module docstring."""
+    return [range(start + lo, start + min(lo + BLOCK, n_live))
+            for start in range(0, n_records // n_live * n_live, n_live) for lo in range(0, n_live, BLOCK)]
+
+
+def _locality(editor: Editor, records: Sequence[EditRecord], formats: dict[str, str]) -> list[list[RowPredictions]]:
+    """Per record [T-Loc row, M-Loc row, same-image rows...] (the rows of `evaluate._locality`) under the
+    editor's current state: the records' T-Loc rows in one text-only forward, their M-Loc and same-image
+    rows in one forward with the images (every image row keeps the M-Loc top-k; the same-image score
+    reads its argmax)."""
+    backbone = editor.backbone
+    t_loc = predict_rows(backbone, None, [formats["loc"].format(loc=r.loc) for r in records],
+                         [r.loc_ans for r in records], k=1)
+    images, prompts, targets, counts = [], [], [], []
+    for record in records:
+        questions = same_image_questions(record)
+        images.append(record.load_image("m_loc"))
+        prompts.append(formats["m_loc"].format(m_loc_q=record.m_loc_q))
+        targets.append(record.m_loc_a)
+        if questions:
+            image = record.load_image("image")
+            images += [image] * len(questions)
+            prompts += [formats["m_loc"].format(m_loc_q=q["question"]) for q in questions]
+            targets += [q["answer"] for q in questions]
+        counts.append(1 + len(questions))
+    rows = predict_rows(backbone, images, prompts, targets, k=M_LOC_TOP_K)
+    out, start = [], 0
+    for text_row, count in zip(t_loc, counts, strict=True):
+        out.append([text_row, *rows[start:start + count]])
+        start += count
+    return out
+
+
+@dataclass
+class PreEdit:
+    """`pre_edit_locality`'s result: the unedited locality rows of the records scored with ``n_live``
+    live, by position (the records left out of the last chunk have none)."""
+
+    n_live: int
+    rows: list[list[RowPredictions]]
+
+
+def pre_edit_locality(editor: Editor, records: Sequence[EditRecord], n_live: int,
+                      prompts: dict[str, str] | None = None, progress: bool = False) -> PreEdit:
+    """Step 2 of the module docstring: the unedited locality rows of every record scored with ``n_live``
+    live, computed in the blocks that step 3 scores them in."""
     formats = prompts or load_prompts()
     editor.restore()
-    return [_locality(editor, record, formats)
-            for record in tqdm(records, desc="pre-edit outputs", disable=not progress)]
+    rows: list[list[RowPredictions]] = []
+    for block in tqdm(blocks(len(records), n_live), desc=f"pre-edit outputs, {n_live} live", disable=not progress):
+        rows += _locality(editor, [records[p] for p in block], formats)
+    return PreEdit(n_live, rows)
 
 
 def _latency_batch(records: Sequence[EditRecord], n_live: int, edit_format: str) -> tuple[list, list[str]]:
@@ -116,9 +168,9 @@ def _latency_scores(latency: dict[str, float]) -> dict:
 
 def evaluate_sequential(editor: Editor, records: Sequence[EditRecord], n_live: int, task: str = "vqa",
                         prompts: dict[str, str] | None = None, same_object: SameObject | None = None,
-                        pre: Sequence[Sequence[RowPredictions]] | None = None, progress: bool = False) -> dict:
+                        pre: PreEdit | None = None, progress: bool = False) -> dict:
     """Score ``records`` in chunks of ``n_live`` edits live at once (module docstring); ``pre``: the
-    records' `pre_edit_locality`, computed here when not given."""
+    records' `pre_edit_locality` for ``n_live``, computed here when not given."""
     if not editor.lifelong:
         raise ValueError(f"{type(editor).__name__} holds one edit at a time (Editor.lifelong is False); "
                          "the sequential protocol needs edits that accumulate")
@@ -133,9 +185,10 @@ def evaluate_sequential(editor: Editor, records: Sequence[EditRecord], n_live: i
     if n_chunks == 0:
         raise ValueError(f"{len(records)} records cannot fill one chunk of {n_live} live edits")
     if pre is None:
-        pre = pre_edit_locality(editor, records, task, formats, progress)
-    if len(pre) != len(records):
-        raise ValueError(f"pre-edit predictions cover {len(pre)} records, not {len(records)}")
+        pre = pre_edit_locality(editor, records, n_live, formats, progress)
+    if pre.n_live != n_live or len(pre.rows) != n_chunks * n_live:
+        raise ValueError(f"pre-edit predictions cover {len(pre.rows)} records in blocks for {pre.n_live} live, "
+                         f"not {n_chunks * n_live} for {n_live}")
     editor.restore()
     first = records[0]
     probe = (first.load_image("image"), edit_format.format(src=first.src))
@@ -146,6 +199,8 @@ def evaluate_sequential(editor: Editor, records: Sequence[EditRecord], n_live: i
     latency: dict[str, float] = {}
     growth = 0.0
     bar = tqdm(total=n_chunks * n_live, desc=f"{n_live} live", disable=not progress)
+    by_chunk = blocks(len(records), n_live)
+    per_chunk = len(by_chunk) // n_chunks
     for chunk in range(n_chunks):
         positions = range(chunk * n_live, (chunk + 1) * n_live)
         if chunk == 0:
@@ -160,15 +215,15 @@ def evaluate_sequential(editor: Editor, records: Sequence[EditRecord], n_live: i
             growth = max(growth, resident_mb() - before)
             if chunk == 0:
                 latency["edited_s"] = forward_seconds(editor, *timed)
-            for lo in range(0, n_live, GENERALITY_BLOCK):
-                block = list(positions)[lo:lo + GENERALITY_BLOCK]
-                generality = _generality(editor, [records[p] for p in block], edit_format)
-                for position, rows, ms in zip(block, generality, times[lo:lo + GENERALITY_BLOCK], strict=True):
+            for block in by_chunk[chunk * per_chunk:(chunk + 1) * per_chunk]:
+                block_records = [records[p] for p in block]
+                generality = _generality(editor, block_records, edit_format)
+                post = _locality(editor, block_records, formats)
+                for position, rows, after in zip(block, generality, post, strict=True):
                     record = records[position]
-                    post = _locality(editor, record, formats)  # alone, as its pre-edit rows were
                     novel = (record.truth or {}).get("novel_target")
-                    scores.records.append(score_record(record.index, rows, pre[position], post,
-                                                       same_object(record), ms, novel))
+                    scores.records.append(score_record(record.index, rows, pre.rows[position], after,
+                                                       same_object(record), times[position - positions[0]], novel))
                     bar.update()
         finally:
             editor.restore()

@@ -25,7 +25,8 @@ class Forgetful(Editor):
     def __init__(self, capacity: int, leaky: bool = False):
         self.backbone, self.capacity, self.leaky = None, capacity, leaky
         self.live: list = []
-        self.locality_calls: list[int] = []  # how many edits were live at each locality call
+        self.locality_calls: list[int] = []  # how many edits were live at each record's locality rows
+        self.block_sizes: list[int] = []  # records per locality call
 
     def edit(self, request) -> None:
         self.live.append(request)
@@ -41,9 +42,10 @@ def fake(monkeypatch):
     monkeypatch.setattr(sequential, "_generality", lambda editor, records, fmt: [
         [_row(record in editor.live[-editor.capacity:])] * 3 for record in records])
 
-    def locality(editor, record, formats):
-        editor.locality_calls.append(len(editor.live))
-        return [_row(len(editor.live) <= editor.capacity), _row(True), _row(True)]
+    def locality(editor, records, formats):
+        editor.locality_calls.extend([len(editor.live)] * len(records))
+        editor.block_sizes.append(len(records))
+        return [[_row(len(editor.live) <= editor.capacity), _row(True), _row(True)] for _ in records]
 
     monkeypatch.setattr(sequential, "_locality", locality)
     monkeypatch.setattr(sequential, "_probe_logits", lambda editor, probe: torch.tensor([float(len(editor.live))]))
@@ -62,8 +64,9 @@ def records(tiny_world):
 def test_chunks_score_every_edit_with_all_n_live(fake, records, n_live, rel, t_loc, chunks):
     editor = Forgetful(capacity=3)
     result = sequential.evaluate_sequential(editor, records, n_live)
-    assert editor.locality_calls[:len(records)] == [0] * len(records)  # pre-edit outputs before any edit
-    assert editor.locality_calls[len(records):] == [n_live] * (chunks * n_live)  # scored with all N live
+    scored = chunks * n_live
+    assert editor.locality_calls[:scored] == [0] * scored  # pre-edit outputs before any edit
+    assert editor.locality_calls[scored:] == [n_live] * scored  # scored with all N live
     assert (result["n_live"], result["n_chunks"], result["n_eval"]) == (n_live, chunks, chunks * n_live)
     assert result["n_left_out"] == len(records) - chunks * n_live
     assert (result["rel"], result["t_gen"], result["m_gen"]) == (rel, rel, rel)
@@ -84,12 +87,24 @@ def test_latency_alone_is_measured_with_the_first_n_edits_live(fake, records, n_
         sequential.measure_latency(editor, records, 13)
 
 
-def test_reuses_given_pre_edit_outputs(fake, records):
+def test_reuses_given_pre_edit_outputs_of_its_n_only(fake, records):
     editor = Forgetful(capacity=3)
-    pre = sequential.pre_edit_locality(editor, records)
+    pre = sequential.pre_edit_locality(editor, records, 4)
     editor.locality_calls.clear()
     sequential.evaluate_sequential(editor, records, 4, pre=pre)
     assert editor.locality_calls == [4] * len(records)
+    with pytest.raises(ValueError, match="blocks for 4 live, not 12 for 6"):
+        sequential.evaluate_sequential(editor, records, 6, pre=pre)
+
+
+@pytest.mark.parametrize("n_live, sizes", [(1, [1] * 12), (5, [5, 5]), (12, [12])])
+def test_pre_and_post_locality_rows_come_in_the_same_blocks(fake, records, monkeypatch, n_live, sizes):
+    monkeypatch.setattr(sequential, "BLOCK", 4)
+    assert [list(b) for b in sequential.blocks(11, 5)] == [[0, 1, 2, 3], [4], [5, 6, 7, 8], [9]]
+    editor = Forgetful(capacity=3)
+    sequential.evaluate_sequential(editor, records, n_live)
+    blocked = [size for s in sizes for size in [4] * (s // 4) + ([s % 4] if s % 4 else [])]
+    assert editor.block_sizes == blocked + blocked  # step 2, then step 3 in the same blocks
 
 
 def test_an_inexact_restore_is_caught(fake, records):
@@ -122,3 +137,24 @@ def test_batched_generality_rows_equal_one_record_at_a_time(tiny_backbone, tiny_
     for record, rows in zip(records, batched, strict=True):
         for one, many in zip(evaluate._generality(editor, record, formats["vqa"]), rows, strict=True):
             assert torch.equal(one.labels, many.labels) and torch.equal(one.answer_top, many.answer_top)
+
+
+def test_batched_locality_rows_equal_one_record_at_a_time(tiny_backbone, tiny_world, make_editor):
+    """A block's locality rows (T-Loc rows in one forward, M-Loc and same-image rows in another) against
+    the single-edit evaluation's rows of one record at a time, with two edits live in VisEdit's bank."""
+    from attrib.prompts import load_prompts
+    from editing.editor import EditRequest
+    from editing.evaluation import evaluate
+
+    records = load_records(tiny_world / "vqa_eval.json")
+    formats = load_prompts()
+    editor = make_editor(tiny_backbone, -1)
+    for record in records[:2]:
+        editor.edit(EditRequest.from_record(record, "vqa", formats))
+    batched = sequential._locality(editor, records, formats)
+    for record, rows in zip(records, batched, strict=True):
+        alone = evaluate._locality(editor, record, formats)
+        assert len(alone) == len(rows) >= 3  # T-Loc, M-Loc and at least one same-image question
+        for one, many in zip(alone, rows, strict=True):
+            assert torch.equal(one.labels, many.labels)
+            assert torch.equal(one.answer_argmax, many.answer_argmax)
