@@ -45,20 +45,28 @@ def same_image_questions(record: EditRecord) -> list[dict]:
     return list((record.truth or {}).get("same_image") or [])
 
 
-def _locality(editor: Editor, record: EditRecord, formats: dict[str, str]) -> list[RowPredictions]:
-    """[T-Loc row (text only), M-Loc row, same-image rows...] predictions under the editor's current state."""
-    backbone = editor.backbone
-    t_loc = predict_rows(backbone, None, [formats["loc"].format(loc=record.loc)], [record.loc_ans], k=1)
-    m_loc = predict_rows(backbone, [record.load_image("m_loc")], [formats["m_loc"].format(m_loc_q=record.m_loc_q)],
-                         [record.m_loc_a], k=M_LOC_TOP_K)
+def locality_rows(record: EditRecord, formats: dict[str, str]) -> tuple[tuple[str, str], list[tuple]]:
+    """A record's locality rows before any forward: the T-Loc (prompt, target), text only, and the rows
+    with an image, (image, prompt, target) each: the M-Loc row, then its same-image questions."""
+    rows = [(record.load_image("m_loc"), formats["m_loc"].format(m_loc_q=record.m_loc_q), record.m_loc_a)]
     questions = same_image_questions(record)
-    same = []
     if questions:
         image = record.load_image("image")
-        same = predict_rows(backbone, [image] * len(questions),
-                            [formats["m_loc"].format(m_loc_q=q["question"]) for q in questions],
-                            [q["answer"] for q in questions], k=1)
-    return t_loc + m_loc + same
+        rows += [(image, formats["m_loc"].format(m_loc_q=q["question"]), q["answer"]) for q in questions]
+    return (formats["loc"].format(loc=record.loc), record.loc_ans), rows
+
+
+def _locality(editor: Editor, record: EditRecord, formats: dict[str, str]) -> list[RowPredictions]:
+    """[T-Loc row (text only), M-Loc row, same-image rows...] predictions under the editor's current state:
+    the T-Loc row, the M-Loc row and the same-image rows in three forwards."""
+    backbone = editor.backbone
+    (loc_prompt, loc_target), (m_loc, *same) = locality_rows(record, formats)
+    out = predict_rows(backbone, None, [loc_prompt], [loc_target], k=1)
+    out += predict_rows(backbone, [m_loc[0]], [m_loc[1]], [m_loc[2]], k=M_LOC_TOP_K)
+    if same:
+        images, prompts, targets = map(list, zip(*same))
+        out += predict_rows(backbone, images, prompts, targets, k=1)
+    return out
 
 
 def _generality(editor: Editor, record: EditRecord, edit_prompt: str) -> list[RowPredictions]:

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from attrib.data import EditRecord
 from attrib.prompts import load_prompts
 from editing.editor import Editor, EditRequest
-from editing.evaluation.evaluate import M_LOC_TOP_K, RestoreError, SameObject, _probe_logits, same_image_questions
+from editing.evaluation.evaluate import M_LOC_TOP_K, RestoreError, SameObject, _probe_logits, locality_rows
 from editing.evaluation.latency import forward_seconds, latency_ratio
 from editing.evaluation.metrics import EditScores, RowPredictions, predict_rows, score_record
 from editing.evaluation.same_object import WorldSameObject
@@ -86,25 +86,14 @@ def _locality(editor: Editor, records: Sequence[EditRecord], formats: dict[str, 
     rows in one forward with the images (every image row keeps the M-Loc top-k; the same-image score
     reads its argmax)."""
     backbone = editor.backbone
-    t_loc = predict_rows(backbone, None, [formats["loc"].format(loc=r.loc) for r in records],
-                         [r.loc_ans for r in records], k=1)
-    images, prompts, targets, counts = [], [], [], []
-    for record in records:
-        questions = same_image_questions(record)
-        images.append(record.load_image("m_loc"))
-        prompts.append(formats["m_loc"].format(m_loc_q=record.m_loc_q))
-        targets.append(record.m_loc_a)
-        if questions:
-            image = record.load_image("image")
-            images += [image] * len(questions)
-            prompts += [formats["m_loc"].format(m_loc_q=q["question"]) for q in questions]
-            targets += [q["answer"] for q in questions]
-        counts.append(1 + len(questions))
+    per_record = [locality_rows(record, formats) for record in records]
+    t_loc = predict_rows(backbone, None, [text[0] for text, _ in per_record], [text[1] for text, _ in per_record], k=1)
+    images, prompts, targets = map(list, zip(*[row for _, rows in per_record for row in rows]))
     rows = predict_rows(backbone, images, prompts, targets, k=M_LOC_TOP_K)
     out, start = [], 0
-    for text_row, count in zip(t_loc, counts, strict=True):
-        out.append([text_row, *rows[start:start + count]])
-        start += count
+    for text_row, (_, image_rows) in zip(t_loc, per_record, strict=True):
+        out.append([text_row, *rows[start:start + len(image_rows)]])
+        start += len(image_rows)
     return out
 
 
