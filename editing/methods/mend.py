@@ -34,6 +34,10 @@ Departures from the paper and why:
   toy and 7B networks alike.
 - The running statistics start empty and the network is then the identity on raw factors, so an untrained
   MEND edits by one gradient step of size α; the official code refuses to run before it has statistics.
+- The network is fitted with one torch thread (`FIT_THREADS`), whatever the process uses otherwise: with
+  two threads, two fits with one seed in one process end in different networks (some threaded sum runs
+  in a varying order, and 1,000 Adam steps amplify it; `docs/experiments/scripts/mend_repro.py`), and
+  MEND's row moved by 3.5 points between two from-scratch comparisons. One thread costs ~1.5× fit time.
 - Tokens whose u or δ is zero (the last position, padding) carry no rank-1 term and are left out, as the
   official code does; here also positions masked out by the attention mask.
 """
@@ -65,6 +69,7 @@ from editing.training.examples import example_row
 from editing.training.losses import locality_kl
 
 CHECKPOINT = "mend.safetensors"
+FIT_THREADS = 1  # torch threads of the fit: two threads do not reproduce it (module docstring)
 Rows = tuple[list | None, list[str], list[str]]  # (images or None, prompts, targets)
 
 
@@ -195,7 +200,12 @@ class MendEditor(Editor):
             report = self._load(path, key)
             if report is not None:
                 return {**report, "loaded": str(path), "seconds": time.perf_counter() - began}
-        report = self._train(train, dev)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(FIT_THREADS)  # reproducible fits (module docstring)
+        try:
+            report = {**self._train(train, dev), "fit_threads": FIT_THREADS}
+        finally:
+            torch.set_num_threads(threads)
         if path is not None and processes().main:
             self._save(path, key, report)
         return report
@@ -248,9 +258,10 @@ class MendEditor(Editor):
 
     # checkpoint ----------------------------------------------------------------------------------------
     def _run_key(self, train: Sequence[EditRecord]) -> str:
-        """What a saved network must have been trained with to be reused: config, backbone, task, seed, data."""
+        """What a saved network must have been trained with to be reused: config, backbone, task, seed, data,
+        fit threads."""
         records = [(str(r.source), r.index) for r in train]
-        text = json.dumps([self.hyper, self.backbone.fingerprint(), self.task, self.seed, records],
+        text = json.dumps([self.hyper, self.backbone.fingerprint(), self.task, self.seed, records, FIT_THREADS],
                           sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()
 

@@ -173,6 +173,22 @@ def test_prepare_loads_a_network_trained_with_the_same_config(trained, tiny_back
     assert "loaded" not in other.prepare(train, dev)
 
 
+def test_the_fit_runs_on_one_thread_and_gives_the_caller_its_threads_back(tiny_backbone, tiny_world, make_mend,
+                                                                          monkeypatch):
+    train, dev = load_records(tiny_world / "vqa_train.json"), load_records(tiny_world / "vqa_eval.json")
+    editor = make_mend(tiny_backbone, steps=2, eval_every=10)
+    seen = []
+    fit = type(editor)._train
+    monkeypatch.setattr(type(editor), "_train", lambda self, *a: seen.append(torch.get_num_threads()) or fit(self, *a))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        report = editor.prepare(train, dev)
+        assert seen == [1] and report["fit_threads"] == 1 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_damaged_network_cache_is_named_and_nothing_is_loaded(tiny_dirs, make_mend, tmp_path):
     from safetensors.torch import load_file, save_file
 
