@@ -140,6 +140,9 @@ def compare_arguments(p: argparse.ArgumentParser) -> None:
                    default=[], help="replace one value of a method's config file (editing/methods/config/"
                                     "METHOD.yaml) in this run, e.g. ft_l.norm_constraint=4e-4; repeatable; recorded "
                                     "in its results, and a resumed run must ask for the same")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="methods run side by side, each with its share of the torch threads (default 1); the "
+                        "timings each method reports (edit time, latency) are then measured beside the others")
     p.add_argument("--latency-only", action="store_true",
                    help="with --edits: measure again only the latency of the lifelong results already in OUT "
                         "(their scores kept), then rewrite the report")
@@ -193,7 +196,7 @@ def compare(args: argparse.Namespace) -> int:
                              test_seed=args.test_seed, train=args.train, eval=args.eval, images=args.images,
                              n_test=args.n_test, dev_n=args.dev_n, seed=args.seed, out=args.out,
                              progress=not args.no_progress, edits=args.edits,
-                             latency_only=args.latency_only, overrides=_overrides(args.overrides))
+                             latency_only=args.latency_only, overrides=_overrides(args.overrides), jobs=args.jobs)
     if args.prepare_only:
         prepared = prepare_methods(options, options.method_names())
         if processes().main:

@@ -33,6 +33,7 @@ import contextlib
 import ctypes
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import resource
 import shutil
@@ -81,6 +82,7 @@ class CompareOptions:
     world_root: Path = field(default=Path("runs"))
     edits: tuple[int, ...] = ()  # lifelong: numbers of edits live at once (`editing.command.lifelong`); () = single
     latency_only: bool = False  # lifelong: measure the latency of the method files already in OUT again
+    jobs: int = 1  # methods run side by side, each child with threads // jobs torch threads (`_run_children`)
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # method → config key → value (`method_hyper`)
 
     def output(self) -> Path:
@@ -297,8 +299,12 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _child(options: CompareOptions, name: str, path: str, parent: int) -> None:
+def _child(options: CompareOptions, name: str, path: str, parent: int, threads: int | None = None) -> None:
     _die_with_parent(parent)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     start = time.perf_counter()
     if options.latency_only:  # the file keeps the wall time of the run that scored it
         from editing.command.lifelong import remeasure_latency
@@ -314,6 +320,54 @@ def _child(options: CompareOptions, name: str, path: str, parent: int) -> None:
     if not options.latency_only:  # the whole method: loading, prepare (or a reused fit), evaluation
         result["wall_s"] = round(time.perf_counter() - start, 1)
     atomic_write_text(Path(path), json.dumps(result, indent=1, default=str) + "\n")
+
+
+def _shares_placement(name: str) -> bool:
+    return name.startswith("visedit")  # the VisEdit methods write and read one placement (`placement_from_train`)
+
+
+def child_threads(jobs: int, threads: int | None = None) -> int | None:
+    """Torch threads of each method's process when ``jobs`` run side by side: this process's threads shared
+    out (at least one each); None for one job (the child keeps torch's default, as this process)."""
+    import torch
+
+    if jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {jobs}")
+    return None if jobs == 1 else max(1, (threads or torch.get_num_threads()) // jobs)
+
+
+def _run_children(options: CompareOptions, names: list[str], folder: Path):
+    """Run each of ``names`` in a child process (`_child`), up to ``options.jobs`` at a time in the order
+    given, never two VisEdit methods at once; yields each name as its results file is written. A failed
+    method stops the others (their finished files are kept) and raises."""
+    context = multiprocessing.get_context(METHOD_START)
+    threads = child_threads(options.jobs)
+    queue, running = list(names), {}
+    try:
+        while queue or running:
+            while len(running) < options.jobs:
+                ready = [n for n in queue if not (_shares_placement(n) and any(map(_shares_placement, running)))]
+                if not ready:
+                    break
+                name = ready[0]
+                queue.remove(name)
+                running[name] = context.Process(target=_child, args=(options, name, str(folder / f"{name}.json"),
+                                                                     os.getpid(), threads))
+                running[name].start()
+            multiprocessing.connection.wait([child.sentinel for child in running.values()])
+            for name, child in list(running.items()):
+                if child.exitcode is None:
+                    continue
+                child.join()
+                del running[name]
+                if child.exitcode != 0:
+                    raise RuntimeError(f"method {name} failed (exit code {child.exitcode}); the methods that "
+                                       f"finished are kept in {folder}")
+                yield name
+    finally:
+        for child in running.values():
+            child.kill()
+            child.join()
 
 
 def read_method(path: Path, lifelong: bool = False) -> dict:
@@ -340,6 +394,9 @@ def run_compare(options: CompareOptions) -> dict:
         if name not in names:
             raise ValueError(f"--set {name}.*: {name} is not among the methods run ({', '.join(names)})")
         method_hyper(options, name)  # an unknown key or a wrong type is refused before anything runs
+    child_threads(options.jobs)  # refuses --jobs below 1
+    if options.latency_only and options.jobs > 1:
+        raise ValueError("--latency-only measures each method's latency alone: run it with --jobs 1")
     if any(n < 1 for n in options.edits):
         raise ValueError(f"--edits takes positive numbers of live edits, got {list(options.edits)}")
     if options.latency_only:
@@ -373,17 +430,9 @@ def _run_compare(options: CompareOptions, names: list[str]) -> dict:
         if options.latency_only and method["lifelong"] and held != wanted:
             raise ValueError(f"--latency-only: {name}'s results hold N = {', '.join(held)}, not --edits "
                              f"{','.join(wanted)} (the test split depends on them)")
-    for name in names:
-        path = out / "methods" / f"{name}.json"
-        if name not in methods or (options.latency_only and methods[name]["lifelong"]):
-            child = multiprocessing.get_context(METHOD_START).Process(target=_child,
-                                                                 args=(options, name, str(path), os.getpid()))
-            child.start()
-            child.join()
-            if child.exitcode != 0:
-                raise RuntimeError(f"method {name} failed (exit code {child.exitcode}); the methods before it "
-                                   f"are kept in {out / 'methods'}")
-            methods[name] = read_method(path, lifelong)
+    pending = [name for name in names if name not in methods or (options.latency_only and methods[name]["lifelong"])]
+    for name in _run_children(options, pending, out / "methods"):
+        methods[name] = read_method(out / "methods" / f"{name}.json", lifelong)
     methods = {name: methods[name] for name in names}  # the order asked for
     results = {"backbone": options.backbone, "task": options.task, "n_test": len(roles.test),
                "roles": roles.described, "options": {k: str(v) for k, v in asdict(options).items()},

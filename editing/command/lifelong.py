@@ -1,9 +1,10 @@
 """The lifelong comparison behind ``visedit compare --edits 1,10,100,1000`` / ``make compare EDITS=...``.
 
 Every method whose edits accumulate (``Editor.lifelong``) runs the chunked protocol of
-`editing.evaluation.sequential` once per N on the same test edits, with the pre-edit outputs computed
-once; methods that hold one edit at a time are listed as skipped. The data roles are the single-edit
-comparison's, except the test split (`distinct_scenes`): max(N) eval records of the world of
+`editing.evaluation.sequential` once per N on the same test edits, with the pre-edit outputs of each N
+computed by the first method and read by the others (`editing.evaluation.pre_edit_cache`, in
+``OUT/pre-edit``); methods that hold one edit at a time are listed as skipped. The data roles are the
+single-edit comparison's, except the test split (`distinct_scenes`): max(N) eval records of the world of
 ``test_seed``, drawn in file order from a pool of ``POOL`` × max(N) (``runs/world-<seed>-n<pool>``) so
 that no two of them show the same scene and no M-Loc image shows an edit's scene. Learned methods reuse
 the single-edit comparison's fits (`CompareOptions.fitted`): same train and dev roles.
@@ -90,6 +91,7 @@ def run_sequential(options, prepared) -> dict:
     import torch
 
     from editing.evaluation.latency import PROTOCOL as LATENCY_PROTOCOL
+    from editing.evaluation.pre_edit_cache import shared_pre_edit
     from editing.evaluation.sequential import evaluate_sequential
 
     editor, context, roles, report, prepare_s = prepared
@@ -99,8 +101,10 @@ def run_sequential(options, prepared) -> dict:
               "threads": torch.get_num_threads()}
     if editor.lifelong:
         per_n = {}
-        for n in sorted(options.edits):  # each N computes its pre-edit rows in its own blocks
-            scores = evaluate_sequential(editor, roles.test, n, options.task, progress=options.progress)
+        for n in sorted(options.edits):  # each N has its pre-edit rows in its own blocks, shared by the methods
+            pre, how = shared_pre_edit(editor, roles.test, n, options.output() / "pre-edit", progress=options.progress)
+            scores = evaluate_sequential(editor, roles.test, n, options.task, pre=pre, progress=options.progress)
+            scores["pre_edit"] = how
             scores["mean"] = round(float(np.mean([scores[k] for k in METRICS])), 2)
             per_n[str(n)] = scores
         result["sequential"] = per_n

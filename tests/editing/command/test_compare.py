@@ -189,6 +189,10 @@ def test_lifelong_compare_scores_every_n_and_reports_them(world, tiny_dirs, tmp_
         assert (per_n["1"]["n_chunks"], per_n["3"]["n_chunks"]) == (3, 1)
         assert all(s["n_eval"] == 3 and s["latency_ratio"] > 0 for s in per_n.values())
     assert results["sequential"]["none"]["3"]["m_loc"] == 100.0
+    # the first method computed the pre-edit rows of each N; the second read them (`pre_edit_cache`)
+    assert {s["pre_edit"] for s in results["sequential"]["none"].values()} == {"computed"}
+    assert {s["pre_edit"] for s in results["sequential"]["ft_l"].values()} == {"shared"}
+    assert sorted(p.name for p in (tmp_path / "pre-edit").iterdir()) == ["1.safetensors", "3.safetensors"]
     saved = json.loads((tmp_path / "results.json").read_text())
     assert set(saved["sequential"]) == {"none", "ft_l"} and "sequential" not in saved["methods"]["ft_l"]
     assert "| N=1 | N=3 |" in (tmp_path / "results.md").read_text() and (tmp_path / "lifelong.png").is_file()
@@ -228,9 +232,54 @@ def test_latency_only_measures_the_latency_again_and_keeps_the_scores(world, tin
         run_compare(replace(options, latency_only=True, methods=("none", "ft_l")))
     with pytest.raises(ValueError, match="needs --edits"):
         run_compare(replace(options, latency_only=True, edits=()))
+    with pytest.raises(ValueError, match="alone: run it with --jobs 1"):
+        run_compare(replace(options, latency_only=True, jobs=2))
 
 
 def test_default_lifelong_folder_shares_the_single_edit_fits():
     options = CompareOptions(backbone="llava", edits=(1, 10))
     assert str(options.output()) == "runs/compare/llava-vqa-lifelong"
     assert str(options.fitted()) == "runs/compare/llava-vqa" == str(CompareOptions(backbone="llava").output())
+
+
+def _timed_child(options, name, path, parent, threads):
+    """A stand-in method: records when it ran and with how many threads; "bad" fails."""
+    import os
+    import time
+    from pathlib import Path
+
+    start = time.monotonic()
+    time.sleep(0.3)
+    if name == "bad":
+        os._exit(3)
+    Path(path).write_text(json.dumps({"start": start, "end": time.monotonic(), "threads": threads}))
+
+
+def test_jobs_run_methods_side_by_side_but_never_two_visedit_methods(tmp_path, monkeypatch):
+    from editing.command import compare
+
+    monkeypatch.setattr(compare, "METHOD_START", "fork")
+    monkeypatch.setattr(compare, "_child", _timed_child)
+    names = ["visedit", "visedit_gated", "none", "ft_l", "tp"]
+    done = list(compare._run_children(CompareOptions(jobs=2), names, tmp_path))
+    assert sorted(done) == sorted(names)
+    runs = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in names}
+    assert all(run["threads"] == compare.child_threads(2) >= 1 for run in runs.values())
+    overlaps = [(a, b) for a in names for b in names if a < b
+                and runs[a]["start"] < runs[b]["end"] and runs[b]["start"] < runs[a]["end"]]
+    assert overlaps and ("visedit", "visedit_gated") not in overlaps  # two at a time, the VisEdit ones apart
+    assert all(sum(r["start"] < t < r["end"] for r in runs.values()) <= 2 for t in [r["start"] + 0.01 for r in runs.values()])
+    assert compare.child_threads(1) is None and compare.child_threads(2, threads=2) == 1
+    assert compare.child_threads(3, threads=2) == 1 and compare.child_threads(2, threads=8) == 4
+    with pytest.raises(ValueError, match="--jobs must be at least 1"):
+        compare.child_threads(0)
+
+
+def test_a_failed_method_stops_the_one_beside_it(tmp_path, monkeypatch):
+    from editing.command import compare
+
+    monkeypatch.setattr(compare, "METHOD_START", "fork")
+    monkeypatch.setattr(compare, "_child", _timed_child)
+    with pytest.raises(RuntimeError, match="method bad failed \\(exit code 3\\)"):
+        list(compare._run_children(CompareOptions(jobs=2), ["bad", "slow", "never"], tmp_path))
+    assert not (tmp_path / "never.json").exists()
