@@ -431,12 +431,15 @@ def _run_compare(options: CompareOptions, names: list[str]) -> dict:
             raise ValueError(f"--latency-only: {name}'s results hold N = {', '.join(held)}, not --edits "
                              f"{','.join(wanted)} (the test split depends on them)")
     pending = [name for name in names if name not in methods or (options.latency_only and methods[name]["lifelong"])]
+    started = time.perf_counter()
     for name in _run_children(options, pending, out / "methods"):
         methods[name] = read_method(out / "methods" / f"{name}.json", lifelong)
     methods = {name: methods[name] for name in names}  # the order asked for
     results = {"backbone": options.backbone, "task": options.task, "n_test": len(roles.test),
                "roles": roles.described, "options": {k: str(v) for k, v in asdict(options).items()},
-               "overrides": {name: overridden(options, name) for name in options.overrides}}
+               "overrides": {name: overridden(options, name) for name in options.overrides},
+               "run": {"jobs": options.jobs, "threads": child_threads(options.jobs), "methods": pending,
+                       "wall_s": round(time.perf_counter() - started, 1)}}  # this invocation's methods
     if lifelong:
         from editing.command.compare_report import lifelong_markdown, plot_lifelong
         from editing.evaluation.metrics import VISEDIT_PROTOCOL

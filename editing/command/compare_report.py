@@ -187,13 +187,25 @@ def _scene_sharing(images: dict) -> str:
 
 def _wall_time(results: dict, lifelong: bool) -> list[str]:
     """The comparison's wall time against its budget (`BUDGET_MIN`): the methods' own processes summed,
-    from their ``wall_s``; a method that reused a fit in OUT/work counts its loading, not its training.
+    from their ``wall_s``, or, when every method ran in one invocation several at a time (``--jobs``), that
+    invocation's time; a method that reused a fit in OUT/work counts its loading, not its training.
     Learned baselines whose prepare ran past `PREPARE_BUDGET_S` are named."""
     methods = results["methods"]
     timed = {n: m["wall_s"] for n, m in methods.items() if m.get("wall_s") is not None}
     budget = BUDGET_MIN[lifelong].get(results["backbone"])
     lines = []
-    if timed:
+    run = results.get("run") or {}
+    side_by_side = run.get("jobs", 1) > 1 and set(run.get("methods") or ()) == set(methods)
+    if side_by_side:  # every method ran in this invocation, ``jobs`` at a time: its own wall time is the total
+        text = (f"Wall time: {run['wall_s'] / 60:.1f} min for {len(methods)} methods run {run['jobs']} side by side "
+                f"(`--jobs {run['jobs']}`, {run['threads']} torch thread{'s' if run['threads'] > 1 else ''} each; "
+                f"their processes sum to {sum(timed.values()) / 60:.1f} min, and each method's timings were "
+                "measured beside another's)")
+        if budget is not None:
+            fresh = " (from fresh fits)" if lifelong else ""
+            text += f"; budget {budget} min on 2 CPU cores for every method{fresh}"
+        lines.append(text + ".")
+    elif timed:
         untimed = sorted(set(methods) - set(timed))
         text = (f"Wall time: {sum(timed.values()) / 60:.1f} min for {len(timed)} method"
                 f"{'s' if len(timed) > 1 else ''} (each method's process: loading, prepare or a reused fit, "

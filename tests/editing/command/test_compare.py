@@ -283,3 +283,15 @@ def test_a_failed_method_stops_the_one_beside_it(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="method bad failed \\(exit code 3\\)"):
         list(compare._run_children(CompareOptions(jobs=2), ["bad", "slow", "never"], tmp_path))
     assert not (tmp_path / "never.json").exists()
+
+
+def test_a_comparison_with_two_jobs_scores_as_one_and_reports_its_own_wall_time(world, tiny_dirs, tmp_path):
+    one = run_compare(_options(world, tiny_dirs, tmp_path / "one", methods=("none", "lookup")))
+    two = run_compare(_options(world, tiny_dirs, tmp_path / "two", methods=("none", "lookup"), jobs=2))
+    for name in ("none", "lookup"):
+        for key in ("rel", "t_gen", "m_gen", "t_loc", "m_loc", "loc_same_image"):
+            assert two["methods"][name][key] == one["methods"][name][key], (name, key)
+    assert two["run"]["jobs"] == 2 and two["run"]["methods"] == ["none", "lookup"] and two["run"]["wall_s"] > 0
+    report = (tmp_path / "two" / "results.md").read_text()
+    assert f"Wall time: {two['run']['wall_s'] / 60:.1f} min for 2 methods run 2 side by side" in report
+    assert "side by side" not in (tmp_path / "one" / "results.md").read_text()
