@@ -319,6 +319,7 @@ def _child(options: CompareOptions, name: str, path: str, parent: int, threads: 
         result = run_method(options, name)
     if not options.latency_only:  # the whole method: loading, prepare (or a reused fit), evaluation
         result["wall_s"] = round(time.perf_counter() - start, 1)
+    result["latency_jobs"] = options.jobs  # methods running at once while its latency was measured
     atomic_write_text(Path(path), json.dumps(result, indent=1, default=str) + "\n")
 
 

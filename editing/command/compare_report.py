@@ -46,6 +46,7 @@ def check_method(data: Any, where: str) -> dict:
     require(data, "t_loc_by_construction", bool, where, default=False)
     require(data, "overrides", dict, where, default={})
     require(data, "latency_protocol", str, where, default=None)
+    require(data, "latency_jobs", int, where, default=None)
     for key in ("loc_same_image", "prepare_s", "edit_ms", "inference_overhead", "peak_mem_mb", "wall_s"):
         _score(data, key, where)
     targets = require(data, "targets", (dict, type(None)), where, default=None) or {}
@@ -104,7 +105,7 @@ def compare_markdown(results: dict) -> str:
                 text += "\\*"
             cells.append(text)
         label = name + (f" ({EXTENSION[name]})" if name in EXTENSION else "")
-        earlier = "" if method.get("latency_protocol") else "†"
+        earlier = ("" if method.get("latency_protocol") else "†") + _beside(method)
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {method.get('prepare_s')} | {method.get('edit_ms')} | "
                      f"{method.get('inference_overhead')}{earlier} | {method.get('peak_mem_mb')} |")
     protocols = {m.get("latency_protocol") for m in methods.values()}
@@ -115,7 +116,7 @@ def compare_markdown(results: dict) -> str:
     if None in protocols:
         lines.append("† overhead by the first protocol: the median of 5 forwards against the unedited one "
                      "before the edit.")
-    lines += _wall_time(results, lifelong=False) + _overrides(methods)
+    lines += _beside_note(methods.values(), False) + _wall_time(results, lifelong=False) + _overrides(methods)
     lines.append("")
     shortened = [f"{n}: {m['prepare']['shortened']}" for n, m in methods.items()
                  if isinstance(m.get("prepare"), dict) and m["prepare"].get("shortened")]
@@ -164,6 +165,7 @@ def check_sequential(data: Any, where: str) -> dict:
     require(data, "t_loc_by_construction", bool, where, default=False)
     require(data, "overrides", dict, where, default={})
     require(data, "latency_protocol", str, where, default=None)
+    require(data, "latency_jobs", int, where, default=None)
     _score(data, "prepare_s", where)
     _score(data, "wall_s", where)
     return data
@@ -183,6 +185,20 @@ def _scene_sharing(images: dict) -> str:
     return (f"; by scene (the (shape, colour) objects an image rephrase keeps): {images['distinct_scenes']} distinct, "
             f"{images['edits_sharing_a_scene']} edits share theirs with another, {images['m_loc_on_an_edit_scene']} "
             f"M-Loc images show an edit's scene; edits by object count {objects}")
+
+
+def _beside(method: dict) -> str:
+    return "‡" if (method.get("latency_jobs") or 1) > 1 else ""
+
+
+def _beside_note(methods, lifelong: bool) -> list[str]:
+    jobs = max([m.get("latency_jobs") or 1 for m in methods], default=1)
+    if jobs == 1:
+        return []
+    again = ("`visedit compare --edits … --latency-only` measures the latency alone" if lifelong
+             else "a run with `--jobs 1` times the methods alone")
+    return [f"‡ timed while up to {jobs} methods ran side by side (`--jobs`): latency and edit time read "
+            f"higher than alone; {again}."]
 
 
 def _wall_time(results: dict, lifelong: bool) -> list[str]:
@@ -272,7 +288,8 @@ def lifelong_markdown(results: dict) -> str:
         cells = ["–" if values[c] is None else f"{values[c]:.1f}" for c in columns]
         if results["methods"].get(name, {}).get("t_loc_by_construction"):
             cells[METRICS.index("t_loc")] += "\\*"
-        earlier = "" if results["methods"].get(name, {}).get("latency_protocol") else "†"
+        method = results["methods"].get(name, {})
+        earlier = ("" if method.get("latency_protocol") else "†") + _beside(method)
         lines.append(f"| {name} | {n} | " + " | ".join(cells) + f" | {scores.get('edit_ms')} | "
                      f"{scores.get('latency_ratio')}{earlier} | {scores.get('rss_growth_mb')} |")
     protocols = {m.get("latency_protocol") for m in results["methods"].values() if m.get("lifelong")}
@@ -285,7 +302,8 @@ def lifelong_markdown(results: dict) -> str:
         lines.append("† latency by the first protocol: the median of 11 forwards of one edit prompt, encoding "
                      "included — noisy (the unedited model read 0.75–1.56× itself); `visedit compare --edits … "
                      "--latency-only` measures it again.")
-    lines += _wall_time(results, lifelong=True) + _overrides(results["methods"])
+    lifelong = [m for m in results["methods"].values() if m.get("lifelong")]
+    lines += _beside_note(lifelong, True) + _wall_time(results, lifelong=True) + _overrides(results["methods"])
     lines.append("")
     return "\n".join(lines)
 

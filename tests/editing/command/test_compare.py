@@ -295,3 +295,6 @@ def test_a_comparison_with_two_jobs_scores_as_one_and_reports_its_own_wall_time(
     report = (tmp_path / "two" / "results.md").read_text()
     assert f"Wall time: {two['run']['wall_s'] / 60:.1f} min for 2 methods run 2 side by side" in report
     assert "side by side" not in (tmp_path / "one" / "results.md").read_text()
+    assert two["methods"]["none"]["latency_jobs"] == 2 and one["methods"]["none"]["latency_jobs"] == 1
+    assert "‡ timed while up to 2 methods ran side by side" in report and "‡ |" in report
+    assert "‡" not in (tmp_path / "one" / "results.md").read_text()
