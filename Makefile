@@ -47,7 +47,7 @@ TARGET_ROLE ?= 1#          edit: 0 = VEAD without the target role
 METHODS ?= all#            compare: comma-separated methods (none, visedit, visedit_gated, ft_l, ft_v, tp, ike, mend, serac, grace, lookup)
 TEST_SEED ?= 2#            compare: world seed of the test split (never 1, the development world)
 EDITS ?=#                  compare: lifelong, comma-separated numbers of edits live at once (e.g. 1,10,100,1000)
-JOBS ?=#                   compare: methods run side by side (empty: 2 for a lifelong run of a shipped default, else 1)
+JOBS ?=#                   compare: methods run side by side (empty: 2 on a shipped default, 1 with MODEL)
 SET ?=#                    compare: space-separated METHOD.KEY=VALUE replacing config values (e.g. ft_l.steps=20)
 N_TRAIN ?=#                world: records in each train split (empty: 3000 VQA / 1000 captions)
 N_EVAL ?=#                 world: records in each eval split (empty: 1000 VQA / 300 captions)
@@ -106,7 +106,7 @@ edit: setup $(if $(or $(TRAIN),$(EVAL)),,$(WORLD_EVAL)) ## train and evaluate Vi
 compare: setup $(if $(or $(TRAIN),$(EVAL)),,$(WORLD_EVAL)) ## every editing method on BACKBONE: train, dev, test (TEST_SEED)
 	$(VISEDIT) compare $(model_args) --task $(TASK) --methods $(METHODS) --test-seed $(TEST_SEED) \
 		$(call opt,--train,$(TRAIN)) $(call opt,--eval,$(EVAL)) $(call opt,--images,$(IMAGES)) \
-		--seed $(SEED) $(call opt,--out,$(OUT)) $(call opt,--edits,$(EDITS)) --jobs $(or $(JOBS),$(if $(and $(EDITS),$(if $(MODEL),,1)),2,1)) $(foreach pair,$(SET),--set $(pair))
+		--seed $(SEED) $(call opt,--out,$(OUT)) $(call opt,--edits,$(EDITS)) --jobs $(or $(JOBS),$(if $(MODEL),1,2)) $(foreach pair,$(SET),--set $(pair))
 
 scenes: setup $(if $(DATA),,$(WORLD_EVAL)) ## how well scene similarity tells an edit's images apart, untrained
 	$(VISEDIT) scenes $(model_args) $(data_args) --n $(N) $(call opt,--out,$(OUT))

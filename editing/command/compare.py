@@ -371,6 +371,15 @@ def _run_children(options: CompareOptions, names: list[str], folder: Path):
             child.join()
 
 
+def _earlier_run(path: Path) -> dict | None:
+    """The ``run`` record of the results file an earlier invocation wrote in this folder, if any."""
+    if not path.is_file():
+        return None
+    data = read_json(path, "comparison results file")
+    run = data.get("run") if isinstance(data, dict) else None
+    return run if isinstance(run, dict) else None
+
+
 def read_method(path: Path, lifelong: bool = False) -> dict:
     """A method's results file (``methods/<name>.json``), checked (`compare_report.check_method`, or
     `check_sequential` for a lifelong run's)."""
@@ -438,9 +447,18 @@ def _run_compare(options: CompareOptions, names: list[str]) -> dict:
     methods = {name: methods[name] for name in names}  # the order asked for
     results = {"backbone": options.backbone, "task": options.task, "n_test": len(roles.test),
                "roles": roles.described, "options": {k: str(v) for k, v in asdict(options).items()},
-               "overrides": {name: overridden(options, name) for name in options.overrides},
-               "run": {"jobs": options.jobs, "threads": child_threads(options.jobs), "methods": pending,
-                       "wall_s": round(time.perf_counter() - started, 1)}}  # this invocation's methods
+               "overrides": {name: overridden(options, name) for name in options.overrides}}
+    # `run`: the last invocation that scored methods (jobs, threads, which, its wall time); one that only
+    # read results back or measured latency again keeps the earlier record, and says what it did itself.
+    invocation = {"jobs": options.jobs, "threads": child_threads(options.jobs), "methods": pending,
+                  "wall_s": round(time.perf_counter() - started, 1)}
+    earlier = _earlier_run(out / "results.json")
+    if options.latency_only:
+        results.update(run=earlier, latency_run=invocation)
+    elif pending or earlier is None:
+        results["run"] = invocation
+    else:
+        results["run"] = earlier
     if lifelong:
         from editing.command.compare_report import lifelong_markdown, plot_lifelong
         from editing.evaluation.metrics import VISEDIT_PROTOCOL

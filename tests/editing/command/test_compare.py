@@ -216,7 +216,9 @@ def test_latency_only_measures_the_latency_again_and_keeps_the_scores(world, tin
         scores["latency_ratio"], scores["latency_s"] = 9.0, {}
     path.write_text(json.dumps(first))
     assert "9.0† |" in lifelong_markdown(run_compare(options))  # read back, nothing run
+    scored = json.loads((tmp_path / "results.json").read_text())["run"]
     again = run_compare(replace(options, latency_only=True))
+    assert again["run"] == scored and again["latency_run"]["methods"] == ["none"]
     measured = json.loads(path.read_text())
     assert measured["wall_s"] == first["wall_s"] > 0  # the scoring run's, not the re-measurement's
     assert measured["latency_protocol"].startswith("forward only") and "†" not in (tmp_path / "results.md").read_text()
@@ -298,3 +300,6 @@ def test_a_comparison_with_two_jobs_scores_as_one_and_reports_its_own_wall_time(
     assert two["methods"]["none"]["latency_jobs"] == 2 and one["methods"]["none"]["latency_jobs"] == 1
     assert "‡ timed while up to 2 methods ran side by side" in report and "‡ |" in report
     assert "‡" not in (tmp_path / "one" / "results.md").read_text()
+    again = run_compare(_options(world, tiny_dirs, tmp_path / "two", methods=("none", "lookup"), jobs=2))
+    assert again["run"] == two["run"]  # nothing scored: the scoring invocation's record is kept
+    assert (tmp_path / "two" / "results.md").read_text() == report
