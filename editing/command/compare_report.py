@@ -215,7 +215,7 @@ def _wall_time(results: dict, lifelong: bool) -> list[str]:
     if side_by_side:  # every method ran in this invocation, ``jobs`` at a time: its own wall time is the total
         text = (f"Wall time: {run['wall_s'] / 60:.1f} min for {len(methods)} methods run {run['jobs']} side by side "
                 f"(`--jobs {run['jobs']}`, {run['threads']} torch thread{'s' if run['threads'] > 1 else ''} each; "
-                f"their processes sum to {sum(timed.values()) / 60:.1f} min, and each method's timings were "
+                f"their processes sum to {sum(timed.values()) / 60:.1f} min; each method's edit time was "
                 "measured beside another's)")
         if budget is not None:
             fresh = " (from fresh fits)" if lifelong else ""
@@ -304,6 +304,10 @@ def lifelong_markdown(results: dict) -> str:
                      "--latency-only` measures it again.")
     lifelong = [m for m in results["methods"].values() if m.get("lifelong")]
     lines += _beside_note(lifelong, True) + _wall_time(results, lifelong=True) + _overrides(results["methods"])
+    again = results.get("latency_run")
+    if again:
+        lines.append(f"Latency measured again alone for {', '.join(again['methods'])} (`--latency-only`, "
+                     f"{again['wall_s'] / 60:.1f} min), their scores kept.")
     lines.append("")
     return "\n".join(lines)
 

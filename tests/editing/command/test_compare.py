@@ -219,6 +219,7 @@ def test_latency_only_measures_the_latency_again_and_keeps_the_scores(world, tin
     scored = json.loads((tmp_path / "results.json").read_text())["run"]
     again = run_compare(replace(options, latency_only=True))
     assert again["run"] == scored and again["latency_run"]["methods"] == ["none"]
+    assert "Latency measured again alone for none (`--latency-only`" in (tmp_path / "results.md").read_text()
     measured = json.loads(path.read_text())
     assert measured["wall_s"] == first["wall_s"] > 0  # the scoring run's, not the re-measurement's
     assert measured["latency_protocol"].startswith("forward only") and "†" not in (tmp_path / "results.md").read_text()
