@@ -327,6 +327,10 @@ def _shares_placement(name: str) -> bool:
     return name.startswith("visedit")  # the VisEdit methods write and read one placement (`placement_from_train`)
 
 
+def _placement_written(options: CompareOptions) -> bool:
+    return (options.fitted() / "attribution" / "attribution.json").is_file()  # its JSON is written last
+
+
 def child_threads(jobs: int, threads: int | None = None) -> int | None:
     """Torch threads of each method's process when ``jobs`` run side by side: this process's threads shared
     out (at least one each); None for one job (the child keeps torch's default, as this process)."""
@@ -339,15 +343,16 @@ def child_threads(jobs: int, threads: int | None = None) -> int | None:
 
 def _run_children(options: CompareOptions, names: list[str], folder: Path):
     """Run each of ``names`` in a child process (`_child`), up to ``options.jobs`` at a time in the order
-    given, never two VisEdit methods at once; yields each name as its results file is written. A failed
-    method stops the others (their finished files are kept) and raises."""
+    given, two VisEdit methods at once only when their placement is written; yields each name as its results
+    file is written. A failed method stops the others (their finished files are kept) and raises."""
     context = multiprocessing.get_context(METHOD_START)
     threads = child_threads(options.jobs)
     queue, running = list(names), {}
     try:
         while queue or running:
             while len(running) < options.jobs:
-                ready = [n for n in queue if not (_shares_placement(n) and any(map(_shares_placement, running)))]
+                apart = not _placement_written(options) and any(map(_shares_placement, running))
+                ready = [n for n in queue if not (_shares_placement(n) and apart)]
                 if not ready:
                     break
                 name = ready[0]

@@ -258,13 +258,13 @@ def _timed_child(options, name, path, parent, threads):
     Path(path).write_text(json.dumps({"start": start, "end": time.monotonic(), "threads": threads}))
 
 
-def test_jobs_run_methods_side_by_side_but_never_two_visedit_methods(tmp_path, monkeypatch):
+def test_jobs_run_methods_side_by_side_and_visedit_methods_apart_until_their_placement_is_written(tmp_path, monkeypatch):
     from editing.command import compare
 
     monkeypatch.setattr(compare, "METHOD_START", "fork")
     monkeypatch.setattr(compare, "_child", _timed_child)
     names = ["visedit", "visedit_gated", "none", "ft_l", "tp"]
-    done = list(compare._run_children(CompareOptions(jobs=2), names, tmp_path))
+    done = list(compare._run_children(CompareOptions(jobs=2, out=tmp_path), names, tmp_path))
     assert sorted(done) == sorted(names)
     runs = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in names}
     assert all(run["threads"] == compare.child_threads(2) >= 1 for run in runs.values())
@@ -272,6 +272,11 @@ def test_jobs_run_methods_side_by_side_but_never_two_visedit_methods(tmp_path, m
                 and runs[a]["start"] < runs[b]["end"] and runs[b]["start"] < runs[a]["end"]]
     assert overlaps and ("visedit", "visedit_gated") not in overlaps  # two at a time, the VisEdit ones apart
     assert all(sum(r["start"] < t < r["end"] for r in runs.values()) <= 2 for t in [r["start"] + 0.01 for r in runs.values()])
+    (tmp_path / "attribution").mkdir()
+    (tmp_path / "attribution" / "attribution.json").write_text("{}")  # once the placement is written
+    list(compare._run_children(CompareOptions(jobs=2, out=tmp_path), ["visedit", "visedit_gated"], tmp_path))
+    runs = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in ("visedit", "visedit_gated")}
+    assert runs["visedit_gated"]["start"] < runs["visedit"]["end"]  # the two VisEdit methods run side by side
     assert compare.child_threads(1) is None and compare.child_threads(2, threads=2) == 1
     assert compare.child_threads(3, threads=2) == 1 and compare.child_threads(2, threads=8) == 4
     with pytest.raises(ValueError, match="--jobs must be at least 1"):
