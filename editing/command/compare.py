@@ -18,9 +18,9 @@ every method whose edits accumulate is scored with N edits live at once, for eac
 edits with distinct scenes (`editing.command.lifelong.distinct_scenes`), in
 ``runs/compare/<backbone>-<task>-lifelong``, reusing the single-edit run's fits.
 
-Each method runs in its own process (spawned), so its peak memory is its own and a hook it leaves behind
-cannot reach the next; its result is written to ``methods/<name>.json`` at once, and a run started again
-skips the methods already there (a killed comparison resumes at the next method; the kernel kills the
+Each method runs in its own process (spawned; ``jobs`` of them at once, `_run_children`), so its peak
+memory is its own and a hook it leaves behind cannot reach the next; its result is written to
+``methods/<name>.json`` at once, and a run started again skips the methods already there (a killed comparison resumes at the next method; the kernel kills the
 method's process with it, so nothing writes into the folder after its lock is gone). Those files are read
 back checked (`compare_report.check_method`), all of them before any method runs: a malformed one stops the
 run with an `ArtifactError` naming it (delete it to run that method again) rather than being rerun
