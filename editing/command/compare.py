@@ -20,12 +20,13 @@ edits with distinct scenes (`editing.command.lifelong.distinct_scenes`), in
 
 Each method runs in its own process (spawned; ``jobs`` of them at once, `_run_children`), so its peak
 memory is its own and a hook it leaves behind cannot reach the next; its result is written to
-``methods/<name>.json`` at once, and a run started again skips the methods already there (a killed comparison resumes at the next method; the kernel kills the
-method's process with it, so nothing writes into the folder after its lock is gone). Those files are read
-back checked (`compare_report.check_method`), all of them before any method runs: a malformed one stops the
-run with an `ArtifactError` naming it (delete it to run that method again) rather than being rerun
-silently, since files written atomically are never left half-written by a kill; one that does not read
-back was changed by something else, and a result silently replaced could mix two versions in one table.
+``methods/<name>.json`` at once, and a run started again skips the methods already there (a killed
+comparison resumes at the next method; the kernel kills the method's process with it, so nothing writes
+into the folder after its lock is gone). Those files are read back checked (`compare_report.check_method`),
+all of them before any method runs: a malformed one stops the run with an `ArtifactError` naming it (delete
+it to run that method again) rather than being rerun silently, since files written atomically are never
+left half-written by a kill; one that does not read back was changed by something else, and a result
+silently replaced could mix two versions in one table.
 """
 from __future__ import annotations
 

@@ -30,9 +30,9 @@ from attrib.errors import ArtifactError
 from attrib.io import atomic_write, read_safetensors
 from attrib.prompts import load_prompts
 from editing.editor import Editor
+from editing.evaluation import sequential
 from editing.evaluation.evaluate import same_image_questions
 from editing.evaluation.metrics import RowPredictions
-from editing.evaluation import sequential
 from editing.evaluation.sequential import PreEdit
 
 FIELDS = ("labels", "answer_top", "sequence_top")

@@ -258,7 +258,7 @@ def _timed_child(options, name, path, parent, threads):
     Path(path).write_text(json.dumps({"start": start, "end": time.monotonic(), "threads": threads}))
 
 
-def test_jobs_run_methods_side_by_side_and_visedit_methods_apart_until_their_placement_is_written(tmp_path, monkeypatch):
+def test_jobs_run_side_by_side_and_visedit_methods_apart_until_their_placement_is_written(tmp_path, monkeypatch):
     from editing.command import compare
 
     monkeypatch.setattr(compare, "METHOD_START", "fork")
@@ -271,7 +271,8 @@ def test_jobs_run_methods_side_by_side_and_visedit_methods_apart_until_their_pla
     overlaps = [(a, b) for a in names for b in names if a < b
                 and runs[a]["start"] < runs[b]["end"] and runs[b]["start"] < runs[a]["end"]]
     assert overlaps and ("visedit", "visedit_gated") not in overlaps  # two at a time, the VisEdit ones apart
-    assert all(sum(r["start"] < t < r["end"] for r in runs.values()) <= 2 for t in [r["start"] + 0.01 for r in runs.values()])
+    starts = [run["start"] + 0.01 for run in runs.values()]
+    assert all(sum(run["start"] < t < run["end"] for run in runs.values()) <= 2 for t in starts)
     (tmp_path / "attribution").mkdir()
     (tmp_path / "attribution" / "attribution.json").write_text("{}")  # once the placement is written
     list(compare._run_children(CompareOptions(jobs=2, out=tmp_path), ["visedit", "visedit_gated"], tmp_path))
