@@ -287,8 +287,8 @@ def _gone(pid: int) -> bool:
 
 
 def _measured(result: dict) -> dict:
-    """``result`` without what is timed or machine-dependent."""
-    timed = ("_s", "_ms", "inference_overhead", "peak_mem_mb", "threads")
+    """``result`` without what is timed or machine-dependent (or how it was timed: ``latency_jobs``)."""
+    timed = ("_s", "_ms", "inference_overhead", "peak_mem_mb", "threads", "_jobs")
     return {k: _measured(v) if isinstance(v, dict) else v for k, v in result.items() if not k.endswith(timed)}
 
 
