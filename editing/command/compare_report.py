@@ -217,19 +217,16 @@ def _wall_time(results: dict, lifelong: bool) -> list[str]:
                 f"(`--jobs {run['jobs']}`, {run['threads']} torch thread{'s' if run['threads'] > 1 else ''} each; "
                 f"their processes sum to {sum(timed.values()) / 60:.1f} min; each method's edit time was "
                 "measured beside another's)")
-        if budget is not None:
-            fresh = " (from fresh fits)" if lifelong else ""
-            text += f"; budget {budget} min on 2 CPU cores for every method{fresh}"
-        lines.append(text + ".")
     elif timed:
-        untimed = sorted(set(methods) - set(timed))
         text = (f"Wall time: {sum(timed.values()) / 60:.1f} min for {len(timed)} method"
                 f"{'s' if len(timed) > 1 else ''} (each method's process: loading, prepare or a reused fit, "
                 "evaluation)")
+    if side_by_side or timed:
         if budget is not None:
             fresh = " (from fresh fits)" if lifelong else ""
             text += f"; budget {budget} min on 2 CPU cores for every method{fresh}"
-        if untimed:
+        untimed = sorted(set(methods) - set(timed))
+        if untimed and not side_by_side:
             text += f"; not recorded for {', '.join(untimed)} (run before the wall time was kept)"
         lines.append(text + ".")
     over = [f"{n} {m['prepare_s'] / 60:.1f} min" for n, m in methods.items()

@@ -37,7 +37,7 @@ Departures from the paper and why:
 - The network is fitted with one torch thread (`FIT_THREADS`), whatever the process uses otherwise: with
   two threads, two fits with one seed in one process end in different networks (some threaded sum runs
   in a varying order, and 1,000 Adam steps amplify it; `docs/experiments/scripts/mend_repro.py`), and
-  MEND's row moved by 3.5 points between two from-scratch comparisons. One thread costs ~1.5× fit time.
+  MEND's row moved by 3.5 points between two from-scratch comparisons. One thread costs ~1.3× fit time.
 - Tokens whose u or δ is zero (the last position, padding) carry no rank-1 term and are left out, as the
   official code does; here also positions masked out by the attention mask.
 """
