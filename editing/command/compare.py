@@ -377,13 +377,15 @@ def _run_children(options: CompareOptions, names: list[str], folder: Path):
             child.join()
 
 
-def _earlier_run(path: Path) -> dict | None:
-    """The ``run`` record of the results file an earlier invocation wrote in this folder, if any."""
+def _earlier_runs(path: Path) -> dict:
+    """The invocation records (``run``, ``latency_run``, ``rescored``) of the results file an earlier
+    invocation wrote in this folder; {} when there is none."""
     if not path.is_file():
-        return None
+        return {}
     data = read_json(path, "comparison results file")
-    run = data.get("run") if isinstance(data, dict) else None
-    return run if isinstance(run, dict) else None
+    if not isinstance(data, dict):
+        return {}
+    return {key: data[key] for key in ("run", "latency_run", "rescored") if isinstance(data.get(key), (dict, list))}
 
 
 def read_method(path: Path, lifelong: bool = False) -> dict:
@@ -454,17 +456,21 @@ def _run_compare(options: CompareOptions, names: list[str]) -> dict:
     results = {"backbone": options.backbone, "task": options.task, "n_test": len(roles.test),
                "roles": roles.described, "options": {k: str(v) for k, v in asdict(options).items()},
                "overrides": {name: overridden(options, name) for name in options.overrides}}
-    # `run`: the last invocation that scored methods (jobs, threads, which, its wall time); one that only
-    # read results back or measured latency again keeps the earlier record, and says what it did itself.
+    # `run`: the last invocation that scored the methods (jobs, threads, which, its wall time). One that only
+    # read results back keeps the earlier records; one that measured latency again adds `latency_run`; one
+    # that scored again some of the earlier run's methods keeps its `run` and adds itself to `rescored`.
     invocation = {"jobs": options.jobs, "threads": child_threads(options.jobs), "methods": pending,
                   "wall_s": round(time.perf_counter() - started, 1)}
-    earlier = _earlier_run(out / "results.json")
+    earlier = _earlier_runs(out / "results.json")
+    earlier_run = earlier.get("run")
     if options.latency_only:
-        results.update(run=earlier, latency_run=invocation)
-    elif pending or earlier is None:
-        results["run"] = invocation
+        results.update(earlier, latency_run=invocation)
+    elif not pending and earlier_run is not None:
+        results.update(earlier)
+    elif earlier_run is not None and set(pending) < set(earlier_run.get("methods") or ()):
+        results.update(earlier, rescored=[*earlier.get("rescored", []), invocation])
     else:
-        results["run"] = earlier
+        results["run"] = invocation
     if lifelong:
         from editing.command.compare_report import lifelong_markdown, plot_lifelong
         from editing.evaluation.metrics import VISEDIT_PROTOCOL

@@ -310,3 +310,12 @@ def test_a_comparison_with_two_jobs_scores_as_one_and_reports_its_own_wall_time(
     again = run_compare(_options(world, tiny_dirs, tmp_path / "two", methods=("none", "lookup"), jobs=2))
     assert again["run"] == two["run"]  # nothing scored: the scoring invocation's record is kept
     assert (tmp_path / "two" / "results.md").read_text() == report
+    (tmp_path / "two" / "methods" / "lookup.json").unlink()  # one method scored again, alone
+    later = run_compare(_options(world, tiny_dirs, tmp_path / "two", methods=("none", "lookup")))
+    assert later["run"] == two["run"] and [r["methods"] for r in later["rescored"]] == [["lookup"]]
+    assert later["rescored"][0]["jobs"] == 1 and later["methods"]["lookup"]["latency_jobs"] == 1
+    rescored = (tmp_path / "two" / "results.md").read_text()
+    assert f"Wall time: {two['run']['wall_s'] / 60:.1f} min for 2 methods run 2 side by side" in rescored
+    assert "Scored again later by another invocation (1 job, " in rescored and "): lookup; that row is its" in rescored
+    assert run_compare(_options(world, tiny_dirs, tmp_path / "two", methods=("none", "lookup")))["rescored"] \
+        == later["rescored"]  # read back: kept
