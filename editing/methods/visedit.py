@@ -9,7 +9,10 @@ edit can never change a text-only input: T-Loc is 100 by construction (``text_ed
 
 ``visedit_gated`` with an ``output_write`` mapping (its config) also fits one output write per edit at edit
 time (`editing.adapter.output_write`: a change of the LM head's input at the target's positions, for the
-targets the adapter cannot reach), applied only in input rows the bank routes to the edit.
+targets the adapter cannot reach), applied only in input rows the bank routes to the edit. Where the
+question gate is on, ``output_write_with_question_gate`` (a mapping of `OutputWriteConfig` fields) replaces
+those fields: the gate then decides which question a write answers, and the config drops the write's own
+key check (``tau: null``; docs/experiments/editing-compare.md, "The output write's key under the question gate").
 
 ``visedit_gated`` with ``router: true`` (its config) also fits the scene router (`editing.adapter.router`)
 that sends each input to one of many live edits: on the training records' images and image rephrases,
@@ -68,7 +71,16 @@ class VisEditMethod(VisEditEditor):
         width = lm_width(context.backbone.config)
         config = sized_vead_config(width, scene_gate=gated, target_role=gated)
         hyper = context.hyper
+        question = hyper.get("question_gate")
+        question_config = QuestionGateConfig(**{**question, "seed": context.seed}) \
+            if gated and isinstance(question, dict) and context.task == "vqa" else None
         write = OutputWriteConfig.from_hyper(hyper.get("output_write")) if gated else None
+        under_gate = hyper.get("output_write_with_question_gate")
+        if write is not None and question_config is not None and under_gate:
+            if not isinstance(under_gate, dict):
+                raise ValueError(f"output_write_with_question_gate must be a mapping of output-write fields, "
+                                 f"got {under_gate!r}")
+            write = OutputWriteConfig.from_hyper({**write.to_json(), **under_gate})
         super().__init__(context.backbone, context.extra["placement"], config, output_write=write)
         self.context = context
         steps = int(hyper.get("steps") or default_steps(context.backbone.spec.name, context.task))
@@ -79,9 +91,7 @@ class VisEditMethod(VisEditEditor):
                                         same_image_weight=float(hyper.get("same_image_weight", 0.0)))
         self.router_config = RouterConfig(**{**hyper.get("router_config", {}), "seed": context.seed}) \
             if gated and hyper.get("router") else None
-        question = hyper.get("question_gate")
-        self.question_config = QuestionGateConfig(**{**question, "seed": context.seed}) \
-            if gated and isinstance(question, dict) and context.task == "vqa" else None
+        self.question_config = question_config
 
     def close(self) -> None:
         self.remove()
@@ -96,6 +106,8 @@ class VisEditMethod(VisEditEditor):
             report["router"] = self.prepare_router(train_records, dev)
         if self.question_config is not None:
             report["question_gate"] = self.prepare_question_gate(train_records, dev)
+        if self.hook.write_config is not None:
+            report["output_write"] = self.hook.write_config.to_json()
         return {**report, "wall_s": round(time.perf_counter() - start, 2)}
 
     def visual_states(self, records: Sequence[EditRecord], field: str, batch_size: int = 32) -> torch.Tensor:

@@ -121,3 +121,26 @@ def test_the_router_config_comes_from_the_backbones_section(tiny_backbone, tmp_p
         assert (config.hidden, config.dim, config.temperature) == (512, 128, 0.1)
     finally:
         editor.close()
+
+
+def test_the_output_write_drops_its_key_check_where_the_question_gate_is_on(tiny_backbone, tmp_path):
+    """On E-VQA the question gate decides which question a write answers and the config's
+    ``output_write_with_question_gate`` replaces the write's tau; on E-IC (no gate) the write keeps its key
+    check; an override that is not a mapping of write fields is refused."""
+    def method(task, hyper):
+        context = MethodContext(tiny_backbone, task=task, seed=0, work=tmp_path / task, hyper=hyper,
+                                extra={"placement": EditPlacement(edit_layer=0)})
+        return build_method("visedit_gated", context)
+
+    hyper = method_config("visedit_gated", tiny_backbone.spec.name)
+    assert hyper["output_write"]["tau"] == 0.7 and hyper["output_write_with_question_gate"] == {"tau": None}
+    for task, tau in [("vqa", None), ("caption", 0.7)]:
+        editor = method(task, hyper)
+        try:
+            write = editor.hook.write_config
+            assert write.tau == tau and write.margin == hyper["output_write"]["margin"], task
+        finally:
+            editor.close()
+    for bad, message in [({"key": 1}, "unknown key"), (0.5, "must be a mapping")]:
+        with pytest.raises(ValueError, match=message):
+            method("vqa", {**hyper, "output_write_with_question_gate": bad}).close()
