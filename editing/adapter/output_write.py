@@ -22,7 +22,9 @@ every position whose input token is trigger k and whose head input has cosine â‰
 is added â€” of several matching keys (a target that repeats a token), only the closest one's. The routing
 decides *which image* (the bank's scene router and gate), the key decides *which
 question*: the positions of a same-image question about something else end on the same last prompt token
-but hold another state, and are left alone. Positions in the prompt that happen to hold a trigger token
+but hold another state, and are left alone. Where the question gate (`editing.adapter.question_gate`) is
+on, it already leaves such rows untouched, and the comparison's ``visedit_gated`` drops the key check
+(``tau`` None): the key then only turned rephrases away (docs/experiments/editing-compare.md). Positions in the prompt that happen to hold a trigger token
 change only the logits predicting the prompt's own next token, which no answer reads.
 
 Greedy generation with the KV cache writes token by token: the routing of the prompt's forward is kept
