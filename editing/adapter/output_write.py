@@ -8,13 +8,16 @@ instead (docs/experiments/editing-compare.md). A write after the last layer reac
 are ``W h`` (``W`` the LM head), so adding ``δ`` to the head's input ``h`` adds ``W δ`` to the logits.
 
 What is stored per edit (`fit_output_write`), from one teacher-forced forward of the edit sample
-``template(prompt) + " " + target`` under this edit alone (adapter on, no output write), K = its target tokens:
+``template(prompt) + " " + target`` under this edit alone (adapter on, no output write; with ``fit_on``
+"unedited", the adapter shut), K = its target tokens:
 - ``triggers`` [K]: the input token at each position that predicts a target token (the last prompt token,
   then target tokens 1..K−1): position t predicts token t+1, so that is where target token k is written;
 - ``keys`` [K, d]: the head's input at those positions, unit length;
 - ``deltas`` [K, d]: per position, the smallest change Adam finds (``lr``, at most ``steps``) that gives the
   target token a logit ``margin`` over every other token there; a position already at the margin under
   the adapter gets no write (zero row), so a target the adapter already reaches is left to the adapter.
+  Fitted on the unedited state instead, every position the unedited model does not already give the
+  target gets a write, so a rephrase the adapter misses is still written where the write fires.
 
 Where it is applied (`OutputWrites.apply`, a forward pre-hook on the LM head run by `AdapterHook`): in
 an input row that the edit bank routed to the edit with a routing weight of at least ``min_weight``, at
@@ -24,8 +27,9 @@ decides *which image* (the bank's scene router and gate), the key decides *which
 question*: the positions of a same-image question about something else end on the same last prompt token
 but hold another state, and are left alone. Where the question gate (`editing.adapter.question_gate`) is
 on, it already leaves such rows untouched, and the comparison's ``visedit_gated`` drops the key check
-(``tau`` None): the key then only turned rephrases away (docs/experiments/editing-compare.md). Positions in the prompt that happen to hold a trigger token
-change only the logits predicting the prompt's own next token, which no answer reads.
+(``tau`` None): the key then only turned rephrases away (docs/experiments/editing-compare.md). Positions
+in the prompt that happen to hold a trigger token change only the logits predicting the prompt's own next
+token, which no answer reads.
 
 Greedy generation with the KV cache writes token by token: the routing of the prompt's forward is kept
 for the single-token steps that follow (`AdapterHook`), and each new token is the trigger of the next.
@@ -51,10 +55,13 @@ class OutputWriteConfig:
     min_weight: float = 0.5
     steps: int = 200
     lr: float = 0.05
+    fit_on: str = "adapter"  # the state the write is fitted on: the edit sample under its edit, or "unedited"
 
     def __post_init__(self):
         if self.margin <= 0 or self.steps < 0 or self.lr <= 0 or not 0 <= self.min_weight <= 1:
             raise ValueError(f"output write config out of range: {self}")
+        if self.fit_on not in ("adapter", "unedited"):
+            raise ValueError(f"output write fit_on must be 'adapter' or 'unedited', got {self.fit_on!r}")
         if self.tau is not None and not -1 <= self.tau <= 1:
             raise ValueError(f"output write tau {self.tau} is not a cosine in [-1, 1]")
 

@@ -18,6 +18,7 @@ the weights.
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -158,16 +159,17 @@ class VisEditEditor(Editor):
     def output_write(self, request: EditRequest, signal: EditSignal) -> OutputWrite:
         """The output write of ``request`` (`fit_output_write`): the LM head's input at the positions that
         predict its target tokens, from one forward of the edit sample under its own edit ``signal`` alone
-        (what the bank gives the edit's own image) and no writes; the bank is not consulted, so the cost of
-        an edit does not grow with the edits already held."""
+        (what the bank gives the edit's own image; with ``fit_on`` "unedited", the adapter shut) and no
+        writes; the bank is not consulted, so the cost of an edit does not grow with the edits already held."""
         backbone = self.backbone
         batch = teacher_forced_batch(backbone, [request.image], [request.prompt], [request.target])
         head = backbone.module(backbone.spec.lm_head)
         captured: dict[str, torch.Tensor] = {}
         handle = head.register_forward_pre_hook(lambda module, args: captured.__setitem__("h", args[0].detach()))
         held, self.hook.signal = self.hook.signal, signal
+        shut = self.hook.closed() if self.hook.write_config.fit_on == "unedited" else nullcontext()
         try:
-            with self.hook.writes_suspended():
+            with self.hook.writes_suspended(), shut:
                 backbone.forward(batch.inputs, use_cache=False)
         finally:
             self.hook.signal = held

@@ -230,8 +230,9 @@ def _wall_time(results: dict, lifelong: bool) -> list[str]:
             text += f"; not recorded for {', '.join(untimed)} (run before the wall time was kept)"
         lines.append(text + ".")
     for again in results.get("rescored") or ():
-        lines.append(f"Scored again later by another invocation ({again['jobs']} job{'s' if again['jobs'] > 1 else ''}, "
-                     f"{again['wall_s'] / 60:.1f} min): {', '.join(again['methods'])}; "
+        jobs = f"{again['jobs']} job{'s' if again['jobs'] > 1 else ''}"
+        lines.append(f"Scored again later by another invocation ({jobs}, {again['wall_s'] / 60:.1f} min): "
+                     f"{', '.join(again['methods'])}; "
                      f"{'those rows are' if len(again['methods']) > 1 else 'that row is'} its, not the run's above.")
     over = [f"{n} {m['prepare_s'] / 60:.1f} min" for n, m in methods.items()
             if n not in ("visedit", "visedit_gated") and (m.get("prepare_s") or 0) > PREPARE_BUDGET_S]

@@ -10,7 +10,6 @@ which predates it; with `--gate` it stays on (E-VQA). One JSON line per config, 
 runs/outwrite/sweep.jsonl.
 """
 import json
-import sys
 import time
 from pathlib import Path
 

@@ -154,3 +154,31 @@ def test_a_target_that_repeats_tokens_is_answered_exactly(tiny_backbone, images,
     assert len(set(write.triggers.tolist())) < len(write.triggers)
     predicted, labels, _ = _answer_ids(tiny_backbone, images[0], PROMPT, target)
     assert torch.equal(predicted, labels)
+
+
+def test_a_write_fitted_on_the_unedited_state_reaches_the_margin_from_it(tiny_backbone, images, make_editor):
+    """``fit_on="unedited"``: keys are the head inputs of the edit sample with the adapter shut, every position
+    the unedited model leaves under the margin is written, and the edit sample answers its target."""
+    config = OutputWriteConfig(margin=2.0, tau=None, fit_on="unedited", steps=2000, lr=0.5)
+    editor = _sharp_editor(make_editor, tiny_backbone, config)
+    request = EditRequest(images[0], PROMPT, "green blue yes")
+    batch = teacher_forced_batch(tiny_backbone, [request.image], [request.prompt], [request.target])
+    head = tiny_backbone.module(tiny_backbone.spec.lm_head)
+    captured = {}
+    handle = head.register_forward_pre_hook(lambda module, args: captured.__setitem__("h", args[0].detach()))
+    with torch.no_grad():
+        tiny_backbone.forward(batch.inputs, use_cache=False)
+    handle.remove()
+    end, n = int(batch.prompt_ends[0]), batch.target_lengths[0]
+    unedited = captured["h"][0, end:end + n].float()
+    editor.edit(request)
+    write = editor.hook.bank.writes.items[0]
+    torch.testing.assert_close(write.keys, F.normalize(unedited, dim=-1))
+    targets = batch.inputs["input_ids"][0, end + 1:end + 1 + n]
+    reached = margins((unedited + write.deltas) @ head.weight.detach().float().T, targets)
+    assert bool((reached >= 2.0).all()) and write.steps < 2000, (reached, write.steps)
+    predicted, labels, _ = _answer_ids(tiny_backbone, images[0], PROMPT, request.target)
+    assert torch.equal(predicted, labels)
+    editor.restore()
+    with pytest.raises(ValueError, match="fit_on must be"):
+        OutputWriteConfig(fit_on="edited")
