@@ -12,7 +12,8 @@ time (`editing.adapter.output_write`: a change of the LM head's input at the tar
 targets the adapter cannot reach), applied only in input rows the bank routes to the edit. Where the
 question gate is on, ``output_write_with_question_gate`` (a mapping of `OutputWriteConfig` fields) replaces
 those fields: the gate then decides which question a write answers, and the config drops the write's own
-key check (``tau: null``; docs/experiments/editing-compare.md, "The output write's key under the question gate").
+key check and raises its margin (``tau: null, margin: 40.0``; docs/experiments/editing-compare.md, "The
+output write's key under the question gate").
 
 ``visedit_gated`` with ``router: true`` (its config) also fits the scene router (`editing.adapter.router`)
 that sends each input to one of many live edits: on the training records' images and image rephrases,
