@@ -385,7 +385,8 @@ def _earlier_runs(path: Path) -> dict:
     data = read_json(path, "comparison results file")
     if not isinstance(data, dict):
         return {}
-    return {key: data[key] for key in ("run", "latency_run", "rescored") if isinstance(data.get(key), (dict, list))}
+    kinds = {"run": dict, "latency_run": dict, "rescored": list}
+    return {key: data[key] for key, kind in kinds.items() if isinstance(data.get(key), kind)}
 
 
 def read_method(path: Path, lifelong: bool = False) -> dict:
