@@ -62,6 +62,11 @@ class Editor(ABC):
         Methods that learn nothing keep this default."""
         return {}
 
+    def edit_report(self) -> dict:
+        """What the edits made so far report beside their scores (e.g. how many of a fit reached its goal),
+        kept in the method's results; methods with nothing to say keep this default."""
+        return {}
+
     @abstractmethod
     def edit(self, request: EditRequest) -> object:
         """Apply ``request``: every forward of ``backbone`` from now on is edited."""

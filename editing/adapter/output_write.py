@@ -84,12 +84,14 @@ class OutputWriteConfig:
 @dataclass
 class OutputWrite:
     """One edit's output write: ``triggers`` [K] token ids, ``keys`` [K, d] unit vectors, ``deltas``
-    [K, d] (zero rows write nothing); ``steps`` the Adam steps its fit took."""
+    [K, d] (zero rows write nothing); ``steps`` the Adam steps its fit took; ``reached`` whether every
+    position leads by the margin on the edit sample (False: the fit ran out of steps short of it)."""
 
     triggers: torch.Tensor
     keys: torch.Tensor
     deltas: torch.Tensor
     steps: int = 0
+    reached: bool = True
 
     @property
     def writes(self) -> bool:
@@ -119,7 +121,8 @@ def fit_output_write(head_inputs: torch.Tensor, targets: torch.Tensor, triggers:
     with torch.enable_grad():
         for steps in range(config.steps + 1):
             gap = margins(base + delta @ weight.T, targets)
-            if steps == config.steps or bool((gap >= config.margin).all()):
+            reached = bool((gap >= config.margin).all())
+            if steps == config.steps or reached:
                 break
             # hinge half a logit past the margin, so the stop rule is met by a little room, not exactly
             loss = F.relu(config.margin + 0.5 - gap).sum()
@@ -130,7 +133,8 @@ def fit_output_write(head_inputs: torch.Tensor, targets: torch.Tensor, triggers:
     # a position at the margin under the adapter alone is not written (its row stays exactly zero)
     untouched = margins(base, targets) >= config.margin
     deltas[untouched] = 0
-    return OutputWrite(triggers.detach().clone(), F.normalize(head_inputs.detach().float(), dim=-1), deltas, steps)
+    return OutputWrite(triggers.detach().clone(), F.normalize(head_inputs.detach().float(), dim=-1), deltas, steps,
+                       reached)
 
 
 class OutputWrites:

@@ -126,6 +126,7 @@ class VisEditEditor(Editor):
             self.load_weights(weights)
         self.hook = AdapterHook(backbone.model, backbone.spec, self.adapter, self.placement.edit_layer)
         self.hook.write_config = output_write
+        self.write_fits = {"fitted": 0, "short_of_margin": 0}  # output writes fitted since construction
 
     @property
     def config(self) -> VeadConfig:
@@ -148,7 +149,10 @@ class VisEditEditor(Editor):
         if isinstance(request, EditRequest):
             index = self.hook.bank.add(signal)
             if self.hook.write_config is not None:
-                self.hook.bank.writes.set(index, self.output_write(request, signal))
+                write = self.output_write(request, signal)
+                self.hook.bank.writes.set(index, write)
+                self.write_fits["fitted"] += 1
+                self.write_fits["short_of_margin"] += not write.reached
             if self.hook.question_gate is not None:
                 self.hook.bank.set_question(index, self.question_key(request.prompt))
         else:
@@ -178,6 +182,11 @@ class VisEditEditor(Editor):
         ids = batch.inputs["input_ids"][0].to(captured["h"].device)
         return fit_output_write(captured["h"][0, end:end + n], ids[end + 1:end + 1 + n], ids[end:end + n],
                                 head.weight, getattr(head, "bias", None), self.hook.write_config)
+
+    def edit_report(self) -> dict:
+        """How many output writes were fitted, and how many ran out of steps short of their margin (a
+        write short of it may miss a rephrase: docs/experiments/editing-compare.md)."""
+        return {"output_write": dict(self.write_fits)} if self.hook.write_config is not None else {}
 
     @torch.no_grad()
     def question_key(self, prompt: str) -> torch.Tensor:

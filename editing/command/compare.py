@@ -280,6 +280,7 @@ def run_method(options: CompareOptions, name: str) -> dict:
 
     editor, context, roles, prepared, prepare_s = prepared_method(options, name)
     scores = evaluate_edits(editor, roles.test, options.task, progress=options.progress).to_json()
+    edits = editor.edit_report()  # before the latency measurement's own edits
     overhead = inference_overhead(editor, roles.test, options.task)
     editor.close()
     five = [scores[k] for k in METRICS]
@@ -287,7 +288,7 @@ def run_method(options: CompareOptions, name: str) -> dict:
               "prepare_s": round(prepare_s, 2), "inference_overhead": overhead, "latency_protocol": LATENCY_PROTOCOL,
               "peak_mem_mb": _peak_mb(),
               "hyper": context.hyper, "overrides": overridden(options, name), "seed": options.seed, "prepare": prepared,
-              "threads": torch.get_num_threads()}
+              "threads": torch.get_num_threads(), **({"edits": edits} if edits else {})}
     return result
 
 

@@ -108,6 +108,9 @@ def run_sequential(options, prepared) -> dict:
             scores["mean"] = round(float(np.mean([scores[k] for k in METRICS])), 2)
             per_n[str(n)] = scores
         result["sequential"] = per_n
+    edits = editor.edit_report()  # over every edit of the run, all N together
+    if edits:
+        result["edits"] = edits
     editor.close()
     return result
 

@@ -6,8 +6,8 @@
 Loads (or fits) `visedit_gated` as `make compare BACKBONE=<backbone> TASK=<task> OUT=<out>` does, then scores
 the first N dev edits (world seed 1's eval split) under each output-write config of the JSON list (null: no
 write; "tau": null: no key check). Without `--gate` the question gate is taken off, as in the first sweep,
-which predates it; with `--gate` it stays on (E-VQA). One JSON line per config, also appended to
-runs/outwrite/sweep.jsonl.
+which predates it; with `--gate` it stays on (E-VQA). One JSON line per config (with how many writes ran
+out of steps short of their margin), also appended to runs/outwrite/sweep.jsonl.
 """
 import json
 import time
@@ -30,13 +30,14 @@ def main(backbone: str, task: str, n: int, configs: list, gate: bool, out: Path)
     log.parent.mkdir(parents=True, exist_ok=True)
     for config in configs:
         editor.hook.write_config = None if config is None else OutputWriteConfig(**config)
+        editor.write_fits.update(fitted=0, short_of_margin=0)
         start = time.perf_counter()
         scores = evaluate_edits(editor, dev, task).to_json()
         row = {"backbone": backbone, "task": task, "n": len(dev), "config": config,
                "question_gate": editor.hook.question_gate is not None,
                "s": round(time.perf_counter() - start, 1),
                **{k: scores.get(k) for k in [*FIVE, "loc_same_image", "exact_match", "edit_ms", "targets"]},
-               "mean": round(sum(scores[k] for k in FIVE) / 5, 2)}
+               "mean": round(sum(scores[k] for k in FIVE) / 5, 2), "write_fits": dict(editor.write_fits)}
         print(json.dumps(row), flush=True)
         with log.open("a") as f:
             f.write(json.dumps(row) + "\n")

@@ -38,9 +38,24 @@ def test_the_fit_reaches_the_margin_and_skips_reached_positions():
     config = OutputWriteConfig(margin=3.0, steps=500)
     write = fit_output_write(hidden, targets, torch.tensor([1, 4, 9]), weight, None, config)
     reached = margins((hidden + write.deltas) @ weight.T, targets)
-    assert (reached >= 3.0).all() and 0 < write.steps < 500
+    assert (reached >= 3.0).all() and 0 < write.steps < 500 and write.reached
     assert torch.equal(write.deltas[1], torch.zeros(16)) and write.deltas[0].abs().sum() > 0
     torch.testing.assert_close(write.keys.norm(dim=-1), torch.ones(3))
+
+
+def test_a_fit_out_of_steps_says_it_fell_short_of_the_margin():
+    """Adam moves each coordinate by about ``lr`` a step, so a far margin at a small lr is not reached in
+    a few steps, and the write says so (the toy defaults' novel targets, at lr 0.05 and 200 steps, reached
+    a lead of 3–5 logits against a margin of 40)."""
+    torch.manual_seed(0)
+    weight, hidden, targets = torch.randn(50, 16), torch.randn(3, 16), torch.tensor([4, 9, 17])
+    short = fit_output_write(hidden, targets, torch.tensor([1, 4, 9]), weight, None,
+                             OutputWriteConfig(margin=40.0, steps=20, lr=0.05))
+    gap = margins((hidden + short.deltas) @ weight.T, targets)
+    assert not short.reached and short.steps == 20 and bool((gap < 40.0).any())
+    full = fit_output_write(hidden, targets, torch.tensor([1, 4, 9]), weight, None,
+                            OutputWriteConfig(margin=40.0, steps=2000, lr=0.5))
+    assert full.reached and bool((margins((hidden + full.deltas) @ weight.T, targets) >= 40.0).all())
 
 
 def test_the_batched_write_equals_the_row_by_row_one():
@@ -97,6 +112,8 @@ def test_an_edit_with_its_write_answers_its_target_and_nothing_else_changes(tiny
     plain = _answer_ids(tiny_backbone, *other_image)[2]
     editor.edit(EditRequest(images[0], PROMPT, target))
     assert len(editor.hook.bank.writes) == 1
+    short = int(not editor.hook.bank.writes.items[0].reached)
+    assert editor.edit_report() == {"output_write": {"fitted": 1, "short_of_margin": short}}
     with editor.hook.writes_suspended():
         adapter_only = _answer_ids(tiny_backbone, images[0], PROMPT, target)
     assert not torch.equal(adapter_only[0], adapter_only[1])  # the adapter alone does not reach the target
