@@ -12,9 +12,10 @@ time (`editing.adapter.output_write`: a change of the LM head's input at the tar
 targets the adapter cannot reach), applied only in input rows the bank routes to the edit. Where the
 question gate is on, ``output_write_with_question_gate`` (a mapping of `OutputWriteConfig` fields) replaces
 those fields: the gate then decides which question a write answers, and the config drops the write's own
-key check, raises its margin and its fit's step size so that the fit reaches that margin (``tau: null,
-margin: 40.0, lr: 0.5``; docs/experiments/editing-compare.md, "The output write's key under the question
-gate" and "The output write's fit stopped short of its margin").
+key check, raises its margin and its fit's step size so that the fit reaches that margin, and fires in
+every row the router keeps, whatever the scene gate's weight (``tau: null, margin: 40.0, lr: 0.5,
+min_weight: 0.0``; docs/experiments/editing-compare.md, "The output write's key under the question gate"
+and "The output write's fit stopped short of its margin").
 
 ``visedit_gated`` with ``router: true`` (its config) also fits the scene router (`editing.adapter.router`)
 that sends each input to one of many live edits: on the training records' images and image rephrases,
