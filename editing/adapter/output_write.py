@@ -14,7 +14,8 @@ What is stored per edit (`fit_output_write`), from one teacher-forced forward of
   then target tokens 1..K−1): position t predicts token t+1, so that is where target token k is written;
 - ``keys`` [K, d]: the head's input at those positions, unit length;
 - ``deltas`` [K, d]: per position, the smallest change Adam finds (``lr``, at most ``steps``) that gives the
-  target token a logit ``margin`` over every other token there; a position already at the margin under
+  target token a logit ``margin`` over every other token there (``reached`` False where the steps ran out
+  first: Adam moves each coordinate about ``lr`` a step); a position already at the margin under
   the adapter gets no write (zero row), so a target the adapter already reaches is left to the adapter.
   Fitted on the unedited state instead, every position the unedited model does not already give the
   target gets a write, so a rephrase the adapter misses is still written where the write fires.
