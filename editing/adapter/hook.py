@@ -31,7 +31,8 @@ Output writes (`editing.adapter.output_write`, with ``write_config`` set and edi
 one): a forward pre-hook on the LM head adds them to the rows the bank routed in this forward; the input
 ids come from a forward pre-hook on the LM's token embedding, which every forward calls once (also
 BLIP-2's ``generate``). The routing of a multi-token forward is kept through the single-token steps of
-cached decoding that follow it, and dropped by the next multi-token forward that routes nothing.
+cached decoding that follow it, and dropped by the next multi-token forward that routes nothing; so are its
+input ids, each step's token appended, for the tokens before a repeated trigger.
 """
 from __future__ import annotations
 
@@ -82,6 +83,7 @@ class AdapterHook:
         self.embed = model.get_submodule(spec.embed_tokens)
         self._positions: list[torch.Tensor | None] = []
         self._input_ids: torch.Tensor | None = None
+        self._sequence: torch.Tensor | None = None  # [B, S] the ids of the last multi-token forward and steps since
         layer = model.get_submodule(spec.layer_path(max(edit_layer, 0)))
         self._handles = [
             model.register_forward_pre_hook(self._push_positions, with_kwargs=True),
@@ -215,16 +217,22 @@ class AdapterHook:
     def _keep_input_ids(self, module, args) -> None:
         wanted = self.writing or (self.question_gate is not None and len(self.bank) > 0)
         self._input_ids = args[0] if wanted and args and isinstance(args[0], torch.Tensor) else None
+        ids, held = self._input_ids, self._sequence
+        if ids is None or not self.writing:
+            self._sequence = None
+        elif ids.dim() == 2 and ids.shape[1] == 1 and held is not None and held.shape[0] == ids.shape[0]:
+            self._sequence = torch.cat([held, ids.to(held.device)], dim=1)  # a cached decoding step
+        else:
+            self._sequence = ids
 
     def _write_output(self, module, args):
         if not self.writing or self.routed is None or self._input_ids is None or not args:
             return None
-        hidden, ids = args[0], self._input_ids
+        hidden, ids = args[0], self._sequence
         edit, fire = self.routed
-        if hidden.dim() != 3 or ids.shape[0] != hidden.shape[0] or edit.shape[0] != hidden.shape[0] \
+        if ids is None or hidden.dim() != 3 or ids.shape[0] != hidden.shape[0] or edit.shape[0] != hidden.shape[0] \
                 or ids.shape[1] < hidden.shape[1]:
             return None
-        ids = ids[:, ids.shape[1] - hidden.shape[1]:]  # a head run on the last positions only (generate)
         return (self.bank.writes.apply(hidden, ids, edit, fire, self.write_config.tau), *args[1:])
 
     def _rewrite_output(self, module, args, output):

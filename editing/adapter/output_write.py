@@ -13,6 +13,8 @@ What is stored per edit (`fit_output_write`), from one teacher-forced forward of
 - ``triggers`` [K]: the input token at each position that predicts a target token (the last prompt token,
   then target tokens 1..K−1): position t predicts token t+1, so that is where target token k is written;
 - ``keys`` [K, d]: the head's input at those positions, unit length;
+- ``history`` [K, C] (with ``context`` C > 0): the C tokens before each trigger, nearest first (−1 before the
+  sequence's start);
 - ``deltas`` [K, d]: per position, the smallest change Adam finds (``lr``, at most ``steps``) that gives the
   target token a logit ``margin`` over every other token there (``reached`` False where the steps ran out
   first: Adam moves each coordinate about ``lr`` a step); a position already at the margin under
@@ -23,7 +25,11 @@ What is stored per edit (`fit_output_write`), from one teacher-forced forward of
 Where it is applied (`OutputWrites.apply`, a forward pre-hook on the LM head run by `AdapterHook`): in
 an input row that the edit bank routed to the edit with a routing weight of at least ``min_weight``, at
 every position whose input token is trigger k and whose head input has cosine ≥ ``tau`` with key k, δ_k
-is added — of several matching keys (a target that repeats a token), only the closest one's. The routing
+is added — of several matching keys (a target that repeats a token), only one: with ``context`` C > 0, the
+one whose history agrees with the tokens before the position for the longest run (up to C), and of those
+the closest; with C = 0, the closest. The cosine alone can pick the wrong occurrence: on a rephrased
+instruction every state of the caption shifts, while the tokens before a position are the target's own
+under teacher forcing and under greedy generation that has followed the target so far. The routing
 decides *which image* (the bank's scene router and gate), the key decides *which
 question*: the positions of a same-image question about something else end on the same last prompt token
 but hold another state, and are left alone. Where the question gate (`editing.adapter.question_gate`) is
@@ -33,7 +39,8 @@ in the prompt that happen to hold a trigger token change only the logits predict
 token, which no answer reads.
 
 Greedy generation with the KV cache writes token by token: the routing of the prompt's forward is kept
-for the single-token steps that follow (`AdapterHook`), and each new token is the trigger of the next.
+for the single-token steps that follow (`AdapterHook`), each new token is the trigger of the next, and the
+hook keeps the tokens seen so far, so a single-token step still has the tokens before it.
 
 Rows the routing leaves out, text-only inputs and an empty bank pass the head bit for bit.
 """
@@ -57,9 +64,10 @@ class OutputWriteConfig:
     steps: int = 200
     lr: float = 0.05
     fit_on: str = "adapter"  # the state the write is fitted on: the edit sample under its edit, or "unedited"
+    context: int = 0  # tokens before a repeated trigger that choose among its keys (0: the closest key)
 
     def __post_init__(self):
-        if self.margin <= 0 or self.steps < 0 or self.lr <= 0 or not 0 <= self.min_weight <= 1:
+        if self.margin <= 0 or self.steps < 0 or self.lr <= 0 or not 0 <= self.min_weight <= 1 or self.context < 0:
             raise ValueError(f"output write config out of range: {self}")
         if self.fit_on not in ("adapter", "unedited"):
             raise ValueError(f"output write fit_on must be 'adapter' or 'unedited', got {self.fit_on!r}")
@@ -86,13 +94,15 @@ class OutputWriteConfig:
 class OutputWrite:
     """One edit's output write: ``triggers`` [K] token ids, ``keys`` [K, d] unit vectors, ``deltas``
     [K, d] (zero rows write nothing); ``steps`` the Adam steps its fit took; ``reached`` whether every
-    position leads by the margin on the edit sample (False: the fit ran out of steps short of it)."""
+    position leads by the margin on the edit sample (False: the fit ran out of steps short of it);
+    ``history`` [K, C] the tokens before each trigger, nearest first, −1 past the start (None: C = 0)."""
 
     triggers: torch.Tensor
     keys: torch.Tensor
     deltas: torch.Tensor
     steps: int = 0
     reached: bool = True
+    history: torch.Tensor | None = None
 
     @property
     def writes(self) -> bool:
@@ -107,11 +117,21 @@ def margins(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return own - others
 
 
+def histories(ids: torch.Tensor, start: int, n: int, context: int, pad: int = -1) -> torch.Tensor:
+    """[..., n, context] the ``context`` tokens before each of positions start..start+n−1 of ``ids`` [..., S],
+    nearest first; ``pad`` where a position is fewer than ``context`` tokens from the start."""
+    padded = torch.cat([ids.new_full((*ids.shape[:-1], context), pad), ids], dim=-1)
+    back = torch.arange(context, device=ids.device)
+    offsets = torch.arange(n, device=ids.device)[:, None] + start + context - 1 - back
+    return padded[..., offsets]
+
+
 def fit_output_write(head_inputs: torch.Tensor, targets: torch.Tensor, triggers: torch.Tensor,
                      head_weight: torch.Tensor, head_bias: torch.Tensor | None,
-                     config: OutputWriteConfig) -> OutputWrite:
+                     config: OutputWriteConfig, history: torch.Tensor | None = None) -> OutputWrite:
     """The output write of one edit (module docstring). head_inputs [K, d]: the LM head's input at the
-    positions predicting the K target tokens; head_weight [V, d] and head_bias [V] (or None): the head."""
+    positions predicting the K target tokens; head_weight [V, d] and head_bias [V] (or None): the head;
+    history [K, C]: the tokens before each trigger (`histories`), kept with the write when C > 0."""
     weight = head_weight.detach().float()
     base = head_inputs.detach().float() @ weight.T
     if head_bias is not None:
@@ -135,7 +155,7 @@ def fit_output_write(head_inputs: torch.Tensor, targets: torch.Tensor, triggers:
     untouched = margins(base, targets) >= config.margin
     deltas[untouched] = 0
     return OutputWrite(triggers.detach().clone(), F.normalize(head_inputs.detach().float(), dim=-1), deltas, steps,
-                       reached)
+                       reached, None if history is None or not history.shape[-1] else history.detach().clone())
 
 
 class OutputWrites:
@@ -144,7 +164,7 @@ class OutputWrites:
     def __init__(self):
         self.items: list[OutputWrite | None] = []
         self._writing = 0  # how many items write anything: kept by count, read on every forward
-        self._stacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._stacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
 
     def __len__(self) -> int:
         """The number of held edits whose write changes anything."""
@@ -165,37 +185,46 @@ class OutputWrites:
         self._writing = 0
         self._stacked = None
 
-    def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(triggers [N, K], keys [N, K, d], deltas [N, K, d]); padding and positions without a write (zero
-        delta) get trigger −1, which no input token matches, so `apply` need not look at the deltas."""
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(triggers [N, K], keys [N, K, d], deltas [N, K, d], history [N, K, C] or None when no write keeps
+        one); padding and positions without a write (zero delta) get trigger −1, which no input token
+        matches, so `apply` need not look at the deltas; missing history is −1 too."""
         if self._stacked is None:
             real = [w for w in self.items if w is not None]
             k = max(len(w.triggers) for w in real)
             d = real[0].deltas.shape[1]
+            c = max((w.history.shape[1] for w in real if w.history is not None), default=0)
             n = len(self.items)
             triggers = torch.full((n, k), -1, dtype=torch.long)
             keys, deltas = torch.zeros(n, k, d), torch.zeros(n, k, d)
+            history = torch.full((n, k, c), -1, dtype=torch.long) if c else None
             for i, w in enumerate(self.items):
                 if w is not None:
                     triggers[i, :len(w.triggers)] = w.triggers.cpu()
                     keys[i, :len(w.triggers)] = w.keys.cpu()
                     deltas[i, :len(w.triggers)] = w.deltas.cpu()
+                    if history is not None and w.history is not None:
+                        history[i, :len(w.triggers), :w.history.shape[1]] = w.history.cpu()
             triggers[deltas.abs().sum(-1) == 0] = -1
-            self._stacked = (triggers, keys, deltas)
+            self._stacked = (triggers, keys, deltas, history)
         return self._stacked
 
     def apply(self, hidden: torch.Tensor, input_ids: torch.Tensor, routed: torch.Tensor, fire: torch.Tensor,
               tau: float | None) -> torch.Tensor:
         """``hidden`` [B, T, d] (the LM head's input) with each firing row's routed edit written where its
         trigger tokens are (and, with ``tau``, its keys match); ``hidden`` itself when nothing is written.
-        input_ids [B, T]; routed [B] the edit index of each row; fire [B] whether the row may be written."""
+        input_ids [B, S ≥ T]: the tokens up to these positions, whose last T are the ones ``hidden`` holds
+        (the earlier ones are the history of repeated triggers); routed [B] the edit index of each row;
+        fire [B] whether the row may be written."""
         if not len(self) or not bool(fire.any()):
             return hidden
-        triggers, keys, deltas = (t.to(hidden.device) for t in self.stacked())
+        triggers, keys, deltas, history = (None if t is None else t.to(hidden.device) for t in self.stacked())
         routed = routed.to(hidden.device)
         triggers, keys, deltas = triggers[routed], keys[routed], deltas[routed]  # [B, K], [B, K, d] x2
         fire = fire.to(hidden.device)[:, None, None]
-        match = (input_ids.to(hidden.device)[:, :, None] == triggers[:, None, :]) & fire
+        ids = input_ids.to(hidden.device)
+        length = hidden.shape[1]
+        match = (ids[:, -length:, None] == triggers[:, None, :]) & fire
         if not bool(match.any()):
             return hidden
         several = bool((match.sum(-1) > 1).any())  # a target that repeats a token ("a", "the" in captions)
@@ -203,8 +232,14 @@ class OutputWrites:
             cosines = torch.einsum("btd,bkd->btk", F.normalize(hidden.float(), dim=-1), keys)
             if tau is not None:
                 match &= cosines >= tau
-            if several:  # each position takes the write of its closest matching key only
-                best = cosines.masked_fill(~match, float("-inf")).argmax(-1, keepdim=True)
+            if several:  # each position takes one matching key's write: the longest agreeing history, then closest
+                score = cosines
+                if history is not None:
+                    before = histories(ids, ids.shape[1] - length, length, history.shape[-1], pad=-2)  # [B, T, C]
+                    same = before[:, :, None, :] == history[routed][:, None, :, :]  # [B, T, K, C]
+                    agree = same.long().cumprod(-1).sum(-1)  # the run of equal tokens, nearest first
+                    score = cosines + 3.0 * agree  # a cosine spans 2: one more agreeing token always wins
+                best = score.masked_fill(~match, float("-inf")).argmax(-1, keepdim=True)
                 match &= torch.zeros_like(match).scatter_(-1, best, True)
         if not bool(match.any()):
             return hidden

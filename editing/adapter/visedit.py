@@ -33,7 +33,7 @@ from attrib.backbones.partial import StopForward, forward_until_stopped
 from attrib.errors import ArtifactError
 from attrib.io import atomic_write, read_json, read_safetensors, require
 from editing.adapter.hook import LM_INPUT, AdapterHook
-from editing.adapter.output_write import OutputWrite, OutputWriteConfig, fit_output_write
+from editing.adapter.output_write import OutputWrite, OutputWriteConfig, fit_output_write, histories
 from editing.adapter.question_gate import prompt_ids
 from editing.adapter.vead import EditAdapter, EditSignal, VeadConfig, lm_width
 from editing.editor import Editor, EditRequest
@@ -180,8 +180,10 @@ class VisEditEditor(Editor):
             handle.remove()
         end, n = int(batch.prompt_ends[0]), batch.target_lengths[0]
         ids = batch.inputs["input_ids"][0].to(captured["h"].device)
+        config = self.hook.write_config
+        history = histories(ids, end, n, config.context) if config.context else None
         return fit_output_write(captured["h"][0, end:end + n], ids[end + 1:end + 1 + n], ids[end:end + n],
-                                head.weight, getattr(head, "bias", None), self.hook.write_config)
+                                head.weight, getattr(head, "bias", None), config, history)
 
     def edit_report(self) -> dict:
         """How many output writes were fitted, and how many ran out of steps short of their margin (a

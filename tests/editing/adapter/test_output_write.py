@@ -12,7 +12,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from editing.adapter.output_write import OutputWrite, OutputWriteConfig, OutputWrites, fit_output_write, margins
+from editing.adapter.output_write import (
+    OutputWrite,
+    OutputWriteConfig,
+    OutputWrites,
+    fit_output_write,
+    histories,
+    margins,
+)
 from editing.adapter.vead import VeadConfig
 from editing.editor import EditRequest
 from editing.inputs import teacher_forced_batch
@@ -58,6 +65,48 @@ def test_a_fit_out_of_steps_says_it_fell_short_of_the_margin():
     assert full.reached and bool((margins((hidden + full.deltas) @ weight.T, targets) >= 40.0).all())
 
 
+def test_histories_are_the_tokens_before_each_position():
+    ids = torch.tensor([[5, 6, 7, 8, 9], [1, 2, 3, 4, 0]])
+    got = histories(ids, 1, 3, 3, pad=-2)
+    for row in range(2):
+        for i in range(3):
+            p = 1 + i
+            expected = [int(ids[row, p - 1 - j]) if p - 1 - j >= 0 else -2 for j in range(3)]
+            assert got[row, i].tolist() == expected
+    assert histories(ids[0], 0, 5, 0).shape == (5, 0)
+
+
+def _agreeing_run(write, ids, position, k):
+    """How many tokens before ``position`` of ``ids`` [S] equal key k's history, nearest first."""
+    run = 0
+    for j in range(0 if write.history is None else write.history.shape[1]):
+        if position - 1 - j < 0 or int(ids[position - 1 - j]) != int(write.history[k, j]):
+            break
+        run += 1
+    return run
+
+
+def _expected_write(writes, hidden, ids, routed, fire, tau):
+    """The write one position at a time: of the keys whose trigger is the position's token (and whose cosine
+    reaches tau), the one with the longest run of agreeing history tokens, then the closest, writes."""
+    expected, length, several = hidden.clone(), hidden.shape[1], 0
+    offset = ids.shape[1] - length
+    for row in range(hidden.shape[0]):
+        write = writes.items[int(routed[row])]
+        if not fire[row] or write is None:
+            continue
+        for t in range(length):
+            position = offset + t
+            cosines = [float(F.cosine_similarity(hidden[row, t], key, dim=0)) for key in write.keys]
+            matching = [k for k in range(len(write.triggers)) if ids[row, position] == write.triggers[k]
+                        and write.deltas[k].abs().sum() > 0 and (tau is None or cosines[k] >= tau)]
+            several += len(matching) > 1
+            if matching:
+                runs = [_agreeing_run(write, ids[row], position, k) for k in range(len(write.triggers))]
+                expected[row, t] += write.deltas[max(matching, key=lambda k: (runs[k], cosines[k]))]
+    return expected, several
+
+
 def test_the_batched_write_equals_the_row_by_row_one():
     torch.manual_seed(1)
     d, writes = 8, OutputWrites()
@@ -73,21 +122,37 @@ def test_the_batched_write_equals_the_row_by_row_one():
     routed, fire = torch.tensor([0, 1, 2, 0]), torch.tensor([True, True, True, False])
     several = 0
     for tau in (None, 0.5):
-        expected = hidden.clone()
-        for row in range(4):
-            write = writes.items[int(routed[row])]
-            if not fire[row] or write is None:
-                continue
-            for t in range(7):
-                cosines = [float(F.cosine_similarity(hidden[row, t], key, dim=0)) for key in write.keys]
-                matching = [k for k in range(len(write.triggers)) if ids[row, t] == write.triggers[k]
-                            and (tau is None or cosines[k] >= tau)]
-                several += len(matching) > 1
-                if matching:  # the closest matching key writes
-                    expected[row, t] += write.deltas[max(matching, key=lambda k: cosines[k])]
+        expected, counted = _expected_write(writes, hidden, ids, routed, fire, tau)
+        several += counted
         torch.testing.assert_close(writes.apply(hidden, ids, routed, fire, tau), expected, rtol=0, atol=1e-6)
     assert several >= 2
     assert torch.equal(writes.apply(hidden, ids, routed, torch.zeros(4, dtype=torch.bool), None), hidden)
+
+
+def test_the_tokens_before_a_repeated_trigger_choose_its_key():
+    """With histories, of several keys on one trigger token the one whose history agrees longest with the
+    tokens before the position writes, even where another key is closer; without, the closest; the
+    batched write equals the row-by-row one, also when ``hidden`` holds only the last positions."""
+    torch.manual_seed(2)
+    d, writes = 8, OutputWrites()
+    triggers = torch.tensor([3, 1, 3, 2, 3])  # token 3 three times, after 9 / after 1 / after 1, 2
+    history = torch.tensor([[9, 8], [3, 9], [1, 3], [3, 1], [2, 3]])
+    writes.append(OutputWrite(triggers, F.normalize(torch.randn(5, d), dim=-1), torch.randn(5, d), history=history))
+    writes.append(OutputWrite(torch.tensor([3, 3]), F.normalize(torch.randn(2, d), dim=-1), torch.randn(2, d)))
+    ids = torch.tensor([[4, 9, 3, 1, 3, 2, 3], [7, 1, 3, 5, 3, 0, 3], [9, 9, 3, 3, 1, 3, 3]])
+    hidden = torch.randn(3, 7, d)
+    hidden[0, 4] = writes.items[0].keys[0]  # the closest key is occurrence 0, the history says occurrence 2
+    routed, fire = torch.tensor([0, 0, 1]), torch.ones(3, dtype=torch.bool)
+    out = writes.apply(hidden, ids, routed, fire, None)
+    torch.testing.assert_close(out[0, 4], hidden[0, 4] + writes.items[0].deltas[2])
+    several = 0
+    for tau in (None, 0.2):
+        expected, counted = _expected_write(writes, hidden, ids, routed, fire, tau)
+        several += counted
+        torch.testing.assert_close(writes.apply(hidden, ids, routed, fire, tau), expected, rtol=0, atol=1e-6)
+        last = writes.apply(hidden[:, -2:], ids, routed, fire, tau)  # a head run on the last positions only
+        torch.testing.assert_close(last, expected[:, -2:], rtol=0, atol=1e-6)
+    assert several >= 8
 
 
 def _answer_ids(backbone, image, prompt, target):
@@ -171,6 +236,24 @@ def test_a_target_that_repeats_tokens_is_answered_exactly(tiny_backbone, images,
     assert len(set(write.triggers.tolist())) < len(write.triggers)
     predicted, labels, _ = _answer_ids(tiny_backbone, images[0], PROMPT, target)
     assert torch.equal(predicted, labels)
+
+
+def test_with_a_context_a_repeating_target_is_answered_and_generated(tiny_backbone, images, make_editor):
+    """``context`` 3: each write keeps the 3 tokens before its trigger; teacher-forced and cached generation
+    (one token a step, the hook carrying the tokens before it) both give the target exactly."""
+    editor = _sharp_editor(make_editor, tiny_backbone, OutputWriteConfig(margin=4.0, tau=None, context=3))
+    target = "blue red blue red blue"
+    editor.edit(EditRequest(images[0], PROMPT, target))
+    write = editor.hook.bank.writes.items[0]
+    batch = teacher_forced_batch(tiny_backbone, [images[0]], [PROMPT], [target])
+    ids, end, n = batch.inputs["input_ids"][0], int(batch.prompt_ends[0]), batch.target_lengths[0]
+    assert write.history.shape == (n, 3) and torch.equal(write.history[:, 0], ids[end - 1:end - 1 + n])
+    predicted, labels, _ = _answer_ids(tiny_backbone, images[0], PROMPT, target)
+    assert torch.equal(predicted, labels)
+    answer = editor.generate([images[0]], [PROMPT], max_new_tokens=len(labels))
+    assert answer[0] == tiny_backbone.tokenizer.decode(labels, skip_special_tokens=True).strip()
+    # the prompt's ids, then every token fed back one step at a time
+    assert torch.equal(editor.hook._sequence[0, -(n - 1):], labels[:n - 1].to(editor.hook._sequence.device))
 
 
 def test_a_write_fitted_on_the_unedited_state_reaches_the_margin_from_it(tiny_backbone, images, make_editor):
