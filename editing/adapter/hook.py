@@ -226,11 +226,11 @@ class AdapterHook:
             self._sequence = ids
 
     def _write_output(self, module, args):
-        if not self.writing or self.routed is None or self._input_ids is None or not args:
-            return None
+        if not self.writing or self.routed is None or self._sequence is None or not args:
+            return None  # no ids kept for this forward (`_keep_input_ids` keeps them only while writing)
         hidden, ids = args[0], self._sequence
         edit, fire = self.routed
-        if ids is None or hidden.dim() != 3 or ids.shape[0] != hidden.shape[0] or edit.shape[0] != hidden.shape[0] \
+        if hidden.dim() != 3 or ids.shape[0] != hidden.shape[0] or edit.shape[0] != hidden.shape[0] \
                 or ids.shape[1] < hidden.shape[1]:
             return None
         return (self.bank.writes.apply(hidden, ids, edit, fire, self.write_config.tau), *args[1:])
